@@ -194,3 +194,66 @@ def test_reserved_names_and_unserialisable_values(tmp_path):
       w.write_record({"x": object()})
   assert writers.to_jsonable({"a": (np.int64(2), np.bool_(True), math.inf)}
                              ) == {"a": [2, True, None]}
+
+
+# -------------------------------------------------------------------- plots
+
+
+def assert_png(path, min_bytes=8_000):
+  from PIL import Image
+  path = pathlib.Path(path)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert path.stat().st_size > min_bytes
+  with Image.open(path) as image:
+    image.load()
+    width, height = image.size
+    # Not a blank canvas: a plot has many distinct colours.
+    colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
+  assert width > 300 and height > 300
+  assert len(colours) > 50
+
+
+def test_learning_curves_from_jsonl_log(tmp_path):
+  from bcjax.train import plots
+  with writers.MetricWriter(tmp_path, tensorboard=False) as w:
+    for epoch in range(1, 9):
+      w.write_scalars(epoch * 10, {"train/loss": 1.0 / epoch,
+                                   "train/accuracy": 1 - 0.5 / epoch},
+                      epoch=epoch)
+      if epoch != 4:  # a missing eval is a gap, not an error
+        w.write_scalars(epoch * 10, {"val": {"loss": 1.2 / epoch,
+                                             "accuracy": 0.8 - 0.3 / epoch,
+                                             "macro_f1": 0.7}}, epoch=epoch)
+    w.write_record({"final": {"test/accuracy": 0.8}})  # no epoch: ignored
+  history = writers.read_jsonl(tmp_path / "metrics.jsonl")
+  table = plots.history_table(history)
+  assert table["epoch"].tolist() == list(range(1, 9))
+  assert table["train/loss"][1] == 0.5
+  assert np.isnan(table["val/loss"][3]) and table["val/loss"][1] == 0.6
+  out = plots.plot_learning_curves(history, tmp_path / "plots" / "curves.png",
+                                   best_epoch=6, stop_epoch=8)
+  assert out == tmp_path / "plots" / "curves.png"
+  assert_png(out)
+
+
+def test_learning_curves_from_lists(tmp_path):
+  from bcjax.train import plots
+  history = {"train_loss": [1.0, 0.6, 0.4], "val_loss": [1.1, 0.8],
+             "train_accuracy": [0.5, 0.7, 0.9], "val_accuracy": [0.4, 0.6]}
+  table = plots.history_table(history)
+  assert table["epoch"].tolist() == [1, 2, 3]
+  assert np.isnan(table["val/accuracy"][2])
+  assert_png(plots.plot_learning_curves(history, tmp_path / "c.png"))
+
+
+def test_confusion_matrix_png(tmp_path):
+  from bcjax.train import plots
+  names = ["normal", "benign", "malignant"]
+  cm = [[20, 5, 2], [3, 80, 4], [0, 0, 0]]  # an empty row must not divide by 0
+  with np.errstate(all="raise"):
+    out = plots.plot_confusion_matrix(cm, names, tmp_path / "cm.png")
+  assert_png(out)
+  assert_png(plots.plot_confusion_matrix(cm, names, tmp_path / "cm_n.png",
+                                         normalize=False))
+  with pytest.raises(ValueError, match="class names"):
+    plots.plot_confusion_matrix(cm, names[:2], tmp_path / "bad.png")
