@@ -179,6 +179,12 @@ def test_given_per_example_loss_is_masked_and_jax_inputs_work():
   assert report["num_examples"] == 9
   with pytest.raises(ValueError, match="per example"):
     acc.update(logits, labels, valid, loss=np.float32(1.0))
+  # pmap-shaped outputs [devices, per_device, ...] give the same result.
+  shaped = metrics.EvalAccumulator(3, NAMES)
+  shaped.update(logits.reshape(4, 3, 3), labels.reshape(4, 3),
+                valid.reshape(4, 3), loss_with_pad.reshape(4, 3))
+  assert shaped.compute()["confusion_matrix"] == report["confusion_matrix"]
+  assert shaped.compute()["loss"] == pytest.approx(report["loss"], rel=1e-6)
 
 
 def test_probabilities_input_and_absent_class_without_warnings():
@@ -263,6 +269,16 @@ def test_train_accumulator_averages_sums_and_per_step_values():
   assert out["aux"] == pytest.approx(2.0)
   assert out["count"] == 12 and out["steps"] == 3
   json.dumps(out, allow_nan=False)
+  # The step's own "loss" is recomputed from sums, class weights respected.
+  weighted = metrics.TrainAccumulator()
+  for finite in (True, False):
+    weighted.update({"loss": jnp.float32(99.0), "loss_sum": jnp.float32(3.0),
+                     "weight_sum": jnp.float32(1.5), "correct": jnp.float32(1),
+                     "count": jnp.float32(2), "grads_finite": jnp.bool_(finite),
+                     "grad_norm": jnp.float32(2.0 if finite else 4.0)})
+  assert weighted.compute() == {"loss": 2.0, "accuracy": 0.5,
+                                "grads_finite": 0.5, "grad_norm": 3.0,
+                                "count": 4, "steps": 2}
   with pytest.raises(KeyError, match="loss_sum"):
     acc.update({"loss": 1.0})
   acc.reset()

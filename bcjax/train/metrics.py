@@ -330,7 +330,8 @@ class EvalAccumulator:
     """Adds one batch.
 
     Args:
-      scores: [B, C] logits (or probabilities if `from_logits=False`).
+      scores: [B, C] logits (or probabilities if `from_logits=False`);
+        leading axes (a pmap's [D, B/D, C]) are flattened, likewise below.
       labels: [B] int labels; those of padded rows are ignored.
       valid: [B] bool, False for padding; None means all valid.
       loss: [B] per-example loss (masked here), or None to use the plain
@@ -339,6 +340,8 @@ class EvalAccumulator:
     """
     scores = _to_host(scores)
     labels = _to_host(labels).astype(np.int64).reshape(-1)
+    if scores.ndim > 2:  # pmap outputs carry a leading device axis
+      scores = scores.reshape(-1, scores.shape[-1])
     if scores.ndim != 2 or scores.shape != (len(labels), self.num_classes):
       raise ValueError(f"want scores [B, {self.num_classes}] for {len(labels)}"
                        f" labels, got {scores.shape}")
@@ -357,10 +360,10 @@ class EvalAccumulator:
       per_example = _cross_entropy64(probs, labels)
     else:
       loss = _to_host(loss)
-      if loss.ndim != 1 or len(loss) != len(valid):
+      if loss.ndim == 0 or loss.size != len(valid):
         raise ValueError(f"loss must be per example [{len(valid)}], got shape "
                          f"{loss.shape}")
-      per_example = loss.astype(np.float64)[valid]
+      per_example = loss.astype(np.float64).reshape(-1)[valid]
     self._loss = self._loss.merge(clu_metrics.Average(
         total=np.float64(per_example.sum()),
         count=np.int64(len(per_example))))
@@ -406,26 +409,31 @@ class TrainAccumulator:
   """Averages per-step training metrics over an epoch without a host sync.
 
   Each `update` takes one step's metric dict (numpy or JAX scalars; arrays,
-  e.g. from several scanned steps, are summed), holding sums over the
-  step's GLOBAL batch:
-    "loss_sum": sum of per-example losses,
-    "correct":  number of correctly classified examples,
-    "count":    number of examples.
-  Any other "<name>_sum" key is averaged per example as "<name>"; any other
-  key (e.g. "grad_norm", "learning_rate") is averaged per update.
+  e.g. from several scanned steps or a pmap's device axis, are summed).
+  Expected keys, sums over the step's GLOBAL batch with padding excluded:
+    "loss_sum":   sum of (possibly class-weighted) per-example losses,
+    "correct":    number of correctly classified examples,
+    "count":      number of examples,
+    "weight_sum": optional; the sum of loss weights, the denominator of
+                  "loss_sum" when class weights are used (else "count").
+  A step's "loss" (its mean) is ignored: the epoch mean is recomputed exactly
+  from the sums. Any other "<name>_sum" key is averaged per example as
+  "<name>"; every other key (grad_norm, learning_rate, a bool such as
+  grads_finite -> the fraction of steps where it held) is averaged per step.
   Sums stay on device until `compute()`, so logging never stalls the steps.
 
-  `compute()` -> {"loss", "accuracy", "count", "steps", ...} as floats/ints.
+  `compute()` -> {"loss", "accuracy", ..., "count", "steps"}: floats (None
+  where nothing was counted) and ints.
   """
 
   _REQUIRED = ("loss_sum", "correct", "count")
+  _CONSUMED = ("loss", "loss_sum", "weight_sum", "correct", "count")
 
   def __init__(self):
     self.reset()
 
   def reset(self) -> None:
-    self._per_example: dict[str, clu_metrics.Average] = {}
-    self._per_step: dict[str, clu_metrics.Average] = {}
+    self._averages: dict[str, clu_metrics.Average] = {}
     self._steps = 0
 
   def update(self, step_metrics: Mapping[str, Any]) -> None:
@@ -435,33 +443,33 @@ class TrainAccumulator:
                      f"{list(self._REQUIRED)} (sums over the global batch), "
                      f"got {sorted(step_metrics)}")
     count = _step_sum(step_metrics["count"])
+    loss_denominator = (_step_sum(step_metrics["weight_sum"])
+                        if "weight_sum" in step_metrics else count)
+    self._add("loss", _step_sum(step_metrics["loss_sum"]), loss_denominator)
+    self._add("accuracy", _step_sum(step_metrics["correct"]), count)
+    self._add("_count", count, 1)
     for key, value in step_metrics.items():
-      if key == "count":
+      if key in self._CONSUMED:
         continue
-      total = _step_sum(value)
-      if key == "correct":
-        self._add(self._per_example, "accuracy", total, count)
-      elif key.endswith("_sum"):
-        self._add(self._per_example, key[:-len("_sum")], total, count)
+      if key.endswith("_sum"):
+        self._add(key[:-len("_sum")], _step_sum(value), count)
       else:
-        size = np.size(value)
-        self._add(self._per_step, key, total, size)
+        self._add(key, _step_sum(value), np.size(value))
     self._steps += 1
 
-  @staticmethod
-  def _add(store: dict, name: str, total: Any, count: Any) -> None:
+  def _add(self, name: str, total: Any, count: Any) -> None:
     update = clu_metrics.Average(total=total, count=count)
-    store[name] = store[name].merge(update) if name in store else update
+    old = self._averages.get(name)
+    self._averages[name] = update if old is None else old.merge(update)
 
   def compute(self) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    count = 0
-    for name, avg in {**self._per_step, **self._per_example}.items():
-      total, n = float(avg.total), float(avg.count)
-      out[name] = (total / n) if n else None
-      if name in ("loss", "accuracy"):
-        count = int(round(n))
-    out["count"] = count
+    for name, avg in self._averages.items():
+      if name != "_count":
+        total, n = float(avg.total), float(avg.count)
+        out[name] = _float_or_none(total / n) if n else None
+    count = self._averages.get("_count")
+    out["count"] = int(round(float(count.total))) if count else 0
     out["steps"] = self._steps
     return out
 
