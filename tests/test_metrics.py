@@ -18,90 +18,90 @@ NAMES = ("normal", "benign", "malignant")
 
 
 def ref_softmax(logits):
-  out = []
-  for row in np.asarray(logits, np.float64):
-    e = [np.exp(v - max(row)) for v in row]
-    out.append([v / sum(e) for v in e])
-  return np.array(out)
+    out = []
+    for row in np.asarray(logits, np.float64):
+        e = [np.exp(v - max(row)) for v in row]
+        out.append([v / sum(e) for v in e])
+    return np.array(out)
 
 
 def ref_counts(preds, labels, k):
-  tp = sum(1 for p, y in zip(preds, labels) if p == k and y == k)
-  fp = sum(1 for p, y in zip(preds, labels) if p == k and y != k)
-  fn = sum(1 for p, y in zip(preds, labels) if p != k and y == k)
-  return tp, fp, fn
+    tp = sum(1 for p, y in zip(preds, labels) if p == k and y == k)
+    fp = sum(1 for p, y in zip(preds, labels) if p == k and y != k)
+    fn = sum(1 for p, y in zip(preds, labels) if p != k and y == k)
+    return tp, fp, fn
 
 
 def ref_prf(preds, labels, k):
-  tp, fp, fn = ref_counts(preds, labels, k)
-  p = tp / (tp + fp) if tp + fp else 0.0
-  r = tp / (tp + fn) if tp + fn else 0.0
-  f = 2 * p * r / (p + r) if p + r else 0.0
-  return p, r, f
+    tp, fp, fn = ref_counts(preds, labels, k)
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
 
 
 def ref_auc(scores, positive):
-  """Probability a random positive outranks a random negative, ties 1/2."""
-  pos = [s for s, t in zip(scores, positive) if t]
-  neg = [s for s, t in zip(scores, positive) if not t]
-  if not pos or not neg:
-    return None
-  wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-  return wins / (len(pos) * len(neg))
+    """Probability a random positive outranks a random negative, ties 1/2."""
+    pos = [s for s, t in zip(scores, positive) if t]
+    neg = [s for s, t in zip(scores, positive) if not t]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
 
 
 def ref_report(probs, labels, num_classes):
-  preds = [int(np.argmax(p)) for p in probs]
-  labels = [int(y) for y in labels]
-  prf = [ref_prf(preds, labels, k) for k in range(num_classes)]
-  present = [k for k in range(num_classes) if k in labels]
-  seen = [k for k in range(num_classes) if k in labels or k in preds]
-  aucs = [ref_auc(probs[:, k], [y == k for y in labels])
-          for k in range(num_classes)]
-  defined = [a for a in aucs if a is not None]
-  return {
-      "accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
-      "balanced_accuracy": np.mean([prf[k][1] for k in present]),
-      "macro_f1": np.mean([prf[k][2] for k in seen]),
-      "macro_precision": np.mean([prf[k][0] for k in seen]),
-      "prf": prf,
-      "auc": aucs,
-      "auc_macro": np.mean(defined) if defined else None,
-      "loss": np.mean([-np.log(probs[i][y]) for i, y in enumerate(labels)]),
-  }
+    preds = [int(np.argmax(p)) for p in probs]
+    labels = [int(y) for y in labels]
+    prf = [ref_prf(preds, labels, k) for k in range(num_classes)]
+    present = [k for k in range(num_classes) if k in labels]
+    seen = [k for k in range(num_classes) if k in labels or k in preds]
+    aucs = [ref_auc(probs[:, k], [y == k for y in labels])
+            for k in range(num_classes)]
+    defined = [a for a in aucs if a is not None]
+    return {
+        "accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
+        "balanced_accuracy": np.mean([prf[k][1] for k in present]),
+        "macro_f1": np.mean([prf[k][2] for k in seen]),
+        "macro_precision": np.mean([prf[k][0] for k in seen]),
+        "prf": prf,
+        "auc": aucs,
+        "auc_macro": np.mean(defined) if defined else None,
+        "loss": np.mean([-np.log(probs[i][y]) for i, y in enumerate(labels)]),
+    }
 
 
 def assert_matches_reference(report, probs, labels, num_classes, names):
-  ref = ref_report(probs, labels, num_classes)
-  for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_precision"):
-    assert report[key] == pytest.approx(ref[key], abs=1e-12), key
-  for k, name in enumerate(names):
-    got = report["per_class"][name]
-    assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(
-        ref["prf"][k], abs=1e-12)
-    assert got["support"] == int(np.sum(np.asarray(labels) == k))
-    if ref["auc"][k] is None:
-      assert got["auc"] is None
+    ref = ref_report(probs, labels, num_classes)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_precision"):
+        assert report[key] == pytest.approx(ref[key], abs=1e-12), key
+    for k, name in enumerate(names):
+        got = report["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(
+            ref["prf"][k], abs=1e-12)
+        assert got["support"] == int(np.sum(np.asarray(labels) == k))
+        if ref["auc"][k] is None:
+            assert got["auc"] is None
+        else:
+            assert got["auc"] == pytest.approx(ref["auc"][k], abs=1e-12)
+    if ref["auc_macro"] is None:
+        assert report["auc_macro"] is None
     else:
-      assert got["auc"] == pytest.approx(ref["auc"][k], abs=1e-12)
-  if ref["auc_macro"] is None:
-    assert report["auc_macro"] is None
-  else:
-    assert report["auc_macro"] == pytest.approx(ref["auc_macro"], abs=1e-12)
-  cm = np.zeros((num_classes, num_classes), int)
-  for p, y in zip(np.argmax(probs, -1), labels):
-    cm[y, p] += 1
-  assert report["confusion_matrix"] == cm.tolist()
+        assert report["auc_macro"] == pytest.approx(ref["auc_macro"], abs=1e-12)
+    cm = np.zeros((num_classes, num_classes), int)
+    for p, y in zip(np.argmax(probs, -1), labels):
+        cm[y, p] += 1
+    assert report["confusion_matrix"] == cm.tolist()
 
 
 def random_case(rng, n, c, levels=None):
-  logits = rng.normal(size=(n, c)) * 2
-  if levels:  # few distinct values -> many tied scores
-    logits = np.round(logits * levels) / levels
-  labels = rng.integers(0, c, size=n)
-  # Make the classifier better than chance so metrics are not all ~1/c.
-  logits[np.arange(n), labels] += rng.uniform(0, 2, size=n)
-  return logits, labels
+    logits = rng.normal(size=(n, c)) * 2
+    if levels:  # few distinct values -> many tied scores
+        logits = np.round(logits * levels) / levels
+    labels = rng.integers(0, c, size=n)
+    # Make the classifier better than chance so metrics are not all ~1/c.
+    logits[np.arange(n), labels] += rng.uniform(0, 2, size=n)
+    return logits, labels
 
 
 # --------------------------------------------------------------------- tests
@@ -111,204 +111,204 @@ def random_case(rng, n, c, levels=None):
     (0, 40, 3, None), (1, 7, 3, 1), (2, 100, 4, 2), (3, 25, 2, None),
     (4, 60, 5, 1)])
 def test_report_matches_reference(seed, n, c, levels):
-  rng = np.random.default_rng(seed)
-  logits, labels = random_case(rng, n, c, levels)
-  probs = ref_softmax(logits)
-  names = [f"c{k}" for k in range(c)]
-  report = metrics.classification_report(probs, labels, names)
-  assert_matches_reference(report, probs, labels, c, names)
-  assert report["num_examples"] == n
+    rng = np.random.default_rng(seed)
+    logits, labels = random_case(rng, n, c, levels)
+    probs = ref_softmax(logits)
+    names = [f"c{k}" for k in range(c)]
+    report = metrics.classification_report(probs, labels, names)
+    assert_matches_reference(report, probs, labels, c, names)
+    assert report["num_examples"] == n
 
 
 def test_auc_with_ties_and_mann_whitney_examples():
-  assert metrics.binary_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
-  assert metrics.binary_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
-  assert metrics.binary_auc([0.2, 0.2, 0.9], [0, 1, 1]) == 0.75
-  assert metrics.binary_auc([1, 2, 3], [1, 1, 1]) is None
-  assert metrics.binary_auc([1, 2, 3], [0, 0, 0]) is None
-  assert metrics.binary_auc([1, np.nan, 3], [0, 1, 0]) is None
-  rng = np.random.default_rng(5)
-  for _ in range(20):
-    scores = rng.integers(0, 4, size=30).astype(float)
-    pos = rng.random(30) < 0.4
-    assert metrics.binary_auc(scores, pos) == pytest.approx(
-        ref_auc(scores, pos), abs=1e-12)
+    assert metrics.binary_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert metrics.binary_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    assert metrics.binary_auc([0.2, 0.2, 0.9], [0, 1, 1]) == 0.75
+    assert metrics.binary_auc([1, 2, 3], [1, 1, 1]) is None
+    assert metrics.binary_auc([1, 2, 3], [0, 0, 0]) is None
+    assert metrics.binary_auc([1, np.nan, 3], [0, 1, 0]) is None
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        scores = rng.integers(0, 4, size=30).astype(float)
+        pos = rng.random(30) < 0.4
+        assert metrics.binary_auc(scores, pos) == pytest.approx(
+            ref_auc(scores, pos), abs=1e-12)
 
 
 def test_batches_with_padding_equal_one_shot():
-  rng = np.random.default_rng(7)
-  logits, labels = random_case(rng, 53, 3, levels=2)
-  acc = metrics.EvalAccumulator(3, NAMES)
-  start = 0
-  for size in (16, 16, 16, 5):
-    b_logits = np.full((16, 3), 50.0)  # garbage rows, would be confident
-    b_labels = np.full((16,), -1)      # and out of range if counted
-    b_logits[:size] = logits[start:start + size]
-    b_labels[:size] = labels[start:start + size]
-    valid = np.arange(16) < size
-    # Interleave padding too, not just at the end.
-    perm = rng.permutation(16)
-    acc.update(b_logits[perm], b_labels[perm], valid[perm])
-    start += size
-  batched = acc.compute()
-  probs = ref_softmax(logits)
-  one_shot = metrics.classification_report(
-      probs, labels, NAMES, loss=ref_report(probs, labels, 3)["loss"])
-  assert batched["num_examples"] == 53
-  for key, value in one_shot.items():
-    if isinstance(value, float):
-      assert batched[key] == pytest.approx(value, abs=1e-12), key
-    else:
-      assert batched[key] == value, key
-  assert_matches_reference(batched, probs, labels, 3, NAMES)
-  assert batched["loss"] == pytest.approx(
-      ref_report(probs, labels, 3)["loss"], abs=1e-9)
+    rng = np.random.default_rng(7)
+    logits, labels = random_case(rng, 53, 3, levels=2)
+    acc = metrics.EvalAccumulator(3, NAMES)
+    start = 0
+    for size in (16, 16, 16, 5):
+        b_logits = np.full((16, 3), 50.0)  # garbage rows, would be confident
+        b_labels = np.full((16,), -1)      # and out of range if counted
+        b_logits[:size] = logits[start:start + size]
+        b_labels[:size] = labels[start:start + size]
+        valid = np.arange(16) < size
+        # Interleave padding too, not just at the end.
+        perm = rng.permutation(16)
+        acc.update(b_logits[perm], b_labels[perm], valid[perm])
+        start += size
+    batched = acc.compute()
+    probs = ref_softmax(logits)
+    one_shot = metrics.classification_report(
+        probs, labels, NAMES, loss=ref_report(probs, labels, 3)["loss"])
+    assert batched["num_examples"] == 53
+    for key, value in one_shot.items():
+        if isinstance(value, float):
+            assert batched[key] == pytest.approx(value, abs=1e-12), key
+        else:
+            assert batched[key] == value, key
+    assert_matches_reference(batched, probs, labels, 3, NAMES)
+    assert batched["loss"] == pytest.approx(
+        ref_report(probs, labels, 3)["loss"], abs=1e-9)
 
 
 def test_given_per_example_loss_is_masked_and_jax_inputs_work():
-  rng = np.random.default_rng(8)
-  logits, labels = random_case(rng, 12, 3)
-  loss = rng.uniform(size=12)
-  valid = np.arange(12) < 9
-  loss_with_pad = np.where(valid, loss, 1e6)
-  acc = metrics.EvalAccumulator(3, NAMES)
-  acc.update(jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.int32),
-             jnp.asarray(valid), jnp.asarray(loss_with_pad, jnp.float32))
-  report = acc.compute()
-  assert report["loss"] == pytest.approx(loss[:9].mean(), rel=1e-6)
-  assert report["num_examples"] == 9
-  with pytest.raises(ValueError, match="per example"):
-    acc.update(logits, labels, valid, loss=np.float32(1.0))
-  # pmap-shaped outputs [devices, per_device, ...] give the same result.
-  shaped = metrics.EvalAccumulator(3, NAMES)
-  shaped.update(logits.reshape(4, 3, 3), labels.reshape(4, 3),
-                valid.reshape(4, 3), loss_with_pad.reshape(4, 3))
-  assert shaped.compute()["confusion_matrix"] == report["confusion_matrix"]
-  assert shaped.compute()["loss"] == pytest.approx(report["loss"], rel=1e-6)
+    rng = np.random.default_rng(8)
+    logits, labels = random_case(rng, 12, 3)
+    loss = rng.uniform(size=12)
+    valid = np.arange(12) < 9
+    loss_with_pad = np.where(valid, loss, 1e6)
+    acc = metrics.EvalAccumulator(3, NAMES)
+    acc.update(jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.int32),
+               jnp.asarray(valid), jnp.asarray(loss_with_pad, jnp.float32))
+    report = acc.compute()
+    assert report["loss"] == pytest.approx(loss[:9].mean(), rel=1e-6)
+    assert report["num_examples"] == 9
+    with pytest.raises(ValueError, match="per example"):
+        acc.update(logits, labels, valid, loss=np.float32(1.0))
+    # pmap-shaped outputs [devices, per_device, ...] give the same result.
+    shaped = metrics.EvalAccumulator(3, NAMES)
+    shaped.update(logits.reshape(4, 3, 3), labels.reshape(4, 3),
+                  valid.reshape(4, 3), loss_with_pad.reshape(4, 3))
+    assert shaped.compute()["confusion_matrix"] == report["confusion_matrix"]
+    assert shaped.compute()["loss"] == pytest.approx(report["loss"], rel=1e-6)
 
 
 def test_probabilities_input_and_absent_class_without_warnings():
-  probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1],
-                    [0.2, 0.5, 0.3]])
-  labels = np.array([0, 1, 1, 1])  # class 2 absent and never predicted
-  acc = metrics.EvalAccumulator(3, NAMES, from_logits=False)
-  with warnings.catch_warnings(), np.errstate(all="raise"):
-    warnings.simplefilter("error")
-    acc.update(probs, labels)
-    report = acc.compute()
-  assert report["per_class"]["malignant"] == {
-      "precision": 0.0, "recall": 0.0, "f1": 0.0, "auc": None, "support": 0}
-  assert_matches_reference(report, probs, labels, 3, NAMES)
-  text = json.dumps(report, allow_nan=False)  # no NaN anywhere
-  assert json.loads(text) == report
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1],
+                      [0.2, 0.5, 0.3]])
+    labels = np.array([0, 1, 1, 1])  # class 2 absent and never predicted
+    acc = metrics.EvalAccumulator(3, NAMES, from_logits=False)
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        acc.update(probs, labels)
+        report = acc.compute()
+    assert report["per_class"]["malignant"] == {
+        "precision": 0.0, "recall": 0.0, "f1": 0.0, "auc": None, "support": 0}
+    assert_matches_reference(report, probs, labels, 3, NAMES)
+    text = json.dumps(report, allow_nan=False)  # no NaN anywhere
+    assert json.loads(text) == report
 
 
 def test_empty_accumulator_gives_none_not_nan():
-  acc = metrics.EvalAccumulator(3, NAMES)
-  with warnings.catch_warnings(), np.errstate(all="raise"):
-    warnings.simplefilter("error")
-    report = acc.compute()
-  assert report["num_examples"] == 0
-  assert report["accuracy"] is None and report["auc_macro"] is None
-  json.dumps(report, allow_nan=False)
-  assert "normal" in metrics.format_report(report)
+    acc = metrics.EvalAccumulator(3, NAMES)
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        report = acc.compute()
+    assert report["num_examples"] == 0
+    assert report["accuracy"] is None and report["auc_macro"] is None
+    json.dumps(report, allow_nan=False)
+    assert "normal" in metrics.format_report(report)
 
 
 def test_input_validation():
-  acc = metrics.EvalAccumulator(3, NAMES)
-  with pytest.raises(ValueError, match="labels outside"):
-    acc.update(np.zeros((2, 3)), np.array([0, 3]))
-  with pytest.raises(ValueError, match="scores"):
-    acc.update(np.zeros((2, 4)), np.array([0, 1]))
-  with pytest.raises(ValueError, match="class names"):
-    metrics.EvalAccumulator(3, ("a", "b"))
+    acc = metrics.EvalAccumulator(3, NAMES)
+    with pytest.raises(ValueError, match="labels outside"):
+        acc.update(np.zeros((2, 3)), np.array([0, 3]))
+    with pytest.raises(ValueError, match="scores"):
+        acc.update(np.zeros((2, 4)), np.array([0, 1]))
+    with pytest.raises(ValueError, match="class names"):
+        metrics.EvalAccumulator(3, ("a", "b"))
 
 
 def test_clu_collection_in_jit_matches_host_accumulator():
-  rng = np.random.default_rng(9)
-  logits, labels = random_case(rng, 20, 3)
-  valid = rng.random(20) < 0.8
-  labels_padded = np.where(valid, labels, -1).astype(np.int32)
+    rng = np.random.default_rng(9)
+    logits, labels = random_case(rng, 20, 3)
+    valid = rng.random(20) < 0.8
+    labels_padded = np.where(valid, labels, -1).astype(np.int32)
 
-  @jax.jit
-  def eval_step(lg, lb, mask):
-    per_example = -jnp.take_along_axis(
-        jax.nn.log_softmax(lg), jnp.maximum(lb, 0)[:, None], axis=1)[:, 0]
-    return metrics.EvalMetrics.single_from_model_output(
-        logits=lg, labels=lb, mask=mask, loss=per_example)
+    @jax.jit
+    def eval_step(lg, lb, mask):
+        per_example = -jnp.take_along_axis(
+            jax.nn.log_softmax(lg), jnp.maximum(lb, 0)[:, None], axis=1)[:, 0]
+        return metrics.EvalMetrics.single_from_model_output(
+            logits=lg, labels=lb, mask=mask, loss=per_example)
 
-  collection = metrics.EvalMetrics.empty()
-  host = metrics.EvalAccumulator(3, NAMES)
-  for sl in (slice(0, 8), slice(8, 16), slice(16, 20)):
-    args = (logits[sl].astype(np.float32), labels_padded[sl], valid[sl])
-    collection = collection.merge(eval_step(*args))
-    host.update(*args)
-  device = collection.compute()
-  report = host.compute()
-  assert np.asarray(device["confusion_matrix"]).tolist() == report[
-      "confusion_matrix"]
-  assert float(device["accuracy"]) == pytest.approx(report["accuracy"], 1e-6)
-  assert float(device["loss"]) == pytest.approx(report["loss"], rel=1e-5)
-  from_cm = metrics.report_from_confusion(device["confusion_matrix"], NAMES)
-  assert from_cm["macro_f1"] == pytest.approx(report["macro_f1"], abs=1e-12)
+    collection = metrics.EvalMetrics.empty()
+    host = metrics.EvalAccumulator(3, NAMES)
+    for sl in (slice(0, 8), slice(8, 16), slice(16, 20)):
+        args = (logits[sl].astype(np.float32), labels_padded[sl], valid[sl])
+        collection = collection.merge(eval_step(*args))
+        host.update(*args)
+    device = collection.compute()
+    report = host.compute()
+    assert np.asarray(device["confusion_matrix"]).tolist() == report[
+        "confusion_matrix"]
+    assert float(device["accuracy"]) == pytest.approx(report["accuracy"], 1e-6)
+    assert float(device["loss"]) == pytest.approx(report["loss"], rel=1e-5)
+    from_cm = metrics.report_from_confusion(device["confusion_matrix"], NAMES)
+    assert from_cm["macro_f1"] == pytest.approx(report["macro_f1"], abs=1e-12)
 
 
 def test_train_accumulator_averages_sums_and_per_step_values():
-  acc = metrics.TrainAccumulator()
-  acc.update({"loss_sum": jnp.float32(6.0), "correct": jnp.int32(3),
-              "count": jnp.int32(4), "learning_rate": jnp.float32(0.1)})
-  acc.update({"loss_sum": np.float32(2.0), "correct": 4, "count": 4,
-              "learning_rate": 0.3, "aux_sum": 8.0})
-  # Stacked metrics of two scanned steps are summed.
-  acc.update({"loss_sum": np.array([1.0, 1.0]), "correct": np.array([1, 0]),
-              "count": np.array([2, 2])})
-  out = acc.compute()
-  assert out["loss"] == pytest.approx(10.0 / 12)
-  assert out["accuracy"] == pytest.approx(8 / 12)
-  assert out["learning_rate"] == pytest.approx(0.2)
-  assert out["aux"] == pytest.approx(2.0)
-  assert out["count"] == 12 and out["steps"] == 3
-  json.dumps(out, allow_nan=False)
-  # The step's own "loss" is recomputed from sums, class weights respected.
-  weighted = metrics.TrainAccumulator()
-  for finite in (True, False):
-    weighted.update({"loss": jnp.float32(99.0), "loss_sum": jnp.float32(3.0),
-                     "weight_sum": jnp.float32(1.5), "correct": jnp.float32(1),
-                     "count": jnp.float32(2), "grads_finite": jnp.bool_(finite),
-                     "grad_norm": jnp.float32(2.0 if finite else 4.0)})
-  assert weighted.compute() == {"loss": 2.0, "accuracy": 0.5,
-                                "grads_finite": 0.5, "grad_norm": 3.0,
-                                "count": 4, "steps": 2}
-  with pytest.raises(KeyError, match="loss_sum"):
-    acc.update({"loss": 1.0})
-  acc.reset()
-  assert acc.compute() == {"count": 0, "steps": 0}
+    acc = metrics.TrainAccumulator()
+    acc.update({"loss_sum": jnp.float32(6.0), "correct": jnp.int32(3),
+                "count": jnp.int32(4), "learning_rate": jnp.float32(0.1)})
+    acc.update({"loss_sum": np.float32(2.0), "correct": 4, "count": 4,
+                "learning_rate": 0.3, "aux_sum": 8.0})
+    # Stacked metrics of two scanned steps are summed.
+    acc.update({"loss_sum": np.array([1.0, 1.0]), "correct": np.array([1, 0]),
+                "count": np.array([2, 2])})
+    out = acc.compute()
+    assert out["loss"] == pytest.approx(10.0 / 12)
+    assert out["accuracy"] == pytest.approx(8 / 12)
+    assert out["learning_rate"] == pytest.approx(0.2)
+    assert out["aux"] == pytest.approx(2.0)
+    assert out["count"] == 12 and out["steps"] == 3
+    json.dumps(out, allow_nan=False)
+    # The step's own "loss" is recomputed from sums, class weights respected.
+    weighted = metrics.TrainAccumulator()
+    for finite in (True, False):
+        weighted.update({"loss": jnp.float32(99.0), "loss_sum": jnp.float32(3.0),
+                         "weight_sum": jnp.float32(1.5), "correct": jnp.float32(1),
+                         "count": jnp.float32(2), "grads_finite": jnp.bool_(finite),
+                         "grad_norm": jnp.float32(2.0 if finite else 4.0)})
+    assert weighted.compute() == {"loss": 2.0, "accuracy": 0.5,
+                                  "grads_finite": 0.5, "grad_norm": 3.0,
+                                  "count": 4, "steps": 2}
+    with pytest.raises(KeyError, match="loss_sum"):
+        acc.update({"loss": 1.0})
+    acc.reset()
+    assert acc.compute() == {"count": 0, "steps": 0}
 
 
 def test_flatten_and_format():
-  rng = np.random.default_rng(3)
-  logits, labels = random_case(rng, 30, 3)
-  report = metrics.classification_report(ref_softmax(logits), labels, NAMES)
-  flat = metrics.flatten_scalars(report, prefix="val/")
-  assert flat["val/accuracy"] == report["accuracy"]
-  assert flat["val/recall/benign"] == report["per_class"]["benign"]["recall"]
-  assert all(isinstance(v, float) for v in flat.values())
-  assert not any("confusion" in k for k in flat)
-  text = metrics.format_report(report)
-  assert len(text.splitlines()) == 2 + 3 + 1 + 3
-  for name in NAMES:
-    assert name in text
+    rng = np.random.default_rng(3)
+    logits, labels = random_case(rng, 30, 3)
+    report = metrics.classification_report(ref_softmax(logits), labels, NAMES)
+    flat = metrics.flatten_scalars(report, prefix="val/")
+    assert flat["val/accuracy"] == report["accuracy"]
+    assert flat["val/recall/benign"] == report["per_class"]["benign"]["recall"]
+    assert all(isinstance(v, float) for v in flat.values())
+    assert not any("confusion" in k for k in flat)
+    text = metrics.format_report(report)
+    assert len(text.splitlines()) == 2 + 3 + 1 + 3
+    for name in NAMES:
+        assert name in text
 
 
 def test_class_predicted_but_absent_counts_in_macro_f1():
-  # Like scikit-learn's default labels: a class that is predicted but never
-  # true scores F1 = 0 and counts in the macro mean; balanced accuracy only
-  # averages over true classes.
-  probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1],
-                    [0.1, 0.8, 0.1]])
-  labels = np.array([0, 0, 1, 1])
-  report = metrics.classification_report(probs, labels, NAMES)
-  assert report["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
-  assert report["balanced_accuracy"] == pytest.approx((0.5 + 1) / 2)
-  assert report["per_class"]["malignant"]["auc"] is None
-  assert_matches_reference(report, probs, labels, 3, NAMES)
+    # Like scikit-learn's default labels: a class that is predicted but never
+    # true scores F1 = 0 and counts in the macro mean; balanced accuracy only
+    # averages over true classes.
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1],
+                      [0.1, 0.8, 0.1]])
+    labels = np.array([0, 0, 1, 1])
+    report = metrics.classification_report(probs, labels, NAMES)
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert report["balanced_accuracy"] == pytest.approx((0.5 + 1) / 2)
+    assert report["per_class"]["malignant"]["auc"] is None
+    assert_matches_reference(report, probs, labels, 3, NAMES)
