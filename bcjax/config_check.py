@@ -1,0 +1,95 @@
+"""Checks a run configuration before anything compiles.
+
+Every mistake a user can make with `--config.field=value` should fail here,
+with a message that says what is allowed, and never later as a traceback from
+deep inside JAX.
+"""
+from __future__ import annotations
+
+import math
+
+from bcjax.models import list_models
+
+MODELS = tuple(list_models())
+STRATEGIES = ("shard_map", "pmap", "jit")
+DATASETS = ("auto", "busi", "synthetic")
+OPTIMIZERS = ("sgd", "adamw")
+DTYPES = ("float32", "bfloat16")
+BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro", "loss")
+
+
+class ConfigError(ValueError):
+    """A configuration value that bcjax cannot run with."""
+
+
+def _choice(c, field, allowed):
+    value = c[field]
+    if value not in allowed:
+        raise ConfigError(f"config.{field}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
+
+
+def _number(c, field, *, low=None, high=None, low_open=False, integer=False):
+    value = c[field]
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError(f"config.{field}={value!r} must be {kind}.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config.{field}={value!r} must be finite.")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"config.{field}={value!r} must be {'>' if low_open else '>='} {low}.")
+    if high is not None and value > high:
+        raise ConfigError(f"config.{field}={value!r} must be <= {high}.")
+
+
+def validate(config, num_devices_available: int | None = None) -> None:
+    """Raises ConfigError for any value bcjax cannot run with."""
+    c = config
+    _choice(c, "model", MODELS)
+    _choice(c, "strategy", STRATEGIES)
+    _choice(c, "dataset", DATASETS)
+    _choice(c, "optimizer", OPTIMIZERS)
+    _choice(c, "dtype", DTYPES)
+    _choice(c, "best_metric", BEST_METRICS)
+    _number(c, "width", low=1, integer=True)
+    _number(c, "width_multiplier", low=0, low_open=True)
+    _number(c, "dropout_rate", low=0, high=0.99)
+    _number(c, "image_size", low=32, integer=True)
+    _number(c, "synthetic_num", low=12, integer=True)
+    _number(c, "global_batch_size", low=1, integer=True)
+    _number(c, "num_epochs", low=1, integer=True)
+    _number(c, "learning_rate", low=0, low_open=True)
+    _number(c, "momentum", low=0, high=0.999)
+    _number(c, "weight_decay", low=0)
+    _number(c, "warmup_epochs", low=0)
+    _number(c, "label_smoothing", low=0, high=0.99)
+    _number(c, "clip_norm", low=0)
+    _number(c, "seed", low=0, integer=True)
+    _number(c, "split_seed", low=0, integer=True)
+    _number(c, "num_devices", low=0, integer=True)
+    _number(c, "eval_every_epochs", low=1, integer=True)
+    _number(c, "checkpoint_every_epochs", low=1, integer=True)
+    _number(c, "keep_latest", low=1, integer=True)
+    _number(c, "keep_best", low=0, integer=True)
+    _number(c, "log_every_steps", low=1, integer=True)
+
+    fractions = tuple(c.split_fractions)
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
+        raise ConfigError(f"config.split_fractions={fractions!r} must be three non-negative fractions "
+                          "(train, val, test) summing to 1, with train > 0.")
+    weights = tuple(c.class_weights)
+    if weights and (len(weights) != 3 or any(w <= 0 for w in weights)):
+        raise ConfigError(f"config.class_weights={weights!r} must be empty or three positive numbers "
+                          "(normal, benign, malignant).")
+    if c.warmup_epochs >= c.num_epochs and c.num_epochs > 1:
+        raise ConfigError(f"config.warmup_epochs={c.warmup_epochs} must be below config.num_epochs={c.num_epochs}.")
+    if c.strategy == "jit" and not c.bn_sync:
+        raise ConfigError("config.strategy='jit' always computes BatchNorm statistics over the global batch; "
+                                            "per-device statistics (config.bn_sync=False) need strategy 'shard_map' or 'pmap'.")
+
+    devices = c.num_devices or num_devices_available
+    if devices and c.global_batch_size % devices:
+        raise ConfigError(f"config.global_batch_size={c.global_batch_size} is not divisible by the "
+                          f"{devices} devices; use a multiple of {devices}.")
+    if num_devices_available is not None and c.num_devices > num_devices_available:
+        raise ConfigError(f"config.num_devices={c.num_devices} but only {num_devices_available} device(s) "
+                          "are available.")

@@ -1,0 +1,58 @@
+"""Trains and evaluates one bcjax run.
+
+    python -m bcjax.main --config=configs/resnet_8dev.py --workdir=runs/r18
+
+Kept short on purpose (as flax examples/imagenet does): the configuration is
+checked and the devices are requested here, everything else lives in
+`bcjax.train.loop`.
+"""
+import os
+import sys
+
+
+def _make_configs_importable():
+    # Variant configs do `from configs import default`; make that work from any
+    # working directory by putting the folder above configs/ on the path.
+    for arg in sys.argv[1:]:
+        if arg.startswith("--config="):
+            path = os.path.abspath(arg.split("=", 1)[1].split(":")[0])
+            sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+
+
+_make_configs_importable()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file (a get_config() module).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from bcjax import config_check, runtime
+    config = _CONFIG.value
+    try:
+        runtime.prepare(config)  # checks the config, sets simulated CPU devices before JAX starts
+    except config_check.ConfigError as e:
+        sys.exit(f"error: {e}")
+    from bcjax.train import loop
+    loop.train_and_evaluate(config, _WORKDIR.value)
+
+
+def run():
+    try:
+        app.run(main)
+    except AttributeError as e:  # an override of a field the config does not have
+        if any(a.startswith("--config.") for a in sys.argv):
+            sys.exit(f"error: unknown config field {e}. List the fields with: "
+                              "python -c \"import configs.default as d; print(d.get_config())\"")
+        raise
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    run()

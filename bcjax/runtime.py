@@ -1,0 +1,56 @@
+"""Start-up of a run: check the config, then set up devices before JAX starts.
+
+The order matters: XLA reads the CPU device count and jax.distributed must be
+initialised before the first computation, and a config error should surface
+before minutes of compilation, not after.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from bcjax import config_check
+
+log = logging.getLogger(__name__)
+
+
+def _has_accelerator() -> bool:
+    # Asking JAX would start its backends and freeze the CPU device count, so
+    # look at the platform request instead: on a CPU-only host (or when the user
+    # asks for cpu) the requested device count is simulated.
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0] not in ("cpu", "")
+    import importlib.util
+    return any(importlib.util.find_spec(m) is not None
+               for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin"))
+
+
+def prepare(config) -> None:
+    """Validates `config` and makes its devices exist; raises ConfigError early."""
+    config_check.validate(config)
+    from bcjax.parallel import mesh
+    if config.num_devices > 1 and not _has_accelerator():
+        mesh.request_cpu_devices(config.num_devices)
+        log.warning("No accelerator: simulating %d devices on the CPU; their timings "
+                    "are simulated (all share the host's cores).", config.num_devices)
+    mesh.maybe_init_distributed(config.coordinator_address or None,
+                                config.num_processes or None,
+                                None if config.process_id < 0 else config.process_id)
+    if config.compilation_cache:
+        enable_compilation_cache()
+    import jax
+    config_check.validate(config, num_devices_available=len(jax.devices()))
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache (a restart skips compiling)."""
+    import jax
+    path = path or os.environ.get("BCJAX_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "bcjax", "jax")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # BUSI-sized steps compile in seconds; cache them all, not only the slow ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -1,0 +1,1 @@
+"""Where the time goes: compile, steps, input, compute vs collectives."""

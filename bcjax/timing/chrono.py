@@ -1,0 +1,71 @@
+"""Keeps a run's clock: compile apart from steps, input wait, phases.
+
+Steps are not synchronised one by one (that would stall the pipeline of
+asynchronous dispatch); in steady state the interval between two dispatches
+equals the device's step time because the donated state makes each step wait
+for the previous one. The synchronised measurement lives in bcjax.timing.breakdown.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+
+
+class Chrono:
+    def __init__(self, warmup_steps: int = 3):
+        self.warmup_steps = warmup_steps
+        self.compile_s: dict[str, dict[str, float]] = {}
+        self.phases: dict[str, float] = {}
+        self.input_wait_s: list[float] = []
+        self._dispatch_times: list[float] = []
+
+    def compile(self, name: str, jitted, *args):
+        """Lowers and compiles `jitted` for `args`, timing both; returns the executable."""
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        self.compile_s[name] = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+        return compiled
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def input_wait(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.input_wait_s.append(time.perf_counter() - t0)
+
+    def step_dispatched(self) -> None:
+        self._dispatch_times.append(time.perf_counter())
+
+    def step_times(self) -> np.ndarray:
+        """Intervals between dispatches after warm-up (seconds)."""
+        t = np.asarray(self._dispatch_times[self.warmup_steps:])
+        return np.diff(t) if t.size > 1 else np.zeros(0)
+
+    def summary(self) -> dict:
+        steps = self.step_times()
+        wait = np.asarray(self.input_wait_s[self.warmup_steps:])
+
+        def pct(a, q):
+            return float(np.percentile(a, q)) if a.size else None
+
+        return {
+            "compile": self.compile_s,
+            "phases_s": self.phases,
+            "steps_timed": int(steps.size),
+            "step_time_s": {"median": pct(steps, 50), "p10": pct(steps, 10), "p90": pct(steps, 90)},
+            "input_wait_s": {"median": pct(wait, 50), "mean": float(wait.mean()) if wait.size else None},
+        }

@@ -1,0 +1,219 @@
+"""The training loop: the only place with side effects.
+
+Steps are pure jitted functions (bcjax.parallel.strategies); this module feeds
+them, keeps the time, evaluates, logs, checkpoints and writes the summary.
+Only process 0 writes files; every process runs the same steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from bcjax.data import pipeline, splits
+from bcjax.parallel import mesh as mesh_lib
+from bcjax.parallel import strategies
+from bcjax.timing import chrono as chrono_lib
+from bcjax.train import checkpoint, datasets, metrics as metrics_lib, optim, plots, state as state_lib
+from bcjax.train.writers import MetricWriter
+import bcjax.models
+
+log = logging.getLogger(__name__)
+
+
+class WorkdirError(OSError):
+    """The workdir cannot hold this run."""
+
+
+def check_workdir(workdir: pathlib.Path, min_free_bytes: int = 50 * 2**20) -> None:
+    """Fails before any compiling when the workdir is unwritable or full."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"The workdir {workdir} is not writable: {e.strerror or e}.") from e
+    free = _free_bytes(workdir)
+    if free < min_free_bytes:
+        raise WorkdirError(f"The workdir {workdir} has only {free / 2**20:.1f} MiB free; "
+                           f"a run needs at least {min_free_bytes / 2**20:.0f} MiB for checkpoints and logs.")
+
+
+def _free_bytes(path: pathlib.Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def create_model(config, *, dtype=None):
+    """The config's model; width knobs only for the family that has them."""
+    kwargs = {}
+    if config.model.startswith("resnet"):
+        kwargs["width"] = config.width
+    else:
+        kwargs["width_multiplier"] = config.width_multiplier
+        kwargs["dropout_rate"] = config.dropout_rate
+    return bcjax.models.create(config.model, num_classes=3,
+                               dtype=dtype or jax.numpy.dtype(config.dtype), **kwargs)
+
+
+def make_optimizer(config, steps_per_epoch: int):
+    return optim.make_optimizer(
+        steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs, optimizer=config.optimizer,
+        learning_rate=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov,
+        weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
+        clip_norm=config.clip_norm or None)
+
+
+def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int) -> dict:
+    """Every example exactly once (padding masked out); a report dict."""
+    acc = metrics_lib.EvalAccumulator(3, list(datasets.busi.CLASSES))
+    for batch in pipeline.eval_batches(data, global_batch_size, jax.process_index(), jax.process_count()):
+        out = steps.eval_step(state, steps.shard_batch(batch))
+        acc.update(out["logits"], out["label"], out["valid"], loss=out["loss"])
+    return acc.compute()
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Trains per `config`, resuming from `workdir` when it holds a run; returns results.json's dict."""
+    workdir = pathlib.Path(workdir).expanduser().resolve()
+    is_main = jax.process_index() == 0
+    check_workdir(workdir)
+    wall = time.perf_counter()
+    chrono = chrono_lib.Chrono()
+
+    with chrono.phase("data"):
+        data = datasets.prepare(config, workdir, manifest_path=workdir / "manifest.json")
+    if is_main:
+        splits.save_manifest(data.manifest, workdir / "manifest.json")
+
+    mesh = mesh_lib.make_mesh(config.num_devices or None)
+    num_devices = mesh.devices.size
+    gbs = config.global_batch_size
+    steps_per_epoch = pipeline.steps_per_epoch(len(data.train.labels), gbs)
+    if steps_per_epoch < 1:
+        raise ValueError(f"The training split has {len(data.train.labels)} images, fewer than one global "
+                         f"batch of {gbs}; lower config.global_batch_size.")
+    total_steps = steps_per_epoch * config.num_epochs
+
+    model = create_model(config)
+    tx, schedule = make_optimizer(config, steps_per_epoch)
+    steps = strategies.build_steps(
+        config.strategy, mesh, model, tx, bn_sync=config.bn_sync,
+        augment_cfg=config.augment if config.augment.enabled else None,
+        label_smoothing=config.label_smoothing,
+        class_weights=tuple(config.class_weights) or None)
+    state = state_lib.create_train_state(model, tx, config.seed, config.image_size, mesh)
+    train_iter = pipeline.train_iterator(data.train, gbs, config.seed, jax.process_index(),
+                                         jax.process_count(), balanced=config.balanced_sampling)
+
+    meta = checkpoint.run_metadata(config)
+    ckpt = checkpoint.CheckpointManager(workdir / "checkpoints", keep_latest=config.keep_latest,
+                                        keep_best=config.keep_best, best_metric=config.best_metric,
+                                        metadata=meta, enabled_writes=is_main)
+    history = []
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        state, iter_state, extra = ckpt.restore_latest(state)
+        train_iter.set_state(iter_state)
+        history = extra.get("history", [])
+        start_step = int(state.step)
+        log.info("Resumed from %s at step %d (epoch %d).", ckpt.directory, start_step,
+                 start_step // steps_per_epoch)
+    state = steps.place_state(state)
+    rng = jax.random.key(config.seed)
+
+    writer = MetricWriter(workdir, enabled=is_main)
+    log.info("%s on %d %s device(s), strategy %s, global batch %d (%d per device), %d steps per epoch.",
+             config.model, num_devices, jax.devices()[0].platform, config.strategy, gbs, gbs // num_devices,
+             steps_per_epoch)
+
+    # Compile apart from the steps, so step times never include it.
+    first = next(train_iter)
+    first_sharded = steps.shard_batch(first)
+    train_step = chrono.compile("train_step", steps.train_step, state, first_sharded, rng)
+    train_acc = metrics_lib.TrainAccumulator()
+    step = start_step
+    batch = first_sharded
+    loop_start, loop_step0 = time.perf_counter(), step
+    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+        epoch_start = time.perf_counter()
+        for _ in range(steps_per_epoch):
+            if batch is None:
+                with chrono.input_wait():
+                    batch = steps.shard_batch(next(train_iter))
+            state, step_metrics = train_step(state, batch, rng)
+            batch = None
+            train_acc.update(step_metrics)
+            step += 1
+            chrono.step_dispatched()
+            if is_main and (step % config.log_every_steps == 0 or step == total_steps):
+                rate = (step - loop_step0) / max(time.perf_counter() - loop_start, 1e-9)
+                log.info("epoch %d/%d step %d/%d  %.1f steps/s  ETA %s", epoch + 1, config.num_epochs, step,
+                         total_steps, rate, _eta((total_steps - step) / max(rate, 1e-9)))
+        train_metrics = train_acc.compute()
+        train_acc.reset()
+        epoch_time = time.perf_counter() - epoch_start
+        record = {"epoch": epoch + 1, "lr": float(schedule(step)), "epoch_time_s": epoch_time,
+                  "train": train_metrics}
+        last = epoch + 1 == config.num_epochs
+        if (epoch + 1) % config.eval_every_epochs == 0 or last:
+            with chrono.phase("eval"):
+                val = evaluate(steps, state, data.val, gbs)
+            record["val"] = val
+            log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f (%.1f s)",
+                     epoch + 1, train_metrics["loss"], train_metrics["accuracy"], val["loss"] or float("nan"),
+                     val["accuracy"] or 0.0, val["macro_f1"] or 0.0, epoch_time)
+        history.append(record)
+        writer.write_scalars(step, metrics_lib.flatten_scalars(
+            {k: v for k, v in record.items() if k in ("train", "val", "lr", "epoch_time_s")}), epoch=epoch + 1)
+        if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last):
+            ckpt.save(step, state, train_iter.get_state(), metrics=record["val"], extra={"history": history})
+    ckpt.wait_until_finished()
+    train_wall = time.perf_counter() - wall
+
+    best_step = ckpt.best_step()
+    best_state, _, _ = ckpt.restore(best_step, state)
+    best_state = steps.place_state(best_state)
+    test = evaluate(steps, best_state, data.test, gbs)
+    best_epoch = best_step // steps_per_epoch
+    log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
+
+    results = {
+        "model": config.model, "strategy": config.strategy, "num_devices": num_devices,
+        "num_processes": jax.process_count(), "platform": jax.devices()[0].platform,
+        "global_batch_size": gbs, "num_epochs": config.num_epochs, "steps_per_epoch": steps_per_epoch,
+        "dataset": data.source["dataset"], "data_path": data.source["path"],
+        "warning": data.source["warning"],
+        "best_epoch": best_epoch, "best_metric": config.best_metric,
+        "val_best": next((h["val"] for h in history if h["epoch"] == best_epoch and "val" in h), None),
+        "test": test, "wall_time_s": train_wall,
+        "config": config.to_dict(),
+    }
+    if is_main:
+        _write_outputs(workdir, results, history, test, chrono.summary(), best_epoch)
+    writer.close()
+    ckpt.close()
+    if data.source["warning"]:
+        log.warning(data.source["warning"])
+    return results
+
+
+def _write_outputs(workdir, results, history, test, timing, best_epoch) -> None:
+    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (workdir / "timing.json").write_text(json.dumps(timing, indent=1))
+    curves = [{"epoch": h["epoch"], "train": h["train"], **({"val": h["val"]} if "val" in h else {})}
+              for h in history]
+    plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch)
+    plots.plot_confusion_matrix(np.asarray(test["confusion_matrix"]), test["class_names"],
+                                workdir / "confusion_matrix.png")

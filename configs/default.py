@@ -1,0 +1,75 @@
+"""Default bcjax configuration: ResNet-18 on BUSI-sized data, the study's setting.
+
+Hardware and model variants import this file and override a few fields
+(flax examples/imagenet style). Every value is checked by
+`bcjax.config_check.validate` before anything compiles.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # Model (bcjax.models.create): width / width_multiplier shrink the zoo's
+    # networks for quick CPU runs; None keeps torchvision's widths.
+    c.model = "resnet18"
+    c.width = 64  # ResNet stem channels
+    c.width_multiplier = 1.0  # MobileNet
+    c.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
+    c.bn_sync = True  # average BatchNorm statistics over all devices
+    c.dropout_rate = 0.2  # MobileNet head
+    c.pretrained = ""  # path to torchvision weights (issue 6); empty = from scratch
+
+    # Data. dataset: "auto" uses BUSI when found under data_dir, otherwise
+    # generates the synthetic BUSI-like set into the workdir (loudly).
+    c.dataset = "auto"  # "auto" | "busi" | "synthetic"
+    c.data_dir = "data"  # BUSI: Dataset_BUSI_with_GT, a folder holding it, or its zip
+    c.synthetic_num = 780
+    c.image_size = 224
+    c.split_seed = 0
+    c.split_fractions = (0.7, 0.1, 0.2)
+    c.split_manifest = ""  # a saved manifest.json reproduces a split exactly
+    c.exclude_conflicts = False  # drop duplicate groups filed under two classes
+    c.balanced_sampling = False
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.enabled = True
+    c.augment.crop_scale = (0.6, 1.0)
+    c.augment.flip = True
+    c.augment.rotate_deg = 10.0
+    c.augment.brightness = 0.2
+    c.augment.contrast = 0.2
+
+    # Parallelism: one mesh axis "data" over all devices of all processes.
+    c.strategy = "shard_map"  # "shard_map" | "pmap" | "jit"
+    c.num_devices = 0  # 0 = all available; on a CPU-only host N simulated devices
+    c.coordinator_address = ""  # multi-process: "host:port"; empty = auto-detect
+    c.num_processes = 0
+    c.process_id = -1
+
+    # Optimisation.
+    c.global_batch_size = 32
+    c.num_epochs = 100
+    c.optimizer = "sgd"  # "sgd" | "adamw"
+    c.learning_rate = 0.05  # for the global batch
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 1e-4  # spares BatchNorm parameters and biases
+    c.warmup_epochs = 5
+    c.label_smoothing = 0.1
+    c.class_weights = ()  # e.g. (1.0, 0.6, 1.2); empty = unweighted
+    c.clip_norm = 0.0  # 0 = no clipping
+    c.seed = 0
+
+    # Evaluation, logging, checkpoints.
+    c.eval_every_epochs = 1
+    c.log_every_steps = 20
+    c.checkpoint_every_epochs = 5
+    c.keep_latest = 2
+    c.keep_best = 1
+    c.best_metric = "macro_f1"  # validation metric that picks the best checkpoint
+    c.compilation_cache = True
+    # Locked: a variant or an override that names an unknown field (a typo)
+    # fails at once instead of being silently ignored.
+    c.lock()
+    return c
