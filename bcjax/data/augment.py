@@ -1,0 +1,134 @@
+"""Training augmentation in JAX, run on the accelerator inside the jitted step.
+
+The host ships uint8 batches; here each example gets its own PRNG key (derived
+from its dataset index by the caller), so an example is augmented the same way
+whatever the device count. One affine map per example does random resized
+crop, horizontal flip and small rotation in a single bilinear resampling;
+then brightness and contrast; then normalisation with fixed constants.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# ImageNet statistics: keep torchvision-pretrained weights valid. On BUSI-like
+# images (mean ~0.3, std ~0.2) they still give roughly zero mean, unit scale.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+DEFAULTS = {
+    "enabled": True,
+    "crop_scale": (0.6, 1.0),  # fraction of the image area kept by the crop
+    "crop_ratio": (3 / 4, 4 / 3),  # crop aspect ratio range (log-uniform)
+    "flip": True,
+    "rotate_deg": 10.0,
+    "brightness": 0.2,  # additive, in units of the full intensity range
+    "contrast": 0.2,  # multiplicative about the image mean: factor in [1 - c, 1 + c]
+}
+
+
+def _get(cfg, name):
+    if cfg is None:
+        return DEFAULTS[name]
+    if isinstance(cfg, dict):
+        return cfg.get(name, DEFAULTS[name])
+    return getattr(cfg, name, DEFAULTS[name])  # ml_collections.ConfigDict and friends
+
+
+def settings(cfg=None) -> dict:
+    """cfg (dict, ConfigDict or None) completed with DEFAULTS, as plain Python values."""
+    out = {k: _get(cfg, k) for k in DEFAULTS}
+    out["crop_scale"] = tuple(float(v) for v in out["crop_scale"])
+    out["crop_ratio"] = tuple(float(v) for v in out["crop_ratio"])
+    return out
+
+
+def normalize(images_uint8) -> jax.Array:
+    """float32 images, (x / 255 - MEAN) / STD per channel; what evaluation feeds the model."""
+    x = jnp.asarray(images_uint8).astype(jnp.float32) * (1.0 / 255.0)
+    return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+
+
+def _bilinear(image, ys, xs):
+    """image [H, W, C] sampled at float pixel coordinates; zero outside the image.
+
+    Gathers rows of the flattened [H*W, C] image with 1-D indices: on CPU this
+    is several times faster than indexing with (y, x) pairs.
+    """
+    h, w, c = image.shape
+    flat = image.reshape(h * w, c)
+    y0f, x0f = jnp.floor(ys), jnp.floor(xs)
+    wy, wx = (ys - y0f)[..., None], (xs - x0f)[..., None]
+    y0, x0 = y0f.astype(jnp.int32), x0f.astype(jnp.int32)
+
+    def tap(yi, xi):
+        inside = ((yi >= 0) & (yi < h) & (xi >= 0) & (xi < w))[..., None]
+        idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+        v = jnp.take(flat, idx.reshape(-1), axis=0).reshape(idx.shape + (c,)).astype(jnp.float32)
+        return jnp.where(inside, v, 0.0)
+
+    top = tap(y0, x0) * (1 - wx) + tap(y0, x0 + 1) * wx
+    bottom = tap(y0 + 1, x0) * (1 - wx) + tap(y0 + 1, x0 + 1) * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def augment_one(image_uint8, key, cfg=None) -> jax.Array:
+    """One example: uint8 [H, W, C] -> float32 [H, W, C] in [0, 1] (before normalisation)."""
+    s = settings(cfg)
+    h, w = image_uint8.shape[:2]
+    k_area, k_ratio, k_x, k_y, k_rot, k_flip, k_b, k_c = jax.random.split(key, 8)
+    area = jax.random.uniform(k_area, (), minval=s["crop_scale"][0], maxval=s["crop_scale"][1])
+    log_ratio = jax.random.uniform(k_ratio, (), minval=math.log(s["crop_ratio"][0]),
+                                   maxval=math.log(s["crop_ratio"][1]))
+    ratio = jnp.exp(log_ratio)
+    # Crop width/height as fractions of the image; centre in normalised [-1, 1] coordinates.
+    cw = jnp.minimum(jnp.sqrt(area * ratio), 1.0)
+    ch = jnp.minimum(jnp.sqrt(area / ratio), 1.0)
+    cx = jax.random.uniform(k_x, (), minval=-(1 - cw), maxval=1 - cw)
+    cy = jax.random.uniform(k_y, (), minval=-(1 - ch), maxval=1 - ch)
+    theta = jnp.deg2rad(s["rotate_deg"]) * jax.random.uniform(k_rot, (), minval=-1.0, maxval=1.0)
+    sx = jnp.where(jax.random.bernoulli(k_flip), -1.0, 1.0) if s["flip"] else 1.0
+
+    # Output pixel centres in [-1, 1], mapped to input coordinates through crop,
+    # flip and rotation; identity when the crop is the whole image.
+    v = (jnp.arange(h, dtype=jnp.float32) + 0.5) * (2.0 / h) - 1.0
+    u = (jnp.arange(w, dtype=jnp.float32) + 0.5) * (2.0 / w) - 1.0
+    uu, vv = u[None, :] * (sx * cw), v[:, None] * ch
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    x_in = cx + cos * uu - sin * vv
+    y_in = cy + sin * uu + cos * vv
+    xs = (x_in + 1.0) * (w / 2.0) - 0.5
+    ys = (y_in + 1.0) * (h / 2.0) - 0.5
+    # Brightness and contrast fold into one affine map of the resampled values.
+    # The contrast pivot is the mean of the source image rather than of the crop:
+    # nearly the same, and it avoids a reduction over the resampled pixels, which
+    # made XLA compute the resampling twice.
+    scale, offset = 1.0 / 255.0, 0.0
+    if s["contrast"]:
+        factor = jax.random.uniform(k_c, (), minval=1 - s["contrast"], maxval=1 + s["contrast"])
+        pivot = jnp.mean(image_uint8.astype(jnp.float32)) * (1.0 / 255.0)
+        scale, offset = factor / 255.0, (1.0 - factor) * pivot
+    if s["brightness"]:
+        offset = offset + jax.random.uniform(k_b, (), minval=-s["brightness"], maxval=s["brightness"])
+    return jnp.clip(_bilinear(image_uint8, ys, xs) * scale + offset, 0.0, 1.0)
+
+
+def augment_batch(images_uint8, keys, cfg=None) -> jax.Array:
+    """uint8 [B, H, W, C] + keys [B] -> normalised float32 [B, H, W, C].
+
+    cfg fields (see DEFAULTS): enabled, crop_scale, crop_ratio, flip, rotate_deg,
+    brightness, contrast. With enabled=False this is normalize(images).
+    """
+    s = settings(cfg)
+    if not s["enabled"]:
+        return normalize(images_uint8)
+    x = jax.vmap(lambda im, k: augment_one(im, k, s))(jnp.asarray(images_uint8), keys)
+    return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+
+
+def example_keys(rng, indices) -> jax.Array:
+    """One key per example from its dataset index: the same example gets the same
+    augmentation for a given rng, however the batch is split over devices."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.int32))

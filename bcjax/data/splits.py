@@ -1,0 +1,314 @@
+"""Duplicate-aware, stratified splits of BUSI, saved as manifests.
+
+BUSI has no official split and holds many exact and near-duplicate images,
+some filed under two classes (Pawłowska et al. 2023). Images are grouped by a
+perceptual hash (DCT of a 32x32 thumbnail, 64 bits) and Hamming distance; a
+group is always placed whole into one split, so no image is tested against
+its own copy. Groups spanning two classes are reported as conflicts and can be
+excluded.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import tempfile
+import threading
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from bcjax.data.busi import CLASSES, BusiError, Example
+
+SPLITS = ("train", "val", "test")
+# Bits of 64. On 780 synthetic images the closest unrelated pair is 10 bits apart
+# (0.01% of pairs <= 14), while re-encoding, resizing and brightness changes stay
+# within 2 and a 3-5% crop within 8: err on the side of grouping, since a missed
+# duplicate leaks test images into training and a false group costs little.
+DEFAULT_HASH_THRESHOLD = 8
+MANIFEST_VERSION = 1
+
+_HASH_CACHE: dict[tuple, int] = {}  # (path, size, mtime) -> hash; files rarely change within a process
+_HASH_LOCK = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def phash_array(gray: np.ndarray) -> int:
+    """64-bit perceptual hash of a 2-D image: signs of its lowest 8x8 DCT terms about their median."""
+    if gray.shape != (32, 32):
+        gray = np.asarray(Image.fromarray(np.asarray(gray, np.float32), "F").resize((32, 32), Image.BOX))
+    c = _DCT32 @ np.asarray(gray, np.float64) @ _DCT32.T
+    low = c[:8, :8].ravel()
+    bits = low > np.median(low[1:])  # DC left out of the median: it is the brightness, not the pattern
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def phash_file(path) -> int:
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _HASH_LOCK:
+        if key in _HASH_CACHE:
+            return _HASH_CACHE[key]
+    try:
+        with Image.open(path) as im:
+            im.draft("L", (64, 64))  # JPEG decodes at reduced size; PNG ignores it
+            g = im.convert("L") if im.mode not in ("I;16", "I;16B", "I") else im.convert("F")
+            g = np.asarray(g.convert("F").resize((32, 32), Image.BOX))
+    except Exception as e:
+        raise BusiError(f"not a decodable image: {path} ({type(e).__name__}: {e})") from e
+    h = phash_array(g)
+    with _HASH_LOCK:
+        _HASH_CACHE[key] = h
+    return h
+
+
+def phashes(examples: Sequence[Example], workers: int | None = None, cache_dir=None) -> np.ndarray:
+    """uint64 [N] hashes (PIL decodes without the GIL, so threads help).
+
+    cache_dir: keep the hashes in ``cache_dir/phash-v1.json`` keyed by file
+    path, size and mtime, so later runs skip decoding every image.
+    """
+    disk = {}
+    cache_file = pathlib.Path(cache_dir) / "phash-v1.json" if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            disk = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            disk = {}  # a damaged cache is only a cache
+
+    def key(ex):
+        st = os.stat(ex.image_path)
+        return f"{ex.image_path}|{st.st_size}|{st.st_mtime_ns}"
+
+    def one(ex):
+        k = key(ex)
+        return int(disk[k], 16) if k in disk else phash_file(ex.image_path)
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        out = np.array(list(pool.map(one, examples)), dtype=np.uint64)
+    if cache_file is not None:
+        new = {key(ex): f"{int(h):016x}" for ex, h in zip(examples, out)}
+        if any(disk.get(k) != v for k, v in new.items()):
+            _write_json_atomic({**disk, **new}, cache_file)
+    return out
+
+
+def hamming_matrix(hashes: np.ndarray) -> np.ndarray:
+    x = hashes[:, None] ^ hashes[None, :]
+    return np.bitwise_count(x).astype(np.int32)
+
+
+def duplicate_groups(hashes: np.ndarray, threshold: int = DEFAULT_HASH_THRESHOLD) -> list[list[int]]:
+    """Connected components (union-find) of 'Hamming distance <= threshold'; all N indices covered."""
+    n = len(hashes)
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if n > 1:
+        dist = hamming_matrix(np.asarray(hashes, np.uint64))
+        for i, j in zip(*np.nonzero(np.triu(dist <= threshold, k=1))):
+            ri, rj = find(int(i)), find(int(j))
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values())
+
+
+# ----------------------------------------------------------------------------- assignment
+
+
+def _targets(count: int, fractions: Sequence[float]) -> np.ndarray:
+    """Integer counts per part summing to ``count`` (largest remainder)."""
+    raw = np.asarray(fractions, np.float64) * count / float(sum(fractions))
+    out = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - out), kind="stable")[: count - out.sum()]:
+        out[i] += 1
+    return out
+
+
+def _assign(groups: list[list[int]], labels: np.ndarray, fractions, rng) -> list[int]:
+    """Part index per group, stratified by class.
+
+    Groups are visited in a seeded random order, larger groups first; each goes
+    to the part furthest below its target for the group's (majority) class,
+    measured relative to the target, so singletons reproduce exact stratification.
+    """
+    parts = len(fractions)
+    group_label = [int(np.bincount(labels[g], minlength=len(CLASSES)).argmax()) for g in groups]
+    targets = {c: _targets(int(np.sum(labels == c)), fractions) for c in range(len(CLASSES))}
+    filled = {c: np.zeros(parts, int) for c in range(len(CLASSES))}
+    order = rng.permutation(len(groups))
+    order = sorted(order, key=lambda gi: -len(groups[gi]))  # stable: keeps the random order within a size
+    out = [0] * len(groups)
+    for gi in order:
+        c = group_label[gi]
+        t, f = targets[c], filled[c]
+        deficit = (t - f) / np.maximum(t, 1)
+        deficit[t == 0] = -np.inf  # a part meant to get none of this class gets none while others can
+        if np.all(np.isinf(deficit)):
+            deficit = -f.astype(float)
+        part = int(np.argmax(deficit))
+        out[gi] = part
+        filled[c][part] += len(groups[gi])
+    return out
+
+
+def _prepare(examples, seed, threshold, exclude_conflicts, hashes=None, cache_dir=None):
+    names = [ex.name for ex in examples]
+    if len(set(names)) != len(names):
+        raise BusiError("example names are not unique")
+    if hashes is None:
+        hashes = phashes(examples, cache_dir=cache_dir)
+    all_groups = duplicate_groups(np.asarray(hashes, np.uint64), threshold)
+    labels = np.array([ex.label for ex in examples], int)
+    conflicts = [g for g in all_groups if len(set(labels[g].tolist())) > 1]
+    excluded = sorted(i for g in conflicts for i in g) if exclude_conflicts else []
+    groups = [g for g in all_groups if not (exclude_conflicts and g in conflicts)]
+    meta = {
+        "version": MANIFEST_VERSION,
+        "seed": seed,
+        "num_examples": len(examples),
+        "hash": "dct-phash-64",
+        "hash_threshold": threshold,
+        "duplicate_groups": [[names[i] for i in g] for g in all_groups if len(g) > 1],
+        "conflicts": [[names[i] for i in g] for g in conflicts],
+        "exclude_conflicts": exclude_conflicts,
+        "excluded": [names[i] for i in excluded],
+    }
+    return names, labels, groups, meta
+
+
+def _collect(names, labels, groups, assignment, part_names):
+    out = {p: [] for p in part_names}
+    for g, part in zip(groups, assignment):
+        out[part_names[part]].extend(g)
+    return {p: [names[i] for i in sorted(idx)] for p, idx in out.items()}
+
+
+def _counts(split, examples):
+    label_of = {ex.name: ex.label for ex in examples}
+    return {p: {c: sum(label_of[n] == k for n in split[p]) for k, c in enumerate(CLASSES)} for p in SPLITS}
+
+
+def make_split(examples: Sequence[Example], seed: int = 0, fractions=(0.7, 0.1, 0.2),
+               exclude_conflicts: bool = False, *, hash_threshold: int = DEFAULT_HASH_THRESHOLD,
+               hashes=None, cache_dir=None) -> dict:
+    """{"train", "val", "test": [names], "meta": {...}}; duplicate groups never straddle parts.
+
+    meta: seed, fractions, hash_threshold, duplicate_groups (lists of names, size >= 2),
+    conflicts (groups spanning classes), excluded (names left out when
+    exclude_conflicts), counts per part and class.
+    hashes: precomputed phashes (uint64 [N]); cache_dir: see phashes().
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be 3 non-negative numbers, got {fractions}")
+    names, labels, groups, meta = _prepare(examples, seed, hash_threshold, exclude_conflicts, hashes,
+                                           cache_dir)
+    rng = np.random.default_rng([seed, 0x5B117])
+    split = _collect(names, labels, groups, _assign(groups, labels, fractions, rng), SPLITS)
+    meta.update(kind="holdout", fractions=list(fractions), counts=_counts(split, examples))
+    return {**split, "meta": meta}
+
+
+def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 0,
+                test_fraction: float = 0.2, *, exclude_conflicts: bool = False,
+                hash_threshold: int = DEFAULT_HASH_THRESHOLD, hashes=None, cache_dir=None) -> dict:
+    """Fold ``fold`` of ``folds`` as {"train", "val", "test", "meta"}.
+
+    The test part is held out first and is the same for every fold (it depends on
+    seed and test_fraction only); the rest is cut into ``folds`` stratified,
+    group-respecting folds, of which ``fold`` is the validation part.
+    """
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"need folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    names, labels, groups, meta = _prepare(examples, seed, hash_threshold, exclude_conflicts, hashes,
+                                           cache_dir)
+    rng = np.random.default_rng([seed, 0x5B117])
+    outer = _assign(groups, labels, (1 - test_fraction, test_fraction), rng)
+    rest = [g for g, part in zip(groups, outer) if part == 0]
+    test = [g for g, part in zip(groups, outer) if part == 1]
+    inner = _assign(rest, labels, [1.0] * folds, np.random.default_rng([seed, 0xF01D]))
+    split = {
+        "train": [i for g, k in zip(rest, inner) if k != fold for i in g],
+        "val": [i for g, k in zip(rest, inner) if k == fold for i in g],
+        "test": [i for g in test for i in g],
+    }
+    split = {p: [names[i] for i in sorted(idx)] for p, idx in split.items()}
+    meta.update(kind="kfold", folds=folds, fold=fold, test_fraction=test_fraction,
+                counts=_counts(split, examples))
+    return {**split, "meta": meta}
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def _write_json_atomic(obj, path) -> pathlib.Path:
+    """Temp file then rename: a crash leaves the old file or none, never half a file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_manifest(manifest: dict, path) -> pathlib.Path:
+    """Writes the split as JSON (atomically); load_manifest + select reproduce it."""
+    return _write_json_atomic(manifest, path)
+
+
+def load_manifest(path) -> dict:
+    path = pathlib.Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise BusiError(f"split manifest does not exist: {path}") from e
+    except json.JSONDecodeError as e:
+        raise BusiError(f"split manifest is not valid JSON: {path} ({e})") from e
+    missing = [p for p in SPLITS if p not in manifest]
+    if missing:
+        raise BusiError(f"split manifest {path} lacks {', '.join(missing)}")
+    return manifest
+
+
+def select(examples: Sequence[Example], names: Sequence[str]) -> list[Example]:
+    """The examples named, in the order named; BusiError listing names not in ``examples``."""
+    by_name = {ex.name: ex for ex in examples}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5])
+        raise BusiError(f"{len(missing)} name(s) from the manifest are not in the data set: {shown}"
+                        + (" ..." if len(missing) > 5 else ""))
+    return [by_name[n] for n in names]
