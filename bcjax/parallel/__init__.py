@@ -1,0 +1,1 @@
+"""Device mesh, multi-process start-up and data-parallel step strategies."""

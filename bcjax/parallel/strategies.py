@@ -1,0 +1,260 @@
+"""Data-parallel train/eval steps for a mesh: ``shard_map``, ``pmap`` or ``jit``.
+
+Whatever the strategy, the caller sees one contract:
+
+    steps = build_steps("shard_map", mesh, model, tx, bn_sync=True, augment_cfg=cfg)
+    state = steps.place_state(state)                  # replicated on the mesh
+    batch = steps.shard_batch(numpy_batch_of_this_process)
+    state, metrics = steps.train_step(state, batch, rng)   # state donated
+    outputs = steps.eval_step(state, steps.shard_batch(eval_numpy_batch))
+
+The state is always a replicated global ``jax.Array`` tree (checkpointable as
+is); metrics are replicated scalars; eval outputs are gathered so every
+process holds the whole global batch's predictions.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bcjax.parallel.mesh import DATA_AXIS
+from bcjax.train import steps as step_math
+
+STRATEGIES = ("shard_map", "pmap", "jit")
+
+
+class Steps(NamedTuple):
+    """What ``build_steps`` returns.
+
+    train_step(state, batch, rng) -> (state, metrics): jitted, donates state.
+      ``batch`` comes from ``shard_batch``; ``rng`` is the run's base key
+      (the step number is folded in inside). Has ``.lower(...)``.
+    eval_step(state, batch) -> dict of per-example arrays over the GLOBAL batch
+      (logits, probs, label, valid, loss), replicated on every device/process.
+    shard_batch(numpy_dict) -> the batch in the layout ``train_step`` wants.
+    place_state(state) -> the state replicated on this mesh.
+    """
+
+    train_step: Callable
+    eval_step: Callable
+    shard_batch: Callable
+    place_state: Callable
+    mesh: Mesh
+    strategy: str
+
+
+def per_device_batch(global_batch_size: int, num_devices: int) -> int:
+    """Examples per device; ValueError when the batch does not split evenly."""
+    if global_batch_size % num_devices:
+        raise ValueError(
+            f"Global batch size {global_batch_size} is not divisible by the number of "
+            f"devices {num_devices}; use a multiple of {num_devices} (e.g. "
+            f"{max(num_devices, global_batch_size // num_devices * num_devices)}).")
+    return global_batch_size // num_devices
+
+
+def _with_bn_axis(model, axis_name: Optional[str]):
+    if not hasattr(model, "bn_axis_name"):
+        raise TypeError(f"{type(model).__name__} has no 'bn_axis_name' field; build_steps "
+                        "sets it per strategy (see bcjax.models.create).")
+    return model.clone(bn_axis_name=axis_name)
+
+
+def _default_preprocess(augment_cfg):
+    # Imported here: the package must not need the data stack at import time.
+    from bcjax.data import augment
+
+    if augment_cfg is None:
+        return lambda images, keys: augment.normalize(images), augment.normalize
+    return (lambda images, keys: augment.augment_batch(images, keys, augment_cfg),
+            augment.normalize)
+
+
+def _replicate_tree(tree, mesh: Mesh):
+    """Place a pytree replicated on ``mesh`` (also across processes)."""
+    sharding = NamedSharding(mesh, P())
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if jax.process_count() > 1 and not (isinstance(x, jax.Array)
+                                            and not x.is_fully_addressable):
+            host = np.asarray(x)  # every process holds the same full value
+            return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(place, tree)
+
+
+def _global_from_host_local(tree, mesh: Mesh):
+    """Multi-process pmap returns host-local replicated arrays; rewrap their
+    local shards (no copy) as global arrays replicated on ``mesh``."""
+    sharding = NamedSharding(mesh, P())
+
+    def rewrap(x):
+        if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+            return x
+        by_device = {s.device: s.data for s in x.addressable_shards}
+        shards = [by_device[d] for d in sharding.addressable_devices_indices_map(x.shape)]
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+    return jax.tree.map(rewrap, tree)
+
+
+def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
+                bn_sync: bool = True,
+                augment_cfg: Any = None,
+                label_smoothing: float = 0.0,
+                class_weights: Optional[Sequence[float]] = None,
+                donate: bool = True,
+                collectives: bool = True,
+                preprocess: Optional[Callable] = None,
+                normalize: Optional[Callable] = None) -> Steps:
+    """Build the jitted steps of ``strategy`` on ``mesh``.
+
+    Args:
+      strategy: "shard_map" (default choice), "pmap" or "jit".
+      mesh: 1-axis "data" mesh (``bcjax.parallel.mesh.make_mesh``).
+      model: a flax module with a ``bn_axis_name`` field (``bcjax.models.create``);
+        it is cloned with the axis each strategy needs, so its own value is ignored.
+      tx: unused (the update uses ``state.tx``); kept so calls read naturally.
+      bn_sync: BatchNorm statistics over the global batch (True) or per device.
+        ``jit`` only supports True: the batch is one logical array there, so
+        its statistics are global by construction.
+      augment_cfg: config for ``bcjax.data.augment.augment_batch``; None: no
+        augmentation (normalize only).
+      label_smoothing, class_weights: see ``bcjax.train.steps.loss_fn``.
+      donate: donate the state to the train step (its buffers are reused).
+      collectives: False builds the same step without any cross-device
+        reduction (per-device loss/gradients/BatchNorm, no metric sums; the
+        state returned is device 0's). Only for timing compute apart from
+        communication; the results are not a valid training step on >1 device.
+        For "jit" this is the shard_map step without collectives (plain jit has
+        no per-device program to strip).
+      preprocess, normalize: override the augmentation ``(images_uint8, keys)
+        -> float32`` and the eval ``normalize(images_uint8)`` (tests, ablations).
+
+    Raises ValueError for an unknown strategy or jit with bn_sync=False.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}.")
+    if strategy == "jit" and not bn_sync and collectives:
+        raise ValueError(
+            "strategy='jit' computes BatchNorm statistics over the whole global batch "
+            "(it is one logical array), so per-device BatchNorm (bn_sync=False) cannot "
+            "be expressed; use strategy='shard_map' or 'pmap' for per-device statistics.")
+    del tx
+    if preprocess is None or normalize is None:
+        default_pre, default_norm = _default_preprocess(augment_cfg)
+        preprocess = preprocess or default_pre
+        normalize = normalize or default_norm
+
+    loss_kw = dict(label_smoothing=label_smoothing,
+                   class_weights=None if class_weights is None else tuple(class_weights))
+    donate_argnums = (0,) if donate else ()
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    eval_model = _with_bn_axis(model, None)  # eval uses running statistics
+    eval_local = functools.partial(step_math.eval_step_local, model=eval_model,
+                                   normalize=normalize)
+
+    if not collectives:
+        train_local = functools.partial(
+            step_math.train_step_local, model=_with_bn_axis(model, None), axis_name=None,
+            psum_grads=False, sync_batch_stats=False, preprocess=preprocess, **loss_kw)
+    else:
+        # Under plain jit the batch is one logical array: no named axis exists
+        # and BatchNorm statistics are global by construction.
+        bn_axis = DATA_AXIS if bn_sync and strategy != "jit" else None
+        train_local = functools.partial(
+            step_math.train_step_local, model=_with_bn_axis(model, bn_axis),
+            axis_name=DATA_AXIS if strategy != "jit" else None,
+            psum_grads=strategy == "pmap", sync_batch_stats=not bn_sync,
+            preprocess=preprocess, **loss_kw)
+
+    if strategy == "pmap":
+        return _build_pmap(mesh, train_local, eval_local, donate_argnums, strategy)
+
+    def shard_batch(batch: Mapping[str, np.ndarray]) -> dict:
+        return {k: _global_batch_array(v, data_sharding) for k, v in batch.items()}
+
+    if strategy == "jit" and collectives:
+        train_step = jax.jit(train_local, in_shardings=(replicated, data_sharding, replicated),
+                             out_shardings=(replicated, replicated),
+                             donate_argnums=donate_argnums)
+        eval_step = jax.jit(eval_local, in_shardings=(replicated, data_sharding),
+                            out_shardings=replicated)
+    else:
+        train_step = jax.jit(
+            jax.shard_map(train_local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                          out_specs=(P(), P()), check_vma=collectives),
+            donate_argnums=donate_argnums)
+        # Gathering to every device (out_shardings) lets every process read all
+        # predictions of the global batch; eval batches are small.
+        eval_step = jax.jit(
+            jax.shard_map(eval_local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                          out_specs=P(DATA_AXIS)),
+            out_shardings=replicated)
+    return Steps(train_step=train_step, eval_step=eval_step, shard_batch=shard_batch,
+                 place_state=functools.partial(_replicate_tree, mesh=mesh),
+                 mesh=mesh, strategy=strategy)
+
+
+def _global_batch_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """This process's rows -> one global array sharded over "data"."""
+    local = np.asarray(local)
+    global_rows = local.shape[0] * jax.process_count()
+    per_device_batch(global_rows, sharding.mesh.size)
+    return jax.make_array_from_process_local_data(
+        sharding, local, (global_rows,) + local.shape[1:])
+
+
+def _build_pmap(mesh: Mesh, train_local, eval_local, donate_argnums, strategy) -> Steps:
+    devices = list(mesh.devices.flat)
+    local_devices = [d for d in devices if d.process_index == jax.process_index()]
+    n_local = len(local_devices)
+    local_mesh = Mesh(np.asarray(local_devices), (DATA_AXIS,),
+                      axis_types=mesh.axis_types)
+    stacked = NamedSharding(local_mesh, P(DATA_AXIS))
+    multi_process = jax.process_count() > 1
+
+    # The state is broadcast (in_axes=None) and comes back as one value
+    # (out_axes=None): the caller's state stays a replicated global array.
+    p_train = jax.pmap(train_local, axis_name=DATA_AXIS, in_axes=(None, 0, None),
+                       out_axes=(None, None), donate_argnums=donate_argnums,
+                       devices=devices)
+    p_eval = jax.pmap(eval_local, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=0,
+                      devices=devices)
+
+    def shard_batch(batch):
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            per_device_batch(v.shape[0] * jax.process_count(), mesh.size)
+            out[k] = jax.device_put(v.reshape((n_local, -1) + v.shape[1:]), stacked)
+        return out
+
+    def train_step(state, batch, rng):
+        state, metrics = p_train(state, batch, rng)
+        if multi_process:
+            state = _global_from_host_local(state, mesh)
+        return state, metrics
+
+    train_step.lower = p_train.lower
+
+    def eval_step(state, batch):
+        out = p_eval(state, batch)
+        if multi_process:
+            from jax.experimental import multihost_utils
+            # [n_local, b] per process -> [n_devices, b] on every process.
+            out = multihost_utils.process_allgather(out, tiled=True)
+        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
+    return Steps(train_step=train_step, eval_step=eval_step, shard_batch=shard_batch,
+                 place_state=functools.partial(_replicate_tree, mesh=mesh),
+                 mesh=mesh, strategy=strategy)

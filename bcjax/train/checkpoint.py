@@ -1,0 +1,251 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and metadata.
+
+Layout: ``<directory>/<step>/{state,data_iter,extra}`` plus Orbax's root
+metadata (the run's identity: model and shape-defining fields).
+
+Retention uses Orbax preservation policies: the latest ``keep_latest``
+checkpoints AND the best ``keep_best`` by a validation metric are kept.
+(The legacy ``max_to_keep`` + ``best_fn`` keeps only the best N, so the
+newest checkpoint, the one a restart needs, can be deleted.)
+
+Saving is asynchronous: ``save`` returns once the arrays are copied off the
+devices (the state may then be donated to the next step) and the files are
+written in the background; ``wait_until_finished`` blocks until they are.
+
+Restoring takes a target state (or abstract state) whose leaves carry the
+CURRENT shardings, so a checkpoint written on 8 devices restores onto 1 or 4.
+Multi-process: every process must call ``save`` and ``restore``; Orbax writes
+each array once and the JSON items from process 0 only.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import pathlib
+from typing import Any, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+# Fields of the run config that change the parameter tree; a workdir whose
+# checkpoints disagree on any of them belongs to another model.
+IDENTITY_FIELDS = ("model", "width", "width_multiplier", "num_classes")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint directory holds a run of another model."""
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def run_metadata(config) -> dict:
+    """Metadata saved with the checkpoints: the whole config plus the run's
+    identity (``IDENTITY_FIELDS`` present in the config). ``config``: a
+    ConfigDict or a dict."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    cfg = _json_safe(cfg)
+    identity = {k: cfg[k] for k in IDENTITY_FIELDS if k in cfg}
+    if cfg.get("model", "").startswith("resnet"):
+        identity.pop("width_multiplier", None)
+    elif "model" in cfg:
+        identity.pop("width", None)
+    return {"identity": identity, "config": cfg}
+
+
+def check_identity(saved: Optional[Mapping], current: Optional[Mapping]) -> None:
+    """Raise CheckpointMismatchError when two metadata identities differ."""
+    a = (saved or {}).get("identity") or {}
+    b = (current or {}).get("identity") or {}
+    diff = {k: (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {v[0]!r} vs config {v[1]!r}" for k, v in sorted(diff.items()))
+        raise CheckpointMismatchError(
+            f"The checkpoints belong to another model ({detail}); use another workdir "
+            "or remove its checkpoints.")
+
+
+def _encode_iter_state(state: Any) -> dict:
+    # Grain's dataset iterators give a JSON-able dict; older DataLoader
+    # iterators give bytes.
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, (bytes, bytearray)):
+        return {"kind": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+    return {"kind": "json", "value": _json_safe(state)}
+
+
+def _decode_iter_state(payload: Mapping) -> Any:
+    kind = payload.get("kind")
+    if kind == "bytes":
+        return base64.b64decode(payload["value"])
+    if kind == "json":
+        return payload["value"]
+    return None
+
+
+def _abstract(target: Any) -> Any:
+    """ShapeDtypeStructs with the target's shardings: restore places every
+    array straight onto the current mesh."""
+    def leaf(x):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            raise ValueError("restore target leaves need a sharding: pass a state created "
+                             "on the current mesh (create_train_state / place_state).")
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, target)
+
+
+def _metric_value(metrics: Optional[Mapping], name: str) -> Optional[float]:
+    if not metrics or metrics.get(name) is None:
+        return None
+    value = float(np.asarray(metrics[name]))
+    return value if np.isfinite(value) else None
+
+
+class CheckpointManager:
+    """Keeps a run's checkpoints; see the module docstring.
+
+    Args:
+      directory: where checkpoints live (created).
+      keep_latest: newest checkpoints always kept (>= 1).
+      keep_best: best checkpoints by ``best_metric`` also kept (0: none).
+      best_metric: key of the ``metrics`` dict given to ``save``.
+      best_mode: "max" or "min"; default "min" for names containing "loss".
+      metadata: JSON-able dict (``run_metadata(config)``); written once at the
+        directory root and compared (``check_identity``) with what is there.
+      async_save: write in a background thread.
+    Raises CheckpointMismatchError when the directory holds another model.
+    """
+
+    def __init__(self, directory, *, keep_latest: int = 2, keep_best: int = 1,
+                 best_metric: str = "accuracy", best_mode: Optional[str] = None,
+                 metadata: Optional[Mapping] = None, async_save: bool = True):
+        if keep_latest < 1:
+            raise ValueError(f"keep_latest must be >= 1 (a restart needs the newest), got {keep_latest}.")
+        if keep_best < 0:
+            raise ValueError(f"keep_best must be >= 0, got {keep_best}.")
+        if best_mode is None:
+            best_mode = "min" if "loss" in best_metric else "max"
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
+        self.directory = pathlib.Path(directory).expanduser().resolve()
+        self.best_metric = best_metric
+        policies = [pp.LatestN(n=keep_latest)]
+        if keep_best:
+            policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric],
+                                     reverse=best_mode == "min", n=keep_best,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            # best_fn makes Orbax store the metrics and answer best_step();
+            # deletion is decided by the preservation policy alone.
+            best_fn=lambda m: m[best_metric], best_mode=best_mode,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data_iter", "extra"),
+            metadata=_json_safe(dict(metadata)) if metadata is not None else None)
+        if metadata is not None:
+            check_identity(self.metadata(), metadata)
+
+    # -- queries ------------------------------------------------------------------
+    def metadata(self) -> Optional[dict]:
+        """The run metadata at the directory root (None when absent)."""
+        root = self._manager.metadata()
+        custom = getattr(root, "custom_metadata", None)
+        return dict(custom) if custom else None
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        """Step with the best saved metric; the latest when none has metrics."""
+        return self._manager.best_step()
+
+    # -- save / restore -----------------------------------------------------------
+    def save(self, step: int, state, data_iter_state: Any = None, *,
+             metrics: Optional[Mapping] = None, extra: Optional[Mapping] = None,
+             force: bool = False) -> bool:
+        """Save ``state`` (+ iterator state, + JSON-able ``extra``) at ``step``.
+
+        ``metrics``: any dict containing ``best_metric`` (e.g. the validation
+        report); only that value is kept for ranking. A checkpoint without it
+        is kept only while among the latest. ``data_iter_state``: what the
+        iterator's ``get_state()`` returns (dict or bytes); process 0's is
+        stored, which assumes every process's iterator is at the same global
+        position (true for ``bcjax.data.pipeline``). Returns whether saved.
+        """
+        value = _metric_value(metrics, self.best_metric)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=ocp.args.JsonSave(_encode_iter_state(data_iter_state)),
+            extra=ocp.args.JsonSave(_json_safe(dict(extra or {}))))
+        return self._manager.save(int(step), args=args, force=force,
+                                  metrics=None if value is None else {self.best_metric: value})
+
+    def restore(self, step: int, target) -> Tuple[Any, Any, dict]:
+        """``(state, data_iter_state, extra)`` of ``step``, placed like ``target``.
+
+        ``target``: a state on the current mesh (e.g. a fresh
+        ``create_train_state``), or its abstract version with shardings.
+        """
+        self._manager.wait_until_finished()  # a pending write of the same step
+        restored = self._manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(target)),
+            data_iter=ocp.args.JsonRestore(),
+            extra=ocp.args.JsonRestore()))
+        return (restored["state"], _decode_iter_state(restored["data_iter"] or {}),
+                dict(restored["extra"] or {}))
+
+    def restore_latest(self, target) -> Optional[Tuple[Any, Any, dict]]:
+        """``restore`` of the latest step; None when there is none."""
+        step = self.latest_step()
+        return None if step is None else self.restore(step, target)
+
+    def restore_best(self, target) -> Optional[Tuple[Any, Any, dict]]:
+        """``restore`` of the best step; None when there is none."""
+        step = self.best_step()
+        return None if step is None else self.restore(step, target)
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_params(directory, step: Optional[int] = None) -> Any:
+    """The params of a checkpoint as host numpy arrays, without a target
+    (for tests and inspection); ``step`` None: the latest."""
+    manager = ocp.CheckpointManager(pathlib.Path(directory).expanduser().resolve(),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {directory}.")
+        meta = manager.item_metadata(step)["state"]
+        # numpy leaves: restored as host arrays, whatever devices wrote them.
+        abstract = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta["params"])
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": abstract},
+                restore_args={"params": jax.tree.map(
+                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)},
+                partial_restore=True)))
+        return restored["state"]["params"]
+    finally:
+        manager.close()

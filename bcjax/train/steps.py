@@ -1,0 +1,175 @@
+"""Pure per-device step math: loss, train step, eval step.
+
+These functions know nothing about meshes. ``bcjax.parallel.strategies``
+wraps them in ``shard_map``, ``pmap`` or plain ``jit``; the arguments that
+differ between those wrappers are ``axis_name`` (the mapped axis for the
+reductions the step itself must do, None when the arrays are already global or
+when cross-device communication is switched off) and ``psum_grads``.
+
+Why the reductions look the way they do:
+- The loss on each device is its share of the GLOBAL mean:
+  ``sum_local(w_i * ce_i) / sum_global(w_i)``. Summing those gradients over
+  devices gives exactly the gradient of the global-batch mean, whatever the
+  device count.
+- Under ``jax.shard_map(check_vma=True)`` the parameters are device-invariant,
+  so JAX's transpose of their implicit broadcast already sums the gradients
+  over the axis: ``psum_grads=False`` (an extra pmean would divide by the
+  device count). Under ``pmap`` (``check_vma=False`` semantics) gradients are
+  per device and need an explicit ``psum``: ``psum_grads=True``.
+- Per-example augmentation keys are ``fold_in(step_key, index)``, with index
+  the example's position in the dataset, so a batch augments identically on
+  1 or 8 devices.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from bcjax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+
+def step_keys(rng: jax.Array, step: jax.Array):
+    """(augmentation key, dropout key) for a step; a function of (rng, step)
+    only, so a resumed run draws the same randomness."""
+    step_key = jax.random.fold_in(rng, step)
+    return jax.random.fold_in(step_key, 0), jax.random.fold_in(step_key, 1)
+
+
+def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
+    """One key per example, from its dataset index."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy [B] against one-hot labels smoothed as torch
+    does: ``(1 - eps) * onehot + eps / num_classes``."""
+    num_classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
+                                  label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def example_weights(labels: jax.Array, class_weights: Optional[Sequence[float]] = None,
+                    valid: Optional[jax.Array] = None) -> jax.Array:
+    """Per-example weights [B]: the class weight of each label (1 without class
+    weights), 0 for padding (``valid`` False)."""
+    if class_weights is None:
+        w = jnp.ones(labels.shape, jnp.float32)
+    else:
+        w = jnp.asarray(class_weights, jnp.float32)[labels]
+    if valid is not None:
+        w = w * valid.astype(jnp.float32)
+    return w
+
+
+def loss_fn(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
+            class_weights: Optional[Sequence[float]] = None,
+            valid: Optional[jax.Array] = None):
+    """Weighted mean cross-entropy of one (local or global) batch.
+
+    Returns ``(loss, (loss_sum, weight_sum))`` with ``loss = loss_sum / weight_sum``:
+    with class weights this is torch's ``CrossEntropyLoss(weight=...)``
+    reduction (the weighted mean, not the plain mean of weighted terms).
+    """
+    w = example_weights(labels, class_weights, valid)
+    loss_sum = jnp.sum(w * cross_entropy(logits, labels, label_smoothing))
+    weight_sum = jnp.sum(w)
+    return loss_sum / jnp.maximum(weight_sum, 1e-12), (loss_sum, weight_sum)
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
+                     model, axis_name: Optional[str], psum_grads: bool,
+                     sync_batch_stats: bool, preprocess: Callable,
+                     label_smoothing: float = 0.0,
+                     class_weights: Optional[Sequence[float]] = None):
+    """One optimisation step on this device's slice of the global batch.
+
+    Args:
+      state: replicated TrainState.
+      batch: {"image": uint8 [B,S,S,3], "label": int32 [B], "index": int32 [B]}
+        (optional "valid": bool [B] masks padding out of loss and metrics).
+      rng: the run's base key; the step folds in ``state.step``.
+      model: the flax module (its BatchNorm axis name chosen by the strategy).
+      axis_name: mapped axis to reduce loss denominators and metrics over, or
+        None (global arrays under jit, or collectives switched off).
+      psum_grads: sum gradients explicitly over ``axis_name`` (pmap).
+      sync_batch_stats: pmean the updated BatchNorm running statistics over
+        ``axis_name``; used with per-device BatchNorm so the replicated state
+        holds the mean of the per-device running averages.
+      preprocess: ``preprocess(images_uint8, keys) -> float32`` (augmentation).
+
+    Returns ``(new_state, metrics)``; metrics are global scalars:
+      loss (the optimised weighted mean), loss_sum, weight_sum, correct, count,
+      grad_norm (before clipping), grads_finite (bool; NaN/Inf anywhere).
+    """
+    aug_key, dropout_key = step_keys(rng, state.step)
+    if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+    images = preprocess(batch["image"], example_keys(aug_key, batch["index"]))
+    labels = batch["label"]
+    valid = batch.get("valid")
+    weights = example_weights(labels, class_weights, valid)
+    # Depends on labels only, so reducing it inside the loss adds no gradient term.
+    global_weight_sum = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1e-12)
+
+    def compute_loss(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+            rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        loss_sum = jnp.sum(weights * cross_entropy(logits, labels, label_smoothing))
+        return loss_sum / global_weight_sum, (logits, updates["batch_stats"], loss_sum)
+
+    grads, (logits, batch_stats, loss_sum) = jax.grad(compute_loss, has_aux=True)(state.params)
+    if psum_grads and axis_name is not None:
+        grads = lax.psum(grads, axis_name)
+    if sync_batch_stats and axis_name is not None:
+        batch_stats = lax.pmean(batch_stats, axis_name)
+
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state)
+
+    counted = jnp.ones_like(weights) if valid is None else valid.astype(jnp.float32)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * counted)
+    loss_sum = _psum(loss_sum, axis_name)
+    metrics = {
+        "loss": loss_sum / global_weight_sum,
+        "loss_sum": loss_sum,
+        "weight_sum": global_weight_sum,
+        "correct": _psum(correct, axis_name),
+        "count": _psum(jnp.sum(counted), axis_name),
+        "grad_norm": optax.global_norm(grads),
+        "grads_finite": jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])),
+    }
+    return new_state, metrics
+
+
+def eval_step_local(state: TrainState, batch: Batch, *, model, normalize: Callable):
+    """Predictions for this device's slice of an eval batch.
+
+    Returns per-example arrays: logits float32 [B,C], probs [B,C], label [B],
+    valid bool [B] (all True when the batch has no "valid"), loss [B]
+    (unweighted, unsmoothed cross-entropy). Reductions are left to the caller,
+    which masks padding with ``valid``.
+    """
+    images = normalize(batch["image"])
+    logits = model.apply(state.variables, images, train=False).astype(jnp.float32)
+    labels = batch["label"]
+    valid = batch.get("valid")
+    if valid is None:
+        valid = jnp.ones(labels.shape, bool)
+    return {"logits": logits, "probs": jax.nn.softmax(logits), "label": labels,
+            "valid": valid, "loss": cross_entropy(logits, labels)}
