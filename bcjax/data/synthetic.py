@@ -180,7 +180,9 @@ def _dark_ovals(rng, e, h, w, n, y_range, size_range, level_range, aspect_range,
 def _lesion_params(rng, label: int, h: int, w: int, gland_depth: float) -> dict:
     benign = label == 1
     p = {}
-    p["size"] = rng.uniform(0.06, 0.17) if benign else rng.uniform(0.06, 0.18)
+    # Semi-axis scale as a fraction of the shorter image side; BUSI lesions are
+    # mostly large in the frame, and the cues must survive a 64 px thumbnail.
+    p["size"] = rng.uniform(0.08, 0.2) if benign else rng.uniform(0.08, 0.22)
     if benign:
         # Wider than tall, "parallel" orientation; some round-ish ones overlap malignant.
         p["wh"] = rng.uniform(1.25, 2.2) if rng.random() < 0.85 else rng.uniform(0.9, 1.25)
