@@ -1,7 +1,17 @@
-"""Test set-up: 8 fake CPU devices, set before JAX is imported anywhere."""
+"""Test set-up: 8 fake CPU devices, set before JAX is imported anywhere.
+
+A persistent compilation cache shared by the whole session (fresh each run)
+lets tests that build the same tiny step reuse one compile: on CI's 2 cores
+compiling, not running, is what costs time.
+"""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("BCJAX_CACHE_DIR", tempfile.mkdtemp(prefix="bcjax-test-jit-cache-"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["BCJAX_CACHE_DIR"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

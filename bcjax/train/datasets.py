@@ -37,9 +37,11 @@ def resolve_source(config, workdir: pathlib.Path) -> dict:
                              f"expected a Dataset_BUSI_with_GT folder, a folder holding it, or its zip.")
     if found is not None:
         root = busi.resolve_root(found)
-        kind = "synthetic" if busi.is_synthetic(root) else "busi"
-        return {"dataset": kind, "path": str(root),
-                "warning": SYNTHETIC_WARNING if kind == "synthetic" else None}
+        if busi.is_synthetic(root):
+            # Named by the user, but still generated images: say so in results.json.
+            return {"dataset": "synthetic", "path": str(root),
+                    "warning": f"{root} holds the SYNTHETIC set written by bcjax.data.synthetic, not BUSI."}
+        return {"dataset": "busi", "path": str(root), "warning": None}
     out = workdir / "synthetic"
     log.info("Generating the synthetic BUSI-like set (%d images) into %s ...", config.synthetic_num, out)
     root = synthetic.generate(out, num=config.synthetic_num, seed=config.split_seed)

@@ -27,6 +27,10 @@ import bcjax.models
 log = logging.getLogger(__name__)
 
 
+class Interrupted(RuntimeError):
+    """Raised by the `_stop_after_epoch` test hook, standing in for a killed process."""
+
+
 class WorkdirError(OSError):
     """The workdir cannot hold this run."""
 
@@ -79,13 +83,24 @@ def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int) -> d
     return acc.compute()
 
 
+def _improves(val: dict, metric: str, best) -> bool:
+    value = val.get(metric)
+    if value is None:
+        return False
+    return best is None or (value < best if "loss" in metric else value > best)
+
+
 def _eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Trains per `config`, resuming from `workdir` when it holds a run; returns results.json's dict."""
+def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None) -> dict:
+    """Trains per `config`, resuming from `workdir` when it holds a run; returns results.json's dict.
+
+    `_stop_after_epoch` (tests only) stops the run as a kill would, right after
+    that epoch's checkpoint is complete.
+    """
     workdir = pathlib.Path(workdir).expanduser().resolve()
     is_main = jax.process_index() == 0
     check_workdir(workdir)
@@ -120,13 +135,15 @@ def train_and_evaluate(config, workdir) -> dict:
     meta = checkpoint.run_metadata(config)
     ckpt = checkpoint.CheckpointManager(workdir / "checkpoints", keep_latest=config.keep_latest,
                                         keep_best=config.keep_best, best_metric=config.best_metric,
-                                        metadata=meta, enabled_writes=is_main)
+                                        metadata=meta)
     history = []
+    best_so_far = None
     start_step = 0
     if ckpt.latest_step() is not None:
         state, iter_state, extra = ckpt.restore_latest(state)
         train_iter.set_state(iter_state)
         history = extra.get("history", [])
+        best_so_far = extra.get("best_so_far")
         start_step = int(state.step)
         log.info("Resumed from %s at step %d (epoch %d).", ckpt.directory, start_step,
                  start_step // steps_per_epoch)
@@ -177,8 +194,15 @@ def train_and_evaluate(config, workdir) -> dict:
         history.append(record)
         writer.write_scalars(step, metrics_lib.flatten_scalars(
             {k: v for k, v in record.items() if k in ("train", "val", "lr", "epoch_time_s")}), epoch=epoch + 1)
-        if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last):
-            ckpt.save(step, state, train_iter.get_state(), metrics=record["val"], extra={"history": history})
+        improved = "val" in record and _improves(record["val"], config.best_metric, best_so_far)
+        if improved:
+            best_so_far = record["val"][config.best_metric]
+        # A new best is always saved, so the best checkpoint is the best epoch.
+        if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last or improved):
+            ckpt.save(step, state, train_iter.get_state(), metrics=record["val"], extra={"history": history, "best_so_far": best_so_far})
+        if _stop_after_epoch == epoch + 1:
+            ckpt.wait_until_finished()
+            raise Interrupted(f"stopped after epoch {epoch + 1} (test hook)")
     ckpt.wait_until_finished()
     train_wall = time.perf_counter() - wall
 
