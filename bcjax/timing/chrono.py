@@ -20,6 +20,7 @@ class Chrono:
         self.phases: dict[str, float] = {}
         self.input_wait_s: list[float] = []
         self._dispatch_times: list[float] = []
+        self.records: dict[str, object] = {}
 
     def compile(self, name: str, jitted, *args):
         """Lowers and compiles `jitted` for `args`, timing both; returns the executable."""
@@ -47,6 +48,11 @@ class Chrono:
         finally:
             self.input_wait_s.append(time.perf_counter() - t0)
 
+    def record(self, name: str, value) -> None:
+        """Adds a JSON-able section to the summary, e.g. the compute/collective
+        breakdown: ``chrono.record("breakdown", breakdown.measure(...))``."""
+        self.records[name] = value
+
     def step_dispatched(self) -> None:
         self._dispatch_times.append(time.perf_counter())
 
@@ -67,5 +73,8 @@ class Chrono:
             "phases_s": self.phases,
             "steps_timed": int(steps.size),
             "step_time_s": {"median": pct(steps, 50), "p10": pct(steps, 10), "p90": pct(steps, 90)},
-            "input_wait_s": {"median": pct(wait, 50), "mean": float(wait.mean()) if wait.size else None},
+            "input_wait_s": {"median": pct(wait, 50), "mean": float(wait.mean()) if wait.size else None,
+                             "p90": pct(wait, 90), "total": float(np.sum(self.input_wait_s))},
+            "steps_total": len(self._dispatch_times),
+            **self.records,
         }
