@@ -84,6 +84,11 @@ def loss_fn(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.
     return loss_sum / jnp.maximum(weight_sum, 1e-12), (loss_sum, weight_sum)
 
 
+def global_norm(tree) -> jax.Array:
+    """L2 norm over all leaves (optax renamed its helper across versions)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _psum(x, axis_name):
     return x if axis_name is None else lax.psum(x, axis_name)
 
@@ -150,7 +155,7 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
         "weight_sum": global_weight_sum,
         "correct": _psum(correct, axis_name),
         "count": _psum(jnp.sum(counted), axis_name),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": global_norm(grads),
         "grads_finite": jnp.all(jnp.asarray(
             [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])),
     }
