@@ -6,6 +6,7 @@ Kept short on purpose (as flax examples/imagenet does): the configuration is
 checked and the devices are requested here, everything else lives in
 `bcjax.train.loop`.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -55,4 +56,7 @@ def run():
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
+    # Orbax and JAX log through absl at INFO on every save; keep bcjax's own
+    # progress lines readable.
+    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     run()
