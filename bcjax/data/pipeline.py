@@ -212,8 +212,8 @@ class _Gather:
 def _read_options(num_threads, prefetch):
     if num_threads is None:
         num_threads = DEFAULT_NUM_THREADS
-    if prefetch is None:
-        prefetch = DEFAULT_PREFETCH if num_threads > 0 else 0
+    if prefetch is None:  # Grain uses at most prefetch threads at a time
+        prefetch = max(DEFAULT_PREFETCH, num_threads) if num_threads > 0 else 0
     return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
 

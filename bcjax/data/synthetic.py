@@ -31,7 +31,7 @@ from PIL import Image
 from bcjax.data.busi import CLASSES, DATASET_DIRNAME, SYNTHETIC_MARKER
 
 BUSI_COUNTS = (133, 437, 210)  # normal, benign, malignant in the real set
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3  # part of every image seed and of the marker: a new version is a new set
 
 
 def class_counts(num: int) -> tuple[int, ...]:
@@ -182,16 +182,16 @@ def _lesion_params(rng, label: int, h: int, w: int, gland_depth: float) -> dict:
     p = {}
     # Semi-axis scale as a fraction of the shorter image side; BUSI lesions are
     # mostly large in the frame, and the cues must survive a 64 px thumbnail.
-    p["size"] = rng.uniform(0.08, 0.2) if benign else rng.uniform(0.08, 0.22)
+    p["size"] = rng.uniform(0.1, 0.21) if benign else rng.uniform(0.1, 0.22)
     if benign:
         # Wider than tall, "parallel" orientation; some round-ish ones overlap malignant.
-        p["wh"] = rng.uniform(1.25, 2.2) if rng.random() < 0.85 else rng.uniform(0.9, 1.25)
+        p["wh"] = rng.uniform(1.4, 2.4) if rng.random() < 0.92 else rng.uniform(0.9, 1.4)
         p["angle"] = rng.uniform(-0.25, 0.25)
-        p["lobes"] = rng.uniform(0, 0.05) if rng.random() < 0.8 else rng.uniform(0.06, 0.12)
-        p["jitter"] = rng.uniform(0, 0.015) if rng.random() < 0.9 else rng.uniform(0.02, 0.05)
+        p["lobes"] = rng.uniform(0, 0.05) if rng.random() < 0.9 else rng.uniform(0.06, 0.12)
+        p["jitter"] = rng.uniform(0, 0.015) if rng.random() < 0.95 else rng.uniform(0.02, 0.05)
         p["spikes"] = 0
         p["edge"] = rng.uniform(0.02, 0.06)
-        p["level"] = rng.uniform(0.08, 0.45) if rng.random() < 0.9 else rng.uniform(0.45, 0.65)
+        p["level"] = rng.uniform(0.08, 0.45) if rng.random() < 0.94 else rng.uniform(0.45, 0.65)
         p["hetero"] = rng.uniform(0.05, 0.25)
         p["posterior"] = rng.uniform(1.15, 1.6) if rng.random() < 0.5 else (
             rng.uniform(0.75, 0.95) if rng.random() < 0.15 else 1.0)
@@ -199,17 +199,17 @@ def _lesion_params(rng, label: int, h: int, w: int, gland_depth: float) -> dict:
         p["halo"] = 0.0
         p["calc"] = 0
     else:
-        # Taller than wide ("not parallel"); a quarter are wider than tall anyway.
-        p["wh"] = rng.uniform(0.6, 1.05) if rng.random() < 0.75 else rng.uniform(1.05, 1.5)
+        # Taller than wide ("not parallel"); some are wider than tall anyway.
+        p["wh"] = rng.uniform(0.5, 0.95) if rng.random() < 0.88 else rng.uniform(0.95, 1.4)
         p["angle"] = rng.uniform(-0.5, 0.5)
         p["lobes"] = rng.uniform(0.04, 0.14)
         spiculated = rng.random() < 0.6
-        p["jitter"] = rng.uniform(0.03, 0.09) if rng.random() < 0.8 else rng.uniform(0.01, 0.03)
+        p["jitter"] = rng.uniform(0.03, 0.09) if rng.random() < 0.9 else rng.uniform(0.01, 0.03)
         p["spikes"] = int(rng.integers(8, 20)) if spiculated else 0
         p["edge"] = rng.uniform(0.05, 0.14)
-        p["level"] = rng.uniform(0.1, 0.45) if rng.random() < 0.9 else rng.uniform(0.45, 0.65)
+        p["level"] = rng.uniform(0.1, 0.45) if rng.random() < 0.94 else rng.uniform(0.45, 0.65)
         p["hetero"] = rng.uniform(0.3, 0.7)
-        p["posterior"] = rng.uniform(0.3, 0.7) if rng.random() < 0.7 else (
+        p["posterior"] = rng.uniform(0.25, 0.6) if rng.random() < 0.75 else (
             rng.uniform(1.1, 1.3) if rng.random() < 0.3 else 1.0)
         p["capsule"] = 0.0
         p["halo"] = rng.uniform(0.3, 0.8) if rng.random() < 0.4 else 0.0
@@ -343,9 +343,9 @@ def _echogenicity(rng, label, h, w):
     # gland that looks like a small benign mass (normal vs benign overlap).
     _dark_ovals(rng, e, h, w, int(rng.integers(3, 9)), (0.06, fat_depth), (0.02, 0.06),
                 (0.45, 0.75), (1.3, 3.0))
-    if label == 0 and rng.random() < 0.35:
+    if label == 0 and rng.random() < 0.25:
         _dark_ovals(rng, e, h, w, 1, (fat_depth, gland_depth * 0.9), (0.03, 0.07),
-                    (0.45, 0.7), (1.2, 2.2), edge=0.2)
+                    (0.5, 0.75), (1.2, 2.2), edge=0.2)
     mask = np.zeros((h, w), bool)
     n_lesions = 0 if label == 0 else (1 if rng.random() < 0.93 else 2)
     for _ in range(n_lesions):
