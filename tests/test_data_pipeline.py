@@ -55,7 +55,7 @@ def test_batches_shape_and_epochs(data):
 
 
 def test_same_seed_same_batches(data):
-    a = _take(pipeline.train_iterator(data, 8, seed=7), 4)
+    a = _take(pipeline.train_iterator(data, 8, seed=7, num_threads=2), 4)
     b = _take(pipeline.train_iterator(data, 8, seed=7, num_threads=0), 4)
     for x, y in zip(a, b):
         _same(x, y)
