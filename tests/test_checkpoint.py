@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -112,6 +111,7 @@ def test_stop_and_restart_equals_straight_run(tmp_path):
 
 
 def test_refuses_a_directory_of_another_model(tmp_path):
+    import ml_collections
     config = ml_collections.ConfigDict({"model": "resnet18", "width": 64, "width_multiplier": 1.0,
                                         "learning_rate": 0.1, "class_weights": (1.0, 2.0, 3.0)})
     meta = checkpoint.run_metadata(config)

@@ -139,6 +139,10 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
       preprocess, normalize: override the augmentation ``(images_uint8, keys)
         -> float32`` and the eval ``normalize(images_uint8)`` (tests, ablations).
 
+    Results do not depend on the device count (fp32, synced BatchNorm), with
+    one exception: dropout draws one key per device (``jit``: one for the
+    batch), so with dropout the runs agree in distribution only.
+
     Raises ValueError for an unknown strategy or jit with bn_sync=False.
     """
     if strategy not in STRATEGIES:
