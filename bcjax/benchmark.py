@@ -60,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--input", action="store_true", help="also measure the host input pipeline")
     p.add_argument("--input-images", type=int, default=512)
     p.add_argument("--input-workers", type=int, default=None)
+    p.add_argument("--input-decode-images", type=int, default=64,
+                   help="synthetic images decoded once, then tiled to --input-images")
     p.add_argument("--out", default=None, help="folder for benchmark.csv / benchmark.json / benchmark.md")
     return p.parse_args(argv)
 
@@ -247,7 +249,7 @@ def measure_input(args) -> Optional[dict]:
         print(f"input pipeline: bcjax.data.throughput is not available ({e})")
         return None
     kwargs = dict(image_size=args.image_size, batch_size=max(_csv_ints(args.batch)),
-                  num_images=args.input_images)
+                  num_images=args.input_images, decode_images=args.input_decode_images)
     if args.input_workers is not None:
         kwargs["workers"] = args.input_workers
     result = throughput.measure(**kwargs)

@@ -86,6 +86,10 @@ def test_breakdown_on_8_devices(results, strategy):
         t = r["compile"][name]
         assert t["lower_s"] > 0 and t["compile_s"] > 0
         assert t["lower_s"] + t["compile_s"] > r["step_time_s"]["median"]
+        assert t["persistent_cache"] in ("hit", "miss", "off")
+    # First compile of this program in the session's fresh cache. (The "jit"
+    # strategy's collective-free step is shard_map's: that one is a hit.)
+    assert r["compile"]["train_step"]["persistent_cache"] == "miss"
     assert "simulated" in r["note"]
     json.dumps(r)
 
@@ -118,6 +122,8 @@ def test_timing_json_has_every_field(results):
     c.record("breakdown", results["shard_map"])
     timing = json.loads(json.dumps(c.summary()))
     assert timing["compile"]["train_step"]["compile_s"] > 0
+    # conftest turns the persistent cache on: the fixture compiled this step.
+    assert timing["compile"]["train_step"]["persistent_cache"] == "hit"
     assert timing["steps_timed"] == 2 and timing["steps_total"] == 4
     for k in ("median", "p10", "p90"):
         assert timing["step_time_s"][k] > 0
@@ -143,6 +149,7 @@ def test_compile_cold_then_warm_from_persistent_cache(tmp_path):
     assert all(t[k] > 0 for k in ("cold_lower_s", "cold_compile_s", "warm_lower_s", "warm_compile_s"))
     # The warm compile reads the executable back instead of running XLA.
     assert t["warm_compile_s"] < t["cold_compile_s"]
+    assert (t["cold_cache"], t["warm_cache"]) == ("miss", "hit")
     assert any(tmp_path.iterdir())
     assert jax.config.values["jax_compilation_cache_dir"] == before
 
@@ -198,7 +205,9 @@ def test_check_reports_inconsistencies():
     problems = breakdown.check(bad)
     assert any("compute median" in p for p in problems)
     assert any("exposed_collective_s" in p for p in problems)
-    assert any("compile.train_step" in p for p in problems)
+    assert not any("compile.train_step" in p for p in problems)
+    bad["compile"] = {"train_step": {"lower_s": 0.1, "compile_s": 0.0}}
+    assert any("compile.train_step" in p for p in breakdown.check(bad))
 
 
 def test_device_peaks():

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bcjax.timing import devices as devices_lib
+from bcjax.timing.chrono import cache_events, cache_outcome
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,17 @@ def _safe_cost(obj) -> Optional[float]:
 
 
 def timed_compile(fn, *args) -> tuple[Any, Any, dict]:
-    """``(lowered, compiled, {"lower_s", "compile_s"})`` for a jitted ``fn``."""
-    t0 = time.perf_counter()
-    lowered = fn.lower(*args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    return lowered, compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1}
+    """``(lowered, compiled, {"lower_s", "compile_s", "persistent_cache"})``
+    for a jitted ``fn``; persistent_cache: "hit" (a warm compile, read back
+    from disk), "miss" (compiled cold) or "off"."""
+    with cache_events() as events:
+        t0 = time.perf_counter()
+        lowered = fn.lower(*args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    return lowered, compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1,
+                               "persistent_cache": cache_outcome(events)}
 
 
 @contextlib.contextmanager
@@ -129,11 +134,13 @@ def compile_cold_warm(named_calls: Mapping[str, tuple], cache_dir: Optional[str]
         stack.enter_context(_fresh_persistent_cache(cache_dir))
         for name, (fn, *args) in named_calls.items():
             _, _, t = timed_compile(fn, *args)
-            out[name] = {"cold_lower_s": t["lower_s"], "cold_compile_s": t["compile_s"]}
+            out[name] = {"cold_lower_s": t["lower_s"], "cold_compile_s": t["compile_s"],
+                         "cold_cache": t["persistent_cache"]}
         jax.clear_caches()
         for name, (fn, *args) in named_calls.items():
             _, _, t = timed_compile(fn, *args)
-            out[name].update({"warm_lower_s": t["lower_s"], "warm_compile_s": t["compile_s"]})
+            out[name].update({"warm_lower_s": t["lower_s"], "warm_compile_s": t["compile_s"],
+                              "warm_cache": t["persistent_cache"]})
     return out
 
 
@@ -205,7 +212,7 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
             rng, *, warmup: int = 2, iters: int = 10, allreduce: bool = True,
             eval_step: bool = True, compile_cache: Union[bool, str] = False,
             dtype: Optional[str] = None, profile_dir: Optional[str] = None,
-            profile_steps: int = 3) -> dict:
+            profile_steps: int = 3, fresh: bool = True) -> dict:
     """Times a train step and splits it into compute and collective time.
 
     Args:
@@ -219,8 +226,12 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
       allreduce: also time a gradient-sized all-reduce alone.
       eval_step: also lower/compile the eval step (timed).
       compile_cache: True (a temporary folder) or a folder path: also measure
-        cold and warm compiles with a persistent compilation cache. This calls
-        ``jax.clear_caches()``, so jitted functions recompile on next use.
+        cold and warm compiles in a fresh persistent compilation cache
+        (two more compiles per step: for benchmarks rather than every run).
+      fresh: start with ``jax.clear_caches()``, so the compiles timed here are
+        those of a new process: warm (``persistent_cache: "hit"``) when the
+        run's persistent cache already holds the steps, cold otherwise.
+        Jitted functions recompile (or reload) on their next use.
       dtype: compute dtype name, for the peak FLOP/s (default: bfloat16 on
         accelerators).
       profile_dir: when set, also record a ``jax.profiler`` trace of
@@ -229,6 +240,8 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
     Returns a JSON-able dict (see ``FIELDS``); on one device compute equals
     the step and the collective fields are 0.
     """
+    if fresh:
+        jax.clear_caches()
     if isinstance(build, tuple):
         steps_full, steps_comp = build
     else:
@@ -376,7 +389,8 @@ def check(result: Mapping[str, Any], *, tolerance: float = 0.25) -> list[str]:
 
     Every field present; every number >= 0; compute at most the full step
     (``tolerance`` relative slack for timing noise on a shared machine);
-    compile times > 0 and each larger than a step (so steps cannot contain them).
+    lower and compile times > 0. Steps cannot contain compiles by construction:
+    executables are compiled before the first timed call.
     """
     problems = []
     for f in FIELDS:
@@ -402,11 +416,8 @@ def check(result: Mapping[str, Any], *, tolerance: float = 0.25) -> list[str]:
         problems.append(f"compute median {comp:.4g} s exceeds step median {step:.4g} s "
                         f"by more than {tolerance:.0%}")
     for name, t in (result.get("compile") or {}).items():
-        total = t.get("lower_s", 0) + t.get("compile_s", 0)
-        if total <= 0:
+        if not (t.get("lower_s", 0) > 0 and t.get("compile_s", 0) > 0):
             problems.append(f"compile.{name} is not > 0")
-        elif step is not None and name.startswith("train_step") and total <= step:
-            problems.append(f"compile.{name} ({total:.4g} s) not above a step ({step:.4g} s)")
     return problems
 
 

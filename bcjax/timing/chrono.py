@@ -7,10 +7,43 @@ for the previous one. The synchronised measurement lives in bcjax.timing.breakdo
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def cache_events():
+    """Counts JAX's persistent-compilation-cache events ("cache_hits",
+    "cache_misses", ...) inside the block, via jax.monitoring."""
+    import jax.monitoring as monitoring
+
+    counts: collections.Counter = collections.Counter()
+    prefix = "/jax/compilation_cache/"
+
+    def listener(event: str, **kwargs) -> None:
+        if event.startswith(prefix):
+            counts[event[len(prefix):]] += 1
+
+    monitoring.register_event_listener(listener)
+    try:
+        yield counts
+    finally:
+        unregister = getattr(monitoring, "unregister_event_listener", None)
+        if unregister is not None:
+            unregister(listener)
+
+
+def cache_outcome(counts) -> str:
+    """"hit" (read from the persistent cache), "miss" (compiled and written),
+    or "off" (no persistent cache in use)."""
+    if counts.get("cache_hits"):
+        return "hit"
+    if counts.get("cache_misses"):
+        return "miss"
+    return "off"
 
 
 class Chrono:
@@ -23,13 +56,19 @@ class Chrono:
         self.records: dict[str, object] = {}
 
     def compile(self, name: str, jitted, *args):
-        """Lowers and compiles `jitted` for `args`, timing both; returns the executable."""
-        t0 = time.perf_counter()
-        lowered = jitted.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        self.compile_s[name] = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+        """Lowers and compiles `jitted` for `args`, timing both; returns the executable.
+
+        Records whether the executable came from the persistent compilation
+        cache ("persistent_cache": hit / miss / off): a hit is a warm compile.
+        """
+        with cache_events() as events:
+            t0 = time.perf_counter()
+            lowered = jitted.lower(*args)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+        self.compile_s[name] = {"lower_s": t1 - t0, "compile_s": t2 - t1,
+                                "persistent_cache": cache_outcome(events)}
         return compiled
 
     @contextlib.contextmanager

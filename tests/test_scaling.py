@@ -1,0 +1,144 @@
+"""bcjax.scaling: the study's table and plot over device counts.
+
+The table/plot code runs on fabricated run outputs (fast); one end-to-end
+study trains a tiny config on 1, 2 and 4 simulated devices in subprocesses.
+"""
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from bcjax import scaling
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _fake_run(workdir: pathlib.Path, n: int, *, wall: float, step: float, compute: float,
+              wait: float = 0.001, gbs: int = 32, with_breakdown: bool = True) -> None:
+    workdir.mkdir(parents=True)
+    results = {
+        "model": "resnet18", "strategy": "shard_map", "num_devices": n, "num_processes": 1,
+        "platform": "cpu", "global_batch_size": gbs, "num_epochs": 3, "steps_per_epoch": 17,
+        "dataset": "synthetic", "best_epoch": 2, "wall_time_s": wall,
+        "test": {"accuracy": 0.8, "macro_f1": 0.7, "auc_macro": 0.9},
+        "config": {"model": "resnet18", "width": 4, "width_multiplier": 1.0, "image_size": 32},
+    }
+    timing = {
+        "compile": {"train_step": {"lower_s": 1.0, "compile_s": 4.0}},
+        "phases_s": {"data": 1.0, "eval": 0.5},
+        "steps_timed": 40, "step_time_s": {"median": step + wait, "p10": step, "p90": step * 1.2},
+        "input_wait_s": {"median": wait, "mean": wait},
+    }
+    if with_breakdown:
+        timing["breakdown"] = {
+            "step_time_s": {"median": step}, "compute_time_s": {"median": compute},
+            "exposed_collective_s": step - compute, "allreduce_s": {"median": (step - compute) * 2},
+            "gradient_bytes": 4 * 11_689_512,
+        }
+    (workdir / "results.json").write_text(json.dumps(results))
+    (workdir / "timing.json").write_text(json.dumps(timing))
+    (workdir / "metrics.jsonl").write_text("\n".join(
+        json.dumps({"step": 17 * e, "epoch": e, "epoch_time_s": 0.5 + 0.1 * e}) for e in (1, 2, 3)))
+
+
+def test_plan_runs():
+    runs = scaling.plan_runs([4, 1, 2], "same_global", 32, 0.1)
+    assert [(r["devices"], r["global_batch"], r["per_device_batch"], r["learning_rate"]) for r in runs] == \
+        [(1, 32, 32, 0.1), (2, 32, 16, 0.1), (4, 32, 8, 0.1)]
+    runs = scaling.plan_runs([1, 2, 4], "same_per_device", 32, 0.1)
+    assert [(r["global_batch"], r["per_device_batch"]) for r in runs] == [(32, 32), (64, 32), (128, 32)]
+    assert [r["learning_rate"] for r in runs] == pytest.approx([0.1, 0.2, 0.4])
+    assert scaling.plan_runs([1, 2], "same_per_device", 32, 0.1, "none")[1]["learning_rate"] == 0.1
+    with pytest.raises(ValueError, match="multiple of 3"):
+        scaling.plan_runs([1, 3], "same_global", 32, 0.1)
+    with pytest.raises(ValueError):
+        scaling.plan_runs([1], "sideways", 32, 0.1)
+
+
+def test_table_and_plot_from_run_outputs(tmp_path):
+    _fake_run(tmp_path / "dev1", 1, wall=100.0, step=0.100, compute=0.100)
+    _fake_run(tmp_path / "dev2", 2, wall=60.0, step=0.060, compute=0.050)
+    _fake_run(tmp_path / "dev4", 4, wall=50.0, step=0.040, compute=0.025)
+    runs = [scaling.read_run(tmp_path / f"dev{n}") for n in (4, 1, 2)]
+    rows = scaling.build_table(runs, "same_global", link="pcie4")
+    assert [r["devices"] for r in rows] == [1, 2, 4]
+    r1, r2, r4 = rows
+    assert r2["speedup"] == pytest.approx(100 / 60) and r4["efficiency"] == pytest.approx(2 / 4)
+    assert r4["speedup_step"] == pytest.approx(0.100 / 0.040)
+    assert r2["compute_share"] == pytest.approx(0.050 / 0.061)
+    assert r2["collective_share"] == pytest.approx(0.010 / 0.061)
+    assert r2["input_share"] == pytest.approx(0.001 / 0.061)
+    assert r1["epoch_s"] == pytest.approx(0.7) and r1["compile_s"] == pytest.approx(5.0)
+    assert r4["test_macro_f1"] == 0.7 and r4["per_device_batch"] == 8 and r4["simulated"]
+    # Ring model, same global batch, compute proportional to batch from the
+    # 1-device run: 4 devices compute 25 ms + a 46.8 MB ring all-reduce at 25 GB/s.
+    allreduce = 2 * 3 / 4 * 4 * 11_689_512 / 25e9 + 6 * 10e-6
+    assert r4["pred_step_ms"] == pytest.approx((0.025 + allreduce) * 1e3)
+    assert r4["pred_speedup"] == pytest.approx(0.100 / (0.025 + allreduce))
+    assert r1["pred_efficiency"] == pytest.approx(1.0)
+
+    md = scaling.write_outputs(rows, tmp_path, mode="same_global", link="pcie4", overlap=0.0)
+    assert "timings simulated" in md and "SYNTHETIC" in md
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 4
+    png = (tmp_path / "scaling.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with open(tmp_path / "scaling.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["devices"]) for r in table] == [1, 2, 4]
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    assert saved["simulated"] and len(saved["rows"]) == 3
+    assert not any(k.startswith("_") for k in saved["rows"][0])
+
+
+def test_table_without_breakdown_and_measured_compute(tmp_path):
+    for n, wall in ((1, 10.0), (2, 8.0)):
+        _fake_run(tmp_path / f"dev{n}", n, wall=wall, step=0.02, compute=0.02, with_breakdown=False)
+    runs = [scaling.read_run(tmp_path / f"dev{n}") for n in (1, 2)]
+    rows = scaling.build_table(runs, "same_per_device", compute_points={32: 0.02})
+    assert rows[1]["compute_share"] is None and rows[1]["collective_share"] is None
+    assert rows[1]["input_share"] == pytest.approx(0.001 / 0.022)
+    # Gradient size from the model itself when no breakdown recorded it.
+    assert rows[0]["gradient_bytes"] > 0
+    assert rows[1]["pred_efficiency"] < 1.0 and "measured" in rows[1]["pred_compute_source"]
+    scaling.write_outputs(rows, tmp_path, mode="same_per_device", link="nvlink_h100", overlap=0.5)
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_study_end_to_end(tmp_path):
+    """devices 1, 2, 4 on a tiny config, each run in its own process."""
+    from bcjax.data import synthetic
+    data = synthetic.generate(tmp_path / "data", num=48, seed=0, min_size=40, max_size=56)
+    env = dict(os.environ)
+    # Compile time is what this test waits for; the table does not need
+    # optimised CPU code.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                        " --xla_llvm_disable_expensive_passes=true").strip()
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "bcjax.scaling", f"--config={ROOT / 'configs' / 'quickstart.py'}",
+           "--devices=1,2,4", "--mode=same_global", f"--workdir={out}",
+           "--config.dataset=busi", f"--config.data_dir={data}", "--config.width=4",
+           "--config.image_size=32", "--config.global_batch_size=8", "--config.num_epochs=2",
+           "--config.warmup_epochs=1", "--config.log_every_steps=100",
+           "--config.augment.enabled=False"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for n in (1, 2, 4):
+        assert (out / f"dev{n}" / "results.json").is_file()
+    for name in ("scaling.md", "scaling.csv", "scaling.json", "scaling.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "scaling.json").read_text())
+    rows = saved["rows"]
+    assert [r["devices"] for r in rows] == [1, 2, 4] and saved["simulated"]
+    assert [r["per_device_batch"] for r in rows] == [8, 4, 2]
+    for r in rows:
+        assert 0 <= r["test_accuracy"] <= 1 and r["wall_s"] > 0 and r["compile_s"] > 0
+        assert r["step_ms"] > 0 and r["pred_speedup"] > 0
+    assert "timings simulated" in proc.stdout
+    # Same seed, same data, same global batch: the runs train the same model
+    # up to float reduction order.
+    accs = [r["test_accuracy"] for r in rows]
+    assert max(accs) - min(accs) <= 0.25
