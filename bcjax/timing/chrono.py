@@ -95,10 +95,17 @@ class Chrono:
     def step_dispatched(self) -> None:
         self._dispatch_times.append(time.perf_counter())
 
+    def pause(self) -> None:
+        """Marks a break in the steps (evaluation, checkpointing): the next
+        interval would include it, so it is not counted as a step time."""
+        if self._dispatch_times and self._dispatch_times[-1] is not None:
+            self._dispatch_times.append(None)
+
     def step_times(self) -> np.ndarray:
         """Intervals between dispatches after warm-up (seconds)."""
-        t = np.asarray(self._dispatch_times[self.warmup_steps:])
-        return np.diff(t) if t.size > 1 else np.zeros(0)
+        t = np.asarray([np.nan if x is None else x for x in self._dispatch_times[self.warmup_steps:]], float)
+        d = np.diff(t) if t.size > 1 else np.zeros(0)
+        return d[np.isfinite(d)]
 
     def summary(self) -> dict:
         steps = self.step_times()
@@ -114,6 +121,6 @@ class Chrono:
             "step_time_s": {"median": pct(steps, 50), "p10": pct(steps, 10), "p90": pct(steps, 90)},
             "input_wait_s": {"median": pct(wait, 50), "mean": float(wait.mean()) if wait.size else None,
                              "p90": pct(wait, 90), "total": float(np.sum(self.input_wait_s))},
-            "steps_total": len(self._dispatch_times),
+            "steps_total": sum(x is not None for x in self._dispatch_times),
             **self.records,
         }

@@ -178,6 +178,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
                 rate = (step - loop_step0) / max(time.perf_counter() - loop_start, 1e-9)
                 log.info("epoch %d/%d step %d/%d  %.1f steps/s  ETA %s", epoch + 1, config.num_epochs, step,
                          total_steps, rate, _eta((total_steps - step) / max(rate, 1e-9)))
+        chrono.pause()
         train_metrics = train_acc.compute()
         train_acc.reset()
         epoch_time = time.perf_counter() - epoch_start
