@@ -135,9 +135,10 @@ def to_row(model_name: str, r: dict, args) -> dict:
         "allreduce_ms": ms((r.get("allreduce_s") or {}).get("median")),
         "lower_s": round(train["lower_s"], 2), "compile_s": round(train["compile_s"], 2),
         "gflop_per_device_step": None if flops is None else round(flops / 1e9, 3),
-        "tflop_s_per_device": None if achieved is None else round(achieved / 1e12, 2),
+        "tflop_s_per_device": None if achieved is None else round(achieved / 1e12, 4),
         "utilisation": None if r.get("utilisation") is None else round(r["utilisation"], 4),
-        "peak_mem_mb": None if r.get("peak_memory_bytes") is None else round(r["peak_memory_bytes"] / 2**20, 1),
+        "peak_mem_mb": (None if r.get("peak_memory_bytes") is None
+                        else round(r["peak_memory_bytes"] / 2**20, 1)),
         "params": r["num_params"], "gradient_mb": round(r["gradient_bytes"] / 1e6, 2),
         "platform": r["platform"], "device_kind": r["device_kind"], "simulated": r["simulated"],
         "error": None,
@@ -166,7 +167,8 @@ def case_line(row: dict) -> str:
             f"(p10 {row['step_ms_p10']:.2f}, p90 {row['step_ms_p90']:.2f}) | compute "
             f"{row['compute_ms']:.2f} ms, exposed collective {row['exposed_collective_ms']:.2f} ms | "
             f"compile {row['lower_s'] + row['compile_s']:.1f} s"
-            + (f" | {row['tflop_s_per_device']} TFLOP/s" if row["tflop_s_per_device"] is not None else "")
+            + (f" | {row['tflop_s_per_device']:.3g} TFLOP/s" if row["tflop_s_per_device"] is not None
+               else "")
             + (f" ({u:.1%} of peak)" if u is not None else ""))
 
 
@@ -238,7 +240,8 @@ def ring_predictions(rows: Sequence[dict], links: Sequence[str]) -> list[dict]:
                                 "efficiency": round(p["efficiency"], 3)})
             eff_batch = ring_model.batch_for_efficiency(compute, grad_bytes, 8, 0.9, link=link)
             out.append({"model": model, "interconnect": link, "devices": 8,
-                        "per_device_batch": eff_batch, "note": "smallest power-of-two batch for 90% efficiency"})
+                        "per_device_batch": eff_batch,
+                        "note": "smallest power-of-two batch for 90% efficiency"})
     return out
 
 
@@ -256,6 +259,22 @@ def measure_input(args) -> Optional[dict]:
     print("input pipeline: " + ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in result.items() if not isinstance(v, (dict, list))))
     return result
+
+
+def write_outputs(out: pathlib.Path, header: str, simulated: bool, args, rows: Sequence[dict],
+                  results: Sequence[dict], extra: dict) -> None:
+    """benchmark.csv, benchmark.json (rows, full breakdowns, extras), benchmark.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "benchmark.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c) for c in COLUMNS})
+    (out / "benchmark.json").write_text(json.dumps(
+        {"header": header, "simulated": simulated, "args": vars(args), "rows": list(rows),
+         "breakdowns": list(results), **extra}, indent=1, default=str))
+    note = "\n(timings simulated: CPU devices sharing one host)\n" if simulated else ""
+    (out / "benchmark.md").write_text(f"{header}\n\n{markdown_table(rows)}\n{note}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
@@ -304,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                                error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 rows.append(row)
                 print(case_line(row) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+                if args.out:  # after every case: a run cut short keeps what it measured
+                    write_outputs(pathlib.Path(args.out), header, simulated, args, rows, results, {})
                 gc.collect()
 
     table = markdown_table(rows)
@@ -336,20 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         extra["input"] = measure_input(args)
 
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "benchmark.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({c: r.get(c) for c in COLUMNS})
-        (out / "benchmark.json").write_text(json.dumps(
-            {"header": header, "simulated": simulated, "args": vars(args), "rows": rows,
-             "breakdowns": results, **extra}, indent=1, default=str))
-        (out / "benchmark.md").write_text(
-            f"{header}\n\n{table}\n" + ("\n(timings simulated: CPU devices sharing one host)\n"
-                                        if simulated else ""))
-        print(f"\nwrote {out / 'benchmark.csv'}, benchmark.json, benchmark.md")
+        write_outputs(pathlib.Path(args.out), header, simulated, args, rows, results, extra)
+        print(f"\nwrote {pathlib.Path(args.out) / 'benchmark.csv'}, benchmark.json, benchmark.md")
     return rows
 
 

@@ -43,7 +43,8 @@ SIMULATED = ("timings simulated: the devices are CPU devices sharing one host's 
 COLUMNS = ("devices", "global_batch", "per_device_batch", "steps_per_epoch", "test_accuracy",
            "test_macro_f1", "test_auc", "best_epoch", "wall_s", "epoch_s", "compile_s", "step_ms",
            "img_s", "speedup", "efficiency", "speedup_step", "efficiency_step", "compute_share",
-           "collective_share", "input_share", "compute_ms", "exposed_collective_ms", "allreduce_ms",
+           "collective_share", "input_share", "other_share", "compute_ms", "exposed_collective_ms",
+           "allreduce_ms",
            "pred_step_ms", "pred_speedup", "pred_efficiency", "pred_compute_source", "platform",
            "simulated", "dataset")
 
@@ -138,7 +139,8 @@ def _child_env(cache_dir: Optional[str]) -> dict:
              if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
     root = str(pathlib.Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([root] + rest)
     if cache_dir and "BCJAX_CACHE_DIR" not in os.environ:
         env["BCJAX_CACHE_DIR"] = cache_dir
     return env
@@ -269,8 +271,16 @@ def row_from_run(run: Mapping) -> dict:
     collective = bd.get("exposed_collective_s")
     interval = _get(timing, "step_time_s", "median")
     wait = _get(timing, "input_wait_s", "mean") or _get(timing, "input_wait_s", "median")
-    per_step = (step or 0.0) + (wait or 0.0)
-    share = (lambda x: None if x is None or not per_step else x / per_step)  # noqa: E731
+    # Shares of the loop's own time per step (its dispatch interval). Input is
+    # fetched while the device runs the previous step, so only the part of the
+    # wait the device step did not cover is charged to input.
+    per_step = interval or step
+    synced = _get(bd, "step_time_s", "median")
+    if wait is not None and synced and interval:
+        exposed_wait = min(wait, max(interval - synced, 0.0))
+    else:
+        exposed_wait = wait  # no synchronised step to compare with: an upper bound
+    share = (lambda x: None if x is None or not per_step else min(x / per_step, 1.0))  # noqa: E731
     epoch_s = _median(run["epoch_times"])
     if epoch_s is None and interval is not None:
         epoch_s = interval * res["steps_per_epoch"]
@@ -284,7 +294,11 @@ def row_from_run(run: Mapping) -> dict:
         "wall_s": res.get("wall_time_s"), "epoch_s": epoch_s, "compile_s": _compile_s(timing),
         "step_ms": ms(step), "img_s": gbs / step if step else None,
         "compute_share": share(compute), "collective_share": share(collective),
-        "input_share": share(wait),
+        "input_share": share(exposed_wait),
+        # What is left: host-side work per step the device did not hide
+        # (dispatch, metric transfers, logging), or idle device time.
+        "other_share": (None if compute is None or collective is None or not per_step else
+                        max(1.0 - (compute + collective + (exposed_wait or 0.0)) / per_step, 0.0)),
         "compute_ms": ms(compute), "exposed_collective_ms": ms(collective),
         "allreduce_ms": ms(_get(bd, "allreduce_s", "median")),
         "platform": res.get("platform"),
@@ -366,7 +380,7 @@ def _fmt(v, col: str = "") -> str:
 
 MD_COLUMNS = ("devices", "global_batch", "per_device_batch", "test_accuracy", "test_macro_f1", "test_auc",
               "wall_s", "epoch_s", "compile_s", "step_ms", "speedup", "efficiency", "speedup_step",
-              "efficiency_step", "compute_share", "collective_share", "input_share",
+              "efficiency_step", "compute_share", "collective_share", "input_share", "other_share",
               "pred_speedup", "pred_efficiency")
 
 
@@ -381,7 +395,8 @@ def markdown(rows: Sequence[dict], *, mode: str, link: str, overlap: float, titl
     lines.append("")
     lines.append(f"Mode {mode}. speedup/efficiency: wall time of the whole run against "
                  f"{rows[0]['devices'] if rows else 1} device(s); *_step: steady-state images/s. "
-                 f"Shares: of a step plus its input wait. pred_*: ring all-reduce model for real "
+                 f"Shares: of the training loop's time per step; input counts the wait not hidden behind "
+                 f"the device step. pred_*: ring all-reduce model for real "
                  f"devices ({(rows[0].get('pred_compute_source') or 'no compute measured') if rows else ''}; "
                  f"{ring_model.interconnect(link).note}, overlap {overlap:.0%}), against 1 device.")
     if any(r.get("simulated") for r in rows):

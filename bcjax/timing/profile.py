@@ -223,7 +223,8 @@ def format_summary(summary: dict, devices: Optional[Iterable[str]] = None) -> st
         if devices is not None and dev not in devices:
             continue
         d = summary["per_device"][dev]
-        kinds = ", ".join(f"{k} {v['total_s'] / summary['steps'] * 1e3:.3f} ms ({v['count']})"
+        kinds = ", ".join(f"{k} {v['total_s'] / summary['steps'] * 1e3:.3f} ms "
+                          f"({v['count'] / summary['steps']:g} ops)"
                           for k, v in d["collectives"].items() if v["count"])
         lines.append(f"  device {dev}: {d['collective_total_s'] / summary['steps'] * 1e3:.3f} ms"
                      f" of {d['op_total_s'] / summary['steps'] * 1e3:.3f} ms ops; {kinds or 'none'}")

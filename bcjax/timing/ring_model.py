@@ -208,7 +208,8 @@ def batch_for_efficiency(compute: ComputeModel, gradient_bytes: float, n: int, t
 
 
 def format_markdown(rows: Sequence[dict]) -> str:
-    head = "| devices | per-device batch | compute ms | all-reduce ms | step ms | img/s | speedup | efficiency |"
+    head = ("| devices | per-device batch | compute ms | all-reduce ms | step ms | img/s | speedup "
+            "| efficiency |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(
@@ -219,24 +220,40 @@ def format_markdown(rows: Sequence[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    """``python -m bcjax.timing.ring_model --grad-mb 44.7 --fixed-ms 2 --per-image-ms 0.07``"""
+    """``python -m bcjax.timing.ring_model --grad-mb 44.7 --fixed-ms 1.66 --per-image-ms 0.057``
+
+    Weak scaling for each ``--batches`` (per device); with ``--global-batch``
+    also the study's setting, a fixed global batch split over the devices.
+    """
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     p.add_argument("--grad-mb", type=float, required=True, help="gradient size in MB (1e6 bytes)")
-    p.add_argument("--fixed-ms", type=float, default=0.0)
+    p.add_argument("--fixed-ms", type=float, default=0.0, help="per-step compute cost at any batch")
     p.add_argument("--per-image-ms", type=float, required=True)
-    p.add_argument("--link", default="pcie4", choices=sorted(INTERCONNECTS))
+    p.add_argument("--link", default="pcie4,nvlink_h100", help=f"presets: {', '.join(INTERCONNECTS)}")
     p.add_argument("--overlap", type=float, default=0.0)
     p.add_argument("--devices", default="1,2,4,8")
     p.add_argument("--batches", default="8,32,128")
+    p.add_argument("--global-batch", default="", help="fixed global batches, comma separated")
     a = p.parse_args(argv)
     model = ComputeModel(a.fixed_ms * 1e-3, a.per_image_ms * 1e-3)
-    rows = table(model, a.grad_mb * 1e6, devices=[int(x) for x in a.devices.split(",")],
-                 per_device_batches=[int(x) for x in a.batches.split(",")], link=a.link,
-                 overlap=a.overlap)
-    print(f"Ring all-reduce model, {INTERCONNECTS[a.link].note}, overlap {a.overlap:.0%}")
-    print(format_markdown(rows))
+    devices = [int(x) for x in a.devices.split(",")]
+    for link in a.link.split(","):
+        note = interconnect(link).note
+        rows = table(model, a.grad_mb * 1e6, devices=devices,
+                     per_device_batches=[int(x) for x in a.batches.split(",")], link=link,
+                     overlap=a.overlap)
+        print(f"\nSame per-device batch; {note}; overlap {a.overlap:.0%}")
+        print(format_markdown(rows))
+        for g in [int(x) for x in a.global_batch.split(",") if x]:
+            print(f"\nGlobal batch {g} split over the devices; {note}; overlap {a.overlap:.0%}")
+            print(format_markdown(strong_scaling_table(model, a.grad_mb * 1e6, g, devices=devices,
+                                                       link=link, overlap=a.overlap)))
+        need = batch_for_efficiency(model, a.grad_mb * 1e6, max(devices), 0.9, link=link,
+                                    overlap=a.overlap)
+        print(f"\n90% efficiency at {max(devices)} devices needs a per-device batch of "
+              f"{need if need else 'more than 4096'} (powers of two).")
 
 
 if __name__ == "__main__":
