@@ -24,6 +24,7 @@ the devices are simulated and the output says so.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import importlib.util
 import json
@@ -496,6 +497,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--rerun", action="store_true", help="train again even where results.json exists")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table from the runs")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (a quick accuracy look on a CPU; timings then disturb each other)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -514,15 +517,26 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     todo = [r for r in plan if args.rerun or not (workdir / f"dev{r['devices']}" / "results.json").exists()]
     if todo and not args.report_only:
         overrides = list(overrides) + shared_synthetic_data(config, overrides, workdir)
+    def train(run):
+        wd = workdir / f"dev{run['devices']}"
+        print(f"[scaling] {run['devices']} device(s): global batch {run['global_batch']} "
+              f"({run['per_device_batch']}/device), lr {run['learning_rate']:.4g} -> {wd}", flush=True)
+        elapsed = run_one(args.config, wd, run, overrides, timeout=args.timeout,
+                          cache_dir=str(workdir / "jax_cache"))
+        print(f"[scaling] {run['devices']} device(s) done in {elapsed:.1f} s", flush=True)
+
+    if todo and not args.report_only:
+        if args.jobs > 1:
+            print(f"[scaling] {args.jobs} runs at a time: their timings disturb each other "
+                  "(use --jobs=1 for the timing columns)", flush=True)
+            with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(train, todo))
+        else:
+            for run in todo:
+                train(run)
     runs = []
     for run in plan:
         wd = workdir / f"dev{run['devices']}"
-        if not args.report_only and (args.rerun or not (wd / "results.json").exists()):
-            print(f"[scaling] {run['devices']} device(s): global batch {run['global_batch']} "
-                  f"({run['per_device_batch']}/device), lr {run['learning_rate']:.4g} -> {wd}", flush=True)
-            elapsed = run_one(args.config, wd, run, overrides, timeout=args.timeout,
-                              cache_dir=str(workdir / "jax_cache"))
-            print(f"[scaling] {run['devices']} device(s) done in {elapsed:.1f} s", flush=True)
         if (wd / "results.json").exists():
             runs.append(read_run(wd))
         else:

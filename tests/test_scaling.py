@@ -114,12 +114,12 @@ def test_study_end_to_end(tmp_path):
     data = synthetic.generate(tmp_path / "data", num=48, seed=0, min_size=40, max_size=56)
     env = dict(os.environ)
     # Compile time is what this test waits for; the table does not need
-    # optimised CPU code.
+    # optimised CPU code, nor undisturbed timings (two runs at a time).
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                         " --xla_llvm_disable_expensive_passes=true").strip()
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "bcjax.scaling", f"--config={ROOT / 'configs' / 'quickstart.py'}",
-           "--devices=1,2,4", "--mode=same_global", f"--workdir={out}",
+           "--devices=1,2,4", "--mode=same_global", f"--workdir={out}", "--jobs=2",
            "--config.dataset=busi", f"--config.data_dir={data}", "--config.width=4",
            "--config.image_size=32", "--config.global_batch_size=8", "--config.num_epochs=2",
            "--config.warmup_epochs=1", "--config.log_every_steps=100",
