@@ -128,6 +128,11 @@ def test_study_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in (1, 2, 4):
         assert (out / f"dev{n}" / "results.json").is_file()
+        timing = json.loads((out / f"dev{n}" / "timing.json").read_text())
+        assert timing["compile"]["train_step"]["compile_s"] > 0
+        if "breakdown" in timing:  # once the loop records it, it must be whole and consistent
+            from bcjax.timing import breakdown
+            assert breakdown.check(timing["breakdown"], tolerance=0.5) == []
     for name in ("scaling.md", "scaling.csv", "scaling.json", "scaling.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "scaling.json").read_text())
@@ -138,6 +143,8 @@ def test_study_end_to_end(tmp_path):
         assert 0 <= r["test_accuracy"] <= 1 and r["wall_s"] > 0 and r["compile_s"] > 0
         assert r["step_ms"] > 0 and r["pred_speedup"] > 0
     assert "timings simulated" in proc.stdout
+    if rows[-1]["compute_share"] is not None:
+        assert rows[-1]["collective_share"] is not None
     # Same seed, same data, same global batch: the runs train the same model
     # up to float reduction order.
     accs = [r["test_accuracy"] for r in rows]
