@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_best = 1
     c.best_metric = "macro_f1"  # validation metric that picks the best checkpoint
     c.compilation_cache = True
+    # After training: synchronised step time, compute vs collective time, the
+    # gradient all-reduce alone, FLOPs and memory (bcjax.timing.breakdown) into timing.json.
+    c.timing_breakdown = True
     # Locked: a variant or an override that names an unknown field (a typo)
     # fails at once instead of being silently ignored.
     c.lock()

@@ -32,6 +32,7 @@ def tiny_config(data_dir, **overrides):
     config.warmup_epochs = 1
     config.checkpoint_every_epochs = 1
     config.log_every_steps = 2
+    config.timing_breakdown = False
     for k, v in overrides.items():
         config[k] = v
     return config
@@ -43,7 +44,7 @@ def _final_params(workdir):
 
 
 def test_run_writes_its_outputs(tiny_busi, tmp_path):
-    results = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), tmp_path)
+    results = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2, timing_breakdown=True), tmp_path)
     for name in ("results.json", "timing.json", "manifest.json", "metrics.jsonl",
                  "learning_curves.png", "confusion_matrix.png"):
         assert (tmp_path / name).is_file(), name
@@ -56,6 +57,13 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2, 3]
     assert list(tmp_path.glob("events.out.tfevents.*")) or list(tmp_path.glob("**/events.out.tfevents.*"))
+    assert {"train/loss", "train/accuracy", "val/accuracy", "val/macro_f1", "lr"} <= set(lines[0])
+
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert timing["compile"]["train_step"]["compile_s"] > 0
+    assert timing["steps_total"] == 3 * saved["steps_per_epoch"]
+    from bcjax.timing import breakdown
+    assert not breakdown.check(timing["breakdown"]), breakdown.check(timing["breakdown"])
 
 
 def test_auto_without_busi_falls_back_loudly(tmp_path):

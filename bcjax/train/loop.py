@@ -19,7 +19,7 @@ import numpy as np
 from bcjax.data import pipeline, splits
 from bcjax.parallel import mesh as mesh_lib
 from bcjax.parallel import strategies
-from bcjax.timing import chrono as chrono_lib
+from bcjax.timing import breakdown, chrono as chrono_lib
 from bcjax.train import checkpoint, datasets, metrics as metrics_lib, optim, plots, state as state_lib
 from bcjax.train.writers import MetricWriter
 import bcjax.models
@@ -193,8 +193,11 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
                      epoch + 1, train_metrics["loss"], train_metrics["accuracy"], val["loss"] or float("nan"),
                      val["accuracy"] or 0.0, val["macro_f1"] or 0.0, epoch_time)
         history.append(record)
-        writer.write_scalars(step, metrics_lib.flatten_scalars(
-            {k: v for k, v in record.items() if k in ("train", "val", "lr", "epoch_time_s")}), epoch=epoch + 1)
+        scalars = {"lr": record["lr"], "epoch_time_s": epoch_time,
+                   **metrics_lib.flatten_scalars(train_metrics, "train/")}
+        if "val" in record:
+            scalars.update(metrics_lib.flatten_scalars(record["val"], "val/"))
+        writer.write_scalars(step, scalars, epoch=epoch + 1)
         improved = "val" in record and _improves(record["val"], config.best_metric, best_so_far)
         if improved:
             best_so_far = record["val"][config.best_metric]
@@ -213,6 +216,19 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     test = evaluate(steps, best_state, data.test, gbs)
     best_epoch = best_step // steps_per_epoch
     log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
+
+    if config.timing_breakdown:
+        # After the test, so wall_time_s is the run's own; on a fresh copy of the state.
+        with chrono.phase("breakdown"):
+            timing_breakdown = breakdown.measure(
+                lambda collectives: strategies.build_steps(
+                    config.strategy, mesh, model, tx, bn_sync=config.bn_sync,
+                    augment_cfg=config.augment if config.augment.enabled else None,
+                    label_smoothing=config.label_smoothing,
+                    class_weights=tuple(config.class_weights) or None, collectives=collectives),
+                state, first, rng, warmup=2, iters=10, dtype=config.dtype)
+        chrono.record("breakdown", timing_breakdown)
+        log.info("Timing breakdown:\n%s", breakdown.format_summary(timing_breakdown))
 
     results = {
         "model": config.model, "strategy": config.strategy, "num_devices": num_devices,
