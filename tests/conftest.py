@@ -7,8 +7,11 @@ compiling, not running, is what costs time.
 import os
 import tempfile
 
+# Optimisation level 0 only lowers LLVM's effort on the generated CPU code:
+# the tiny test programs compile ~20% faster and run the same operations.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("BCJAX_CACHE_DIR", tempfile.mkdtemp(prefix="bcjax-test-jit-cache-"))
