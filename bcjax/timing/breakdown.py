@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bcjax.timing import devices as devices_lib
-from bcjax.timing.chrono import cache_events, cache_outcome
+from bcjax.timing.chrono import timed_compile
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +79,6 @@ def _safe_cost(obj) -> Optional[float]:
     except Exception as e:  # not every backend/JAX version implements it
         log.debug("cost_analysis failed: %s", e)
         return None
-
-
-def timed_compile(fn, *args) -> tuple[Any, Any, dict]:
-    """``(lowered, compiled, {"lower_s", "compile_s", "persistent_cache"})``
-    for a jitted ``fn``; persistent_cache: "hit" (a warm compile, read back
-    from disk), "miss" (compiled cold) or "off"."""
-    with cache_events() as events:
-        t0 = time.perf_counter()
-        lowered = fn.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    return lowered, compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1,
-                               "persistent_cache": cache_outcome(events)}
 
 
 @contextlib.contextmanager

@@ -46,6 +46,20 @@ def cache_outcome(counts) -> str:
     return "off"
 
 
+def timed_compile(fn, *args) -> tuple:
+    """``(lowered, compiled, {"lower_s", "compile_s", "persistent_cache"})``
+    for a jitted ``fn``; persistent_cache: "hit" (a warm compile, read back
+    from disk), "miss" (compiled cold) or "off"."""
+    with cache_events() as events:
+        t0 = time.perf_counter()
+        lowered = fn.lower(*args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    return lowered, compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1,
+                               "persistent_cache": cache_outcome(events)}
+
+
 class Chrono:
     def __init__(self, warmup_steps: int = 3):
         self.warmup_steps = warmup_steps
@@ -61,14 +75,7 @@ class Chrono:
         Records whether the executable came from the persistent compilation
         cache ("persistent_cache": hit / miss / off): a hit is a warm compile.
         """
-        with cache_events() as events:
-            t0 = time.perf_counter()
-            lowered = jitted.lower(*args)
-            t1 = time.perf_counter()
-            compiled = lowered.compile()
-            t2 = time.perf_counter()
-        self.compile_s[name] = {"lower_s": t1 - t0, "compile_s": t2 - t1,
-                                "persistent_cache": cache_outcome(events)}
+        _, compiled, self.compile_s[name] = timed_compile(jitted, *args)
         return compiled
 
     @contextlib.contextmanager
