@@ -55,6 +55,8 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _number(c, "dropout_rate", low=0, high=0.99)
     _number(c, "image_size", low=32, integer=True)
     _number(c, "synthetic_num", low=12, integer=True)
+    _number(c, "synthetic_seed", low=0, integer=True)
+    _number(c, "num_processes", low=0, integer=True)
     _number(c, "global_batch_size", low=1, integer=True)
     _number(c, "num_epochs", low=1, integer=True)
     _number(c, "learning_rate", low=0, low_open=True)
@@ -73,15 +75,25 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _number(c, "log_every_steps", low=1, integer=True)
 
     fractions = tuple(c.split_fractions)
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
-        raise ConfigError(f"config.split_fractions={fractions!r} must be three non-negative fractions "
-                          "(train, val, test) summing to 1, with train > 0.")
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"config.split_fractions={fractions!r} must be three positive fractions "
+                          "(train, val, test) summing to 1: validation picks the best checkpoint, "
+                          "test scores it.")
     weights = tuple(c.class_weights)
     if weights and (len(weights) != 3 or any(w <= 0 for w in weights)):
         raise ConfigError(f"config.class_weights={weights!r} must be empty or three positive numbers "
                           "(normal, benign, malignant).")
-    if c.warmup_epochs >= c.num_epochs and c.num_epochs > 1:
+    if c.warmup_epochs >= c.num_epochs:
         raise ConfigError(f"config.warmup_epochs={c.warmup_epochs} must be below config.num_epochs={c.num_epochs}.")
+    if c.pretrained:
+        raise ConfigError(f"config.pretrained={c.pretrained!r}: fine-tuning from torchvision weights is not "
+                          "implemented yet; leave it empty.")
+    if c.num_processes > 1 and not c.coordinator_address:
+        raise ConfigError(f"config.num_processes={c.num_processes} needs config.coordinator_address (host:port).")
+    if c.checkpoint_every_epochs % c.eval_every_epochs:
+        raise ConfigError(f"config.checkpoint_every_epochs={c.checkpoint_every_epochs} must be a multiple of "
+                          f"config.eval_every_epochs={c.eval_every_epochs}: checkpoints carry the validation "
+                          "metric that ranks them.")
     if c.strategy == "jit" and not c.bn_sync:
         raise ConfigError("config.strategy='jit' always computes BatchNorm statistics over the global batch; "
                                             "per-device statistics (config.bn_sync=False) need strategy 'shard_map' or 'pmap'.")

@@ -31,7 +31,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs an
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_FLAGS_PARSED = False
+
+
 def main(argv):
+    global _FLAGS_PARSED
+    _FLAGS_PARSED = True
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from bcjax import config_check, runtime
@@ -47,11 +52,12 @@ def main(argv):
 def run():
     try:
         app.run(main)
-    except AttributeError as e:  # an override of a field the config does not have
-        if any(a.startswith("--config.") for a in sys.argv):
-            sys.exit(f"error: unknown config field {e}. List the fields with: "
-                              "python -c \"import configs.default as d; print(d.get_config())\"")
-        raise
+    except AttributeError as e:
+        # Only while flags are parsed: an override of a field the (locked)
+        # config does not have. Later AttributeErrors are real bugs.
+        if _FLAGS_PARSED:
+            raise
+        sys.exit(f"error: unknown config field: {e.args[0] if e.args else e}")
 
 
 if __name__ == "__main__":

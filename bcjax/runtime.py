@@ -31,9 +31,11 @@ def prepare(config) -> None:
     config_check.validate(config)
     from bcjax.parallel import mesh
     if config.num_devices > 1 and not _has_accelerator():
-        mesh.request_cpu_devices(config.num_devices)
+        # num_devices counts all processes' devices; each process brings its share.
+        per_process = config.num_devices // max(config.num_processes, 1)
+        mesh.request_cpu_devices(per_process)
         log.warning("No accelerator: simulating %d devices on the CPU; their timings "
-                    "are simulated (all share the host's cores).", config.num_devices)
+                    "are simulated (all share the host's cores).", per_process)
     mesh.maybe_init_distributed(config.coordinator_address or None,
                                 config.num_processes or None,
                                 None if config.process_id < 0 else config.process_id)

@@ -11,20 +11,21 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     # Model (bcjax.models.create): width / width_multiplier shrink the zoo's
-    # networks for quick CPU runs; None keeps torchvision's widths.
+    # networks for quick CPU runs; 64 and 1.0 are torchvision's widths.
     c.model = "resnet18"
     c.width = 64  # ResNet stem channels
     c.width_multiplier = 1.0  # MobileNet
     c.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
     c.bn_sync = True  # average BatchNorm statistics over all devices
     c.dropout_rate = 0.2  # MobileNet head
-    c.pretrained = ""  # path to torchvision weights (issue 6); empty = from scratch
+    c.pretrained = ""  # torchvision weights: not supported yet, must stay empty
 
     # Data. dataset: "auto" uses BUSI when found under data_dir, otherwise
     # generates the synthetic BUSI-like set into the workdir (loudly).
     c.dataset = "auto"  # "auto" | "busi" | "synthetic"
     c.data_dir = "data"  # BUSI: Dataset_BUSI_with_GT, a folder holding it, or its zip
     c.synthetic_num = 780
+    c.synthetic_seed = 0  # the generated images; independent of the split
     c.image_size = 224
     c.split_seed = 0
     c.split_fractions = (0.7, 0.1, 0.2)

@@ -44,9 +44,14 @@ def test_unknown_field_cannot_be_added():
     ("class_weights", (1.0, -1.0, 1.0), "positive"),
     ("image_size", 16, ">= 32"),
     ("num_epochs", 0, ">= 1"),
+    ("split_fractions", (0.8, 0.0, 0.2), "positive"),
+    ("pretrained", "resnet18.pth", "not implemented"),
+    ("warmup_epochs", 200, "below"),
+    ("checkpoint_every_epochs", 3, "multiple"),
 ])
 def test_bad_values_fail_with_what_is_allowed(field, value, message):
     config = importlib.import_module("configs.resnet_8dev").get_config()
+    config.eval_every_epochs = 2 if field == "checkpoint_every_epochs" else 1
     config.unlock()
     config[field] = value
     with pytest.raises(config_check.ConfigError, match=message):

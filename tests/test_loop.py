@@ -83,3 +83,20 @@ def test_restart_resumes_to_the_same_parameters(tiny_busi, tmp_path):
     loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), interrupted)
     a, b = _final_params(straight), _final_params(interrupted)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+    logged = [json.loads(l)["epoch"] for l in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]  # the resumed epochs are not logged twice
+
+    # Running a finished workdir again re-evaluates without training or re-timing.
+    timing_before = (interrupted / "timing.json").read_text()
+    again = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), interrupted)
+    assert (interrupted / "timing.json").read_text() == timing_before
+    assert again["test"]["accuracy"] == json.loads((straight / "results.json").read_text())["test"]["accuracy"]
+
+
+def test_workdir_of_another_model_is_refused(tiny_busi, tmp_path):
+    from bcjax.train import checkpoint
+    loop.train_and_evaluate(tiny_config(tiny_busi, num_epochs=2, warmup_epochs=1), tmp_path)
+    manifest = (tmp_path / "manifest.json").read_text()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="width"):
+        loop.train_and_evaluate(tiny_config(tiny_busi, width=8), tmp_path)
+    assert (tmp_path / "manifest.json").read_text() == manifest

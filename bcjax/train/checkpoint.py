@@ -31,7 +31,10 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 # Fields of the run config that change the parameter tree; a workdir whose
 # checkpoints disagree on any of them belongs to another model.
-IDENTITY_FIELDS = ("model", "width", "width_multiplier", "num_classes")
+# What a resumed run must share with the checkpoint: the model, and what a step
+# number means (batch size, image size, data).
+IDENTITY_FIELDS = ("model", "width", "width_multiplier", "global_batch_size", "image_size", "dataset",
+                   "data_dir", "split_seed", "split_fractions", "exclude_conflicts", "synthetic_num")
 
 
 class CheckpointMismatchError(ValueError):
@@ -166,8 +169,10 @@ class CheckpointManager:
         return self._manager.latest_step()
 
     def best_step(self) -> Optional[int]:
-        """Step with the best saved metric; the latest when none has metrics."""
-        return self._manager.best_step()
+        """Step with the best saved metric; the latest when none has one
+        (e.g. an empty validation split or NaN metrics)."""
+        best = self._manager.best_step()
+        return self.latest_step() if best is None else best
 
     # -- save / restore -----------------------------------------------------------
     def save(self, step: int, state, data_iter_state: Any = None, *,

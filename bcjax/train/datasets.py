@@ -44,7 +44,7 @@ def resolve_source(config, workdir: pathlib.Path) -> dict:
         return {"dataset": "busi", "path": str(root), "warning": None}
     out = workdir / "synthetic"
     log.info("Generating the synthetic BUSI-like set (%d images) into %s ...", config.synthetic_num, out)
-    root = synthetic.generate(out, num=config.synthetic_num, seed=config.split_seed)
+    root = synthetic.generate(out, num=config.synthetic_num, seed=config.synthetic_seed)
     warning = SYNTHETIC_WARNING if config.dataset == "auto" else None
     if warning:
         log.warning("\n%s\n%s\n%s", "!" * 78, warning, "!" * 78)
@@ -64,6 +64,11 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
                                       else "")
     if given:
         manifest = splits.load_manifest(given)
+        missing = sorted(set(manifest["train"] + manifest["val"] + manifest["test"])
+                         - {e.name for e in examples})
+        if missing:
+            raise busi.BusiError(f"The split manifest {given} names {len(missing)} image(s) that are not in "
+                                 f"{source['path']} (e.g. {missing[0]!r}); it belongs to other data.")
     else:
         manifest = splits.make_split(examples, seed=config.split_seed, fractions=tuple(config.split_fractions),
                                      exclude_conflicts=config.exclude_conflicts)

@@ -21,7 +21,7 @@ from bcjax.parallel import mesh as mesh_lib
 from bcjax.parallel import strategies
 from bcjax.timing import breakdown, chrono as chrono_lib
 from bcjax.train import checkpoint, datasets, metrics as metrics_lib, optim, plots, state as state_lib
-from bcjax.train.writers import MetricWriter
+from bcjax.train.writers import MetricWriter, read_jsonl
 import bcjax.models
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,15 @@ def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int) -> d
     return acc.compute()
 
 
+def _drop_logged_after(path: pathlib.Path, step: int) -> None:
+    """A resumed run redoes the epochs after its checkpoint: drop their old log lines."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+
+
 def _improves(val: dict, metric: str, best) -> bool:
     value = val.get(metric)
     if value is None:
@@ -109,8 +118,6 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
 
     with chrono.phase("data"):
         data = datasets.prepare(config, workdir, manifest_path=workdir / "manifest.json")
-    if is_main:
-        splits.save_manifest(data.manifest, workdir / "manifest.json")
 
     mesh = mesh_lib.make_mesh(config.num_devices or None)
     num_devices = mesh.devices.size
@@ -135,7 +142,9 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     meta = checkpoint.run_metadata(config)
     ckpt = checkpoint.CheckpointManager(workdir / "checkpoints", keep_latest=config.keep_latest,
                                         keep_best=config.keep_best, best_metric=config.best_metric,
-                                        metadata=meta)
+                                        metadata=meta)  # refuses another run's workdir
+    if is_main:
+        splits.save_manifest(data.manifest, workdir / "manifest.json")
     history = []
     best_so_far = None
     start_step = 0
@@ -150,18 +159,23 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     state = steps.place_state(state)
     rng = jax.random.key(config.seed)
 
+    if is_main and start_step:
+        _drop_logged_after(workdir / "metrics.jsonl", start_step)
     writer = MetricWriter(workdir, enabled=is_main)
     log.info("%s on %d %s device(s), strategy %s, global batch %d (%d per device), %d steps per epoch.",
              config.model, num_devices, jax.devices()[0].platform, config.strategy, gbs, gbs // num_devices,
              steps_per_epoch)
 
-    # Compile apart from the steps, so step times never include it.
-    first = next(train_iter)
-    first_sharded = steps.shard_batch(first)
-    train_step = chrono.compile("train_step", steps.train_step, state, first_sharded, rng)
+    finished = start_step >= total_steps
+    if finished:
+        log.info("The run in %s is complete; evaluating its best checkpoint again.", workdir)
+    else:
+        # Compile apart from the steps, so step times never include it.
+        first = next(train_iter)
+        batch = steps.shard_batch(first)
+        train_step = chrono.compile("train_step", steps.train_step, state, batch, rng)
     train_acc = metrics_lib.TrainAccumulator()
     step = start_step
-    batch = first_sharded
     loop_start, loop_step0 = time.perf_counter(), step
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
         epoch_start = time.perf_counter()
@@ -217,7 +231,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     best_epoch = best_step // steps_per_epoch
     log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
 
-    if config.timing_breakdown:
+    if config.timing_breakdown and not finished:
         # After the test, so wall_time_s is the run's own; on a fresh copy of the state.
         with chrono.phase("breakdown"):
             timing_breakdown = breakdown.measure(
@@ -242,7 +256,10 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         "config": config.to_dict(),
     }
     if is_main:
-        _write_outputs(workdir, results, history, test, chrono.summary(), best_epoch)
+        if finished and (workdir / "results.json").exists():
+            # Keep the timing of the run that trained, not of this re-evaluation.
+            results["wall_time_s"] = json.loads((workdir / "results.json").read_text())["wall_time_s"]
+        _write_outputs(workdir, results, history, test, None if finished else chrono.summary(), best_epoch)
     writer.close()
     ckpt.close()
     if data.source["warning"]:
@@ -252,7 +269,8 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
 
 def _write_outputs(workdir, results, history, test, timing, best_epoch) -> None:
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (workdir / "timing.json").write_text(json.dumps(timing, indent=1))
+    if timing is not None:
+        (workdir / "timing.json").write_text(json.dumps(timing, indent=1))
     curves = [{"epoch": h["epoch"], "train": h["train"], **({"val": h["val"]} if "val" in h else {})}
               for h in history]
     plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch)
