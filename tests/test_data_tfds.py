@@ -4,10 +4,9 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds  # a core dependency: never skipped
 
 from bcjax.data import busi, synthetic
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 def test_no_tensorflow_installed():
