@@ -50,6 +50,7 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _choice(c, "optimizer", OPTIMIZERS)
     _choice(c, "dtype", DTYPES)
     _choice(c, "best_metric", BEST_METRICS)
+    _choice(c, "nan_policy", ("stop", "skip"))
     _number(c, "width", low=1, integer=True)
     _number(c, "width_multiplier", low=0, low_open=True)
     _number(c, "dropout_rate", low=0, high=0.99)

@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.1
     c.class_weights = ()  # e.g. (1.0, 0.6, 1.2); empty = unweighted
     c.clip_norm = 0.0  # 0 = no clipping
+    # A step whose loss or gradients are NaN/Inf is never applied; then "stop"
+    # ends the run naming the step and the last good checkpoint, "skip" goes on.
+    c.nan_policy = "stop"
     c.seed = 0
 
     # Evaluation, logging, checkpoints.

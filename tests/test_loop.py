@@ -100,3 +100,24 @@ def test_workdir_of_another_model_is_refused(tiny_busi, tmp_path):
     with pytest.raises(checkpoint.CheckpointMismatchError, match="width"):
         loop.train_and_evaluate(tiny_config(tiny_busi, width=8), tmp_path)
     assert (tmp_path / "manifest.json").read_text() == manifest
+
+
+def test_non_finite_steps_stop_or_are_skipped(tiny_busi, tmp_path):
+    # A learning rate of 1e30 overflows the parameters after the first real update.
+    diverging = dict(learning_rate=1e30, num_epochs=2, warmup_epochs=1, checkpoint_every_epochs=1)
+    with pytest.raises(loop.NonFiniteError, match=r"at step \d+ .*Last good checkpoint"):
+        loop.train_and_evaluate(tiny_config(tiny_busi, nan_policy="stop", **diverging), tmp_path / "stop")
+
+    results = loop.train_and_evaluate(tiny_config(tiny_busi, nan_policy="skip", **diverging), tmp_path / "skip")
+    assert results["skipped_steps"] > 0
+    params = _final_params(tmp_path / "skip")
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_unusable_workdir_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(loop.WorkdirError, match="not writable"):
+        loop.check_workdir(blocker / "run")
+    with pytest.raises(loop.WorkdirError, match="MiB free"):
+        loop.check_workdir(tmp_path / "run", min_free_bytes=2**62)

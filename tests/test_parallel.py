@@ -225,8 +225,12 @@ def test_bf16_compute_keeps_fp32_state_and_flags_nans():
     nan_steps = strategies.build_steps("shard_map", mesh, model, bn_sync=True,
                                        preprocess=lambda im, k: im.astype(jnp.float32) * jnp.nan,
                                        normalize=lambda im: im.astype(jnp.float32))
-    _, metrics = nan_steps.train_step(state, nan_steps.shard_batch(batch), jax.random.key(0))
+    before = jax.tree.map(np.asarray, (state.params, state.batch_stats, state.opt_state))
+    after, metrics = nan_steps.train_step(state, nan_steps.shard_batch(batch), jax.random.key(0))
     assert not bool(metrics["grads_finite"])
+    # The non-finite update was not applied: the state is the last good one.
+    jax.tree.map(np.testing.assert_array_equal, before,
+                 jax.tree.map(np.asarray, (after.params, after.batch_stats, after.opt_state)))
 
 
 def test_state_is_donated_and_replicated():

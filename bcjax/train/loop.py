@@ -31,6 +31,10 @@ class Interrupted(RuntimeError):
     """Raised by the `_stop_after_epoch` test hook, standing in for a killed process."""
 
 
+class NonFiniteError(FloatingPointError):
+    """The loss or gradients became NaN/Inf and config.nan_policy is "stop"."""
+
+
 class WorkdirError(OSError):
     """The workdir cannot hold this run."""
 
@@ -90,6 +94,26 @@ def _drop_logged_after(path: pathlib.Path, step: int) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
+
+
+def _check_finite(pending, policy: str, ckpt) -> int:
+    """1 when the step in `pending` was skipped for a NaN/Inf loss or gradient.
+
+    The step itself never applied a non-finite update; with policy "stop" the
+    run ends here, naming the step and the last good checkpoint.
+    """
+    if pending is None or bool(pending[1]):
+        return 0
+    step = pending[0]
+    if policy == "stop":
+        ckpt.wait_until_finished()
+        last = ckpt.latest_step()
+        where = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
+        raise NonFiniteError(f"NaN or Inf in the loss or gradients at step {step} (the update was not applied). "
+                             f"Last good checkpoint: {where}. Lower the learning rate, set config.clip_norm, "
+                             "or set config.nan_policy='skip' to skip such steps.")
+    log.warning("Step %d: NaN or Inf in the loss or gradients; update skipped.", step)
+    return 1
 
 
 def _improves(val: dict, metric: str, best) -> bool:
@@ -176,6 +200,8 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         train_step = chrono.compile("train_step", steps.train_step, state, batch, rng)
     train_acc = metrics_lib.TrainAccumulator()
     step = start_step
+    skipped = history[-1].get("skipped_steps", 0) if history else 0
+    pending_check = None
     loop_start, loop_step0 = time.perf_counter(), step
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
         epoch_start = time.perf_counter()
@@ -188,16 +214,21 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
             train_acc.update(step_metrics)
             step += 1
             chrono.step_dispatched()
+            # Read one step late, so the check never waits for the step just dispatched.
+            skipped += _check_finite(pending_check, config.nan_policy, ckpt)
+            pending_check = (step, step_metrics["grads_finite"])
             if is_main and (step % config.log_every_steps == 0 or step == total_steps):
                 rate = (step - loop_step0) / max(time.perf_counter() - loop_start, 1e-9)
                 log.info("epoch %d/%d step %d/%d  %.1f steps/s  ETA %s", epoch + 1, config.num_epochs, step,
                          total_steps, rate, _eta((total_steps - step) / max(rate, 1e-9)))
         chrono.pause()
+        skipped += _check_finite(pending_check, config.nan_policy, ckpt)
+        pending_check = None
         train_metrics = train_acc.compute()
         train_acc.reset()
         epoch_time = time.perf_counter() - epoch_start
         record = {"epoch": epoch + 1, "lr": float(schedule(step)), "epoch_time_s": epoch_time,
-                  "train": train_metrics}
+                  "train": train_metrics, "skipped_steps": skipped}
         last = epoch + 1 == config.num_epochs
         if (epoch + 1) % config.eval_every_epochs == 0 or last:
             with chrono.phase("eval"):
@@ -253,6 +284,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         "best_epoch": best_epoch, "best_metric": config.best_metric,
         "val_best": next((h["val"] for h in history if h["epoch"] == best_epoch and "val" in h), None),
         "test": test, "wall_time_s": train_wall,
+        "skipped_steps": history[-1].get("skipped_steps", 0) if history else 0,
         "config": config.to_dict(),
     }
     if is_main:

@@ -116,7 +116,8 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
 
     Returns ``(new_state, metrics)``; metrics are global scalars:
       loss (the optimised weighted mean), loss_sum, weight_sum, correct, count,
-      grad_norm (before clipping), grads_finite (bool; NaN/Inf anywhere).
+      grad_norm (before clipping), grads_finite (bool; False when the loss or
+      any gradient is NaN/Inf, in which case the update was not applied).
     """
     aug_key, dropout_key = step_keys(rng, state.step)
     if axis_name is not None:
@@ -143,12 +144,18 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
 
     counted = jnp.ones_like(weights) if valid is None else valid.astype(jnp.float32)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) * counted)
     loss_sum = _psum(loss_sum, axis_name)
+    grads_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = grads_finite & jnp.isfinite(loss_sum)
+    # A non-finite step never reaches the state: params, optimizer and BatchNorm
+    # statistics stay those of the last good step (the loop then stops or skips).
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              batch_stats=keep(batch_stats, state.batch_stats),
+                              opt_state=keep(opt_state, state.opt_state))
     metrics = {
         "loss": loss_sum / global_weight_sum,
         "loss_sum": loss_sum,
@@ -156,8 +163,7 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
         "correct": _psum(correct, axis_name),
         "count": _psum(jnp.sum(counted), axis_name),
         "grad_norm": global_norm(grads),
-        "grads_finite": jnp.all(jnp.asarray(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])),
+        "grads_finite": finite,
     }
     return new_state, metrics
 
