@@ -143,6 +143,19 @@ def make_norm(
     )
 
 
+def model_norm(model: nn.Module, train: bool) -> ModuleDef:
+    """The BatchNorm partial configured by a zoo model's own fields
+    (bn_momentum, bn_epsilon, dtype, param_dtype, bn_axis_name)."""
+    return make_norm(
+        train=train,
+        momentum=model.bn_momentum,
+        epsilon=model.bn_epsilon,
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        axis_name=model.bn_axis_name,
+    )
+
+
 class ConvBNAct(nn.Module):
     """torchvision's Conv2dNormActivation: conv (no bias) -> BatchNorm -> act.
 

@@ -105,14 +105,7 @@ class MobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = layers.make_conv(self.dtype, self.param_dtype)
-        norm = layers.make_norm(
-            train=train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
+        norm = layers.model_norm(self, train)
         block = functools.partial(layers.ConvBNAct, conv=conv, norm=norm, act=nn.relu6)
         wm = self.width_multiplier
         in_features = layers.make_divisible(32 * wm)
@@ -215,14 +208,7 @@ class MobileNetV3(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = layers.make_conv(self.dtype, self.param_dtype)
-        norm = layers.make_norm(
-            train=train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
+        norm = layers.model_norm(self, train)
         adjust = lambda c: layers.make_divisible(c * self.width_multiplier)
         block = functools.partial(layers.ConvBNAct, conv=conv, norm=norm, act=layers.hard_swish)
 

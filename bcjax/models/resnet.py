@@ -106,14 +106,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = layers.make_conv(self.dtype, self.param_dtype)
-        norm = layers.make_norm(
-            train=train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
+        norm = layers.model_norm(self, train)
         x = jnp.asarray(x, self.dtype)
         x = conv(self.width, (7, 7), (2, 2), padding=layers.torch_padding(7), name="conv_init")(x)
         x = nn.relu(norm(name="bn_init")(x))
