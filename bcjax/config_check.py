@@ -74,6 +74,10 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _number(c, "keep_latest", low=1, integer=True)
     _number(c, "keep_best", low=0, integer=True)
     _number(c, "log_every_steps", low=1, integer=True)
+    _number(c, "early_stopping_patience", low=0, integer=True)
+    if not isinstance(c.fresh_start, bool):
+        raise ConfigError(f"config.fresh_start={c.fresh_start!r} must be True or False.")
+    _check_cv(c)
 
     fractions = tuple(c.split_fractions)
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -86,9 +90,7 @@ def validate(config, num_devices_available: int | None = None) -> None:
                           "(normal, benign, malignant).")
     if c.warmup_epochs >= c.num_epochs:
         raise ConfigError(f"config.warmup_epochs={c.warmup_epochs} must be below config.num_epochs={c.num_epochs}.")
-    if c.pretrained:
-        raise ConfigError(f"config.pretrained={c.pretrained!r}: fine-tuning from torchvision weights is not "
-                          "implemented yet; leave it empty.")
+    _check_pretrained(c)
     if c.num_processes > 1 and not c.coordinator_address:
         raise ConfigError(f"config.num_processes={c.num_processes} needs config.coordinator_address (host:port).")
     if c.checkpoint_every_epochs % c.eval_every_epochs:
@@ -106,3 +108,33 @@ def validate(config, num_devices_available: int | None = None) -> None:
     if num_devices_available is not None and c.num_devices > num_devices_available:
         raise ConfigError(f"config.num_devices={c.num_devices} but only {num_devices_available} device(s) "
                           "are available.")
+
+
+def _check_cv(c) -> None:
+    folds, fold = c.cv.folds, c.cv.fold
+    for name, value in (("folds", folds), ("fold", fold)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config.cv.{name}={value!r} must be an integer.")
+    if folds == 1 or folds < 0:
+        raise ConfigError(f"config.cv.folds={folds} must be 0 (one train/val/test split) or >= 2 folds.")
+    if folds and not -1 <= fold < folds:
+        raise ConfigError(f"config.cv.fold={fold} must be -1 (all folds) or 0..{folds - 1}.")
+    if not folds and fold != -1:
+        raise ConfigError(f"config.cv.fold={fold} needs config.cv.folds >= 2.")
+
+
+def _check_pretrained(c) -> None:
+    if not c.pretrained:
+        return
+    import os
+    path = str(c.pretrained)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config.pretrained={path!r}: no such file. Give a torchvision state_dict "
+                          "saved as .npz (or .pth with torch installed); see bcjax.models.convert.")
+    if not path.endswith((".npz", ".pth", ".pt")):
+        raise ConfigError(f"config.pretrained={path!r} must be a .npz, .pth or .pt file.")
+    full = c.width == 64 if c.model.startswith("resnet") else c.width_multiplier == 1.0
+    if not full:
+        knob = f"width={c.width}" if c.model.startswith("resnet") else f"width_multiplier={c.width_multiplier}"
+        raise ConfigError(f"config.pretrained needs torchvision's full-width {c.model}; config.{knob} "
+                          "changes the layer shapes.")

@@ -18,7 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
     c.bn_sync = True  # average BatchNorm statistics over all devices
     c.dropout_rate = 0.2  # MobileNet head
-    c.pretrained = ""  # torchvision weights: not supported yet, must stay empty
+    # torchvision ImageNet weights to fine-tune from: a state_dict saved as .npz
+    # (or .pth when torch is installed); see bcjax.models.convert. Needs the
+    # full-width model (width 64 / width_multiplier 1.0). Empty = from scratch.
+    c.pretrained = ""
 
     # Data. dataset: "auto" uses BUSI when found under data_dir, otherwise
     # generates the synthetic BUSI-like set into the workdir (loudly).
@@ -32,6 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.split_manifest = ""  # a saved manifest.json reproduces a split exactly
     c.exclude_conflicts = False  # drop duplicate groups filed under two classes
     c.balanced_sampling = False
+
+    # k-fold cross-validation (bcjax.cv): folds >= 2 trains one model per fold
+    # in workdir/fold_<k>, validating on that fold; the test part
+    # (split_fractions[2]) is held out and the same for every fold. fold = -1
+    # runs all folds and the aggregate report; 0..folds-1 runs only that fold.
+    c.cv = ml_collections.ConfigDict()
+    c.cv.folds = 0
+    c.cv.fold = -1
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True
@@ -72,6 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_latest = 2
     c.keep_best = 1
     c.best_metric = "macro_f1"  # validation metric that picks the best checkpoint
+    # Stop when best_metric has not improved for this many evaluations (0 = never).
+    c.early_stopping_patience = 0
+    # A workdir holding another run's checkpoints is refused; True moves that
+    # run aside (to workdir/replaced-<time>/) and starts afresh.
+    c.fresh_start = False
     c.compilation_cache = True
     # After training: synchronised step time, compute vs collective time, the
     # gradient all-reduce alone, FLOPs and memory (bcjax.timing.breakdown) into timing.json.

@@ -45,7 +45,8 @@ def test_unknown_field_cannot_be_added():
     ("image_size", 16, ">= 32"),
     ("num_epochs", 0, ">= 1"),
     ("split_fractions", (0.8, 0.0, 0.2), "positive"),
-    ("pretrained", "resnet18.pth", "not implemented"),
+    ("pretrained", "resnet18.pth", "no such file"),
+    ("early_stopping_patience", -1, ">= 0"),
     ("warmup_epochs", 200, "below"),
     ("checkpoint_every_epochs", 3, "multiple"),
 ])
@@ -56,6 +57,25 @@ def test_bad_values_fail_with_what_is_allowed(field, value, message):
     config[field] = value
     with pytest.raises(config_check.ConfigError, match=message):
         config_check.validate(config)
+
+
+@pytest.mark.parametrize("folds,fold,message", [(1, -1, ">= 2 folds"), (5, 5, "0..4"), (0, 2, "needs config.cv.folds")])
+def test_bad_cross_validation_values(folds, fold, message):
+    config = importlib.import_module("configs.default").get_config()
+    config.cv.folds, config.cv.fold = folds, fold
+    with pytest.raises(config_check.ConfigError, match=message):
+        config_check.validate(config)
+
+
+def test_pretrained_needs_the_full_width_model(tmp_path):
+    weights = tmp_path / "resnet18.npz"
+    weights.write_bytes(b"")
+    config = importlib.import_module("configs.quickstart").get_config()
+    config.pretrained = str(weights)
+    with pytest.raises(config_check.ConfigError, match="full-width"):
+        config_check.validate(config)
+    config.width = 64
+    config_check.validate(config)
 
 
 def test_jit_with_per_device_batchnorm_is_refused():

@@ -34,7 +34,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 # What a resumed run must share with the checkpoint: the model, and what a step
 # number means (batch size, image size, data).
 IDENTITY_FIELDS = ("model", "width", "width_multiplier", "global_batch_size", "image_size", "dataset",
-                   "data_dir", "split_seed", "split_fractions", "exclude_conflicts", "synthetic_num")
+                   "data_dir", "split_seed", "split_fractions", "exclude_conflicts", "synthetic_num", "cv")
 
 
 class CheckpointMismatchError(ValueError):
@@ -67,8 +67,8 @@ def check_identity(saved: Optional[Mapping], current: Optional[Mapping]) -> None
     if diff:
         detail = ", ".join(f"{k}: checkpoint {v[0]!r} vs config {v[1]!r}" for k, v in sorted(diff.items()))
         raise CheckpointMismatchError(
-            f"The checkpoints belong to another model ({detail}); use another workdir "
-            "or remove its checkpoints.")
+            f"The checkpoints belong to another run ({detail}); use another workdir, "
+            "or pass --config.fresh_start=True to move the old run aside and start afresh.")
 
 
 def _encode_iter_state(state: Any) -> dict:
