@@ -45,6 +45,10 @@ def main(argv):
         runtime.prepare(config)  # checks the config, sets simulated CPU devices before JAX starts
     except config_check.ConfigError as e:
         sys.exit(f"error: {e}")
+    if config.cv.folds >= 2 and config.cv.fold == -1:
+        from bcjax import cv  # one training per fold, then the aggregate report
+        cv.run_cross_validation(config, _WORKDIR.value)
+        return
     from bcjax.train import loop
     loop.train_and_evaluate(config, _WORKDIR.value)
 
