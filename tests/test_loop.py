@@ -54,6 +54,13 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
     assert sum(map(sum, saved["test"]["confusion_matrix"])) == len(json.loads(
         (tmp_path / "manifest.json").read_text())["test"])
     assert 0 <= results["test"]["accuracy"] <= 1
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for part in ("val", "test"):
+        saved_probs = np.load(tmp_path / f"{part}_predictions.npz")
+        assert sorted(saved_probs["names"]) == sorted(manifest[part])
+        np.testing.assert_allclose(saved_probs["probs"].sum(1), 1, rtol=1e-5)
+    held_out = np.load(tmp_path / "test_predictions.npz")
+    assert np.mean(held_out["probs"].argmax(1) == held_out["labels"]) == pytest.approx(saved["test"]["accuracy"])
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2, 3]
     assert list(tmp_path.glob("events.out.tfevents.*")) or list(tmp_path.glob("**/events.out.tfevents.*"))
@@ -97,9 +104,43 @@ def test_workdir_of_another_model_is_refused(tiny_busi, tmp_path):
     from bcjax.train import checkpoint
     loop.train_and_evaluate(tiny_config(tiny_busi, num_epochs=2, warmup_epochs=1), tmp_path)
     manifest = (tmp_path / "manifest.json").read_text()
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="width"):
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="width.*fresh_start"):
         loop.train_and_evaluate(tiny_config(tiny_busi, width=8), tmp_path)
     assert (tmp_path / "manifest.json").read_text() == manifest
+
+    # Forced: the old run is moved aside intact, the new one starts from step 0.
+    results = loop.train_and_evaluate(tiny_config(tiny_busi, width=8, num_epochs=2, fresh_start=True), tmp_path)
+    assert results["config"]["width"] == 8
+    (aside,) = tmp_path.glob("replaced-*")
+    assert (aside / "manifest.json").read_text() == manifest
+    assert json.loads((aside / "results.json").read_text())["config"]["width"] == 4
+    assert checkpoint.read_params(aside / "checkpoints")["conv_init"]["kernel"].shape[-1] == 4
+    assert _final_params(tmp_path)["conv_init"]["kernel"].shape[-1] == 8
+
+
+def test_early_stopping_on_a_planted_plateau(tiny_busi, tmp_path, monkeypatch):
+    # Validation macro-F1 planted per epoch: best at epoch 2, then two
+    # evaluations without improvement (a tie is not one) -> stop after epoch 4.
+    planted = iter([0.30, 0.50, 0.50, 0.45, 0.90, 0.95])
+    real_evaluate = loop.evaluate
+
+    def evaluate(steps, state, data, gbs, with_arrays=False):
+        out = real_evaluate(steps, state, data, gbs, with_arrays=with_arrays)
+        if with_arrays:  # the final val/test scoring is not planted
+            return out
+        return {**out, "macro_f1": next(planted)}
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    config = tiny_config(tiny_busi, num_epochs=6, early_stopping_patience=2, checkpoint_every_epochs=5)
+    results = loop.train_and_evaluate(config, tmp_path)
+    assert results["stopped_epoch"] == 4 and results["best_epoch"] == 2
+    assert "did not improve for 2" in results["stop_reason"]
+    logged = [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+    # A rerun knows the run is over: no further epochs.
+    again = loop.train_and_evaluate(config, tmp_path)
+    assert again["stopped_epoch"] == 4 and again["epochs_trained"] == 4
+    assert next(planted) == 0.90  # no evaluation was consumed by the rerun's training
 
 
 def test_non_finite_steps_stop_or_are_skipped(tiny_busi, tmp_path):

@@ -69,9 +69,19 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
         if missing:
             raise busi.BusiError(f"The split manifest {given} names {len(missing)} image(s) that are not in "
                                  f"{source['path']} (e.g. {missing[0]!r}); it belongs to other data.")
+    elif config.cv.folds >= 2:
+        if config.cv.fold < 0:
+            raise ValueError("config.cv.fold is -1 (all folds): run bcjax.cv.run_cross_validation, "
+                             "which trains one fold at a time.")
+        # The test part depends only on split_seed and split_fractions[2], so
+        # every fold is scored on the same held-out images.
+        manifest = splits.kfold_split(examples, config.cv.folds, config.cv.fold, seed=config.split_seed,
+                                      test_fraction=config.split_fractions[2],
+                                      exclude_conflicts=config.exclude_conflicts,
+                                      cache_dir=workdir / "cache")
     else:
         manifest = splits.make_split(examples, seed=config.split_seed, fractions=tuple(config.split_fractions),
-                                     exclude_conflicts=config.exclude_conflicts)
+                                     exclude_conflicts=config.exclude_conflicts, cache_dir=workdir / "cache")
     cache = workdir / "cache"
     parts = {name: pipeline.load_arrays(splits.select(examples, manifest[name]), config.image_size,
                                         cache_dir=cache)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 
@@ -78,13 +79,60 @@ def make_optimizer(config, steps_per_epoch: int):
         clip_norm=config.clip_norm or None)
 
 
-def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int) -> dict:
-    """Every example exactly once (padding masked out); a report dict."""
+def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int, *, with_arrays: bool = False):
+    """Every example exactly once (padding masked out); a report dict.
+
+    with_arrays: also {"names", "labels", "probs"} in the order of `data`.
+    """
     acc = metrics_lib.EvalAccumulator(3, list(datasets.busi.CLASSES))
     for batch in pipeline.eval_batches(data, global_batch_size, jax.process_index(), jax.process_count()):
         out = steps.eval_step(state, steps.shard_batch(batch))
         acc.update(out["logits"], out["label"], out["valid"], loss=out["loss"])
-    return acc.compute()
+    if not with_arrays:
+        return acc.compute()
+    arrays = acc.arrays()
+    return acc.compute(), {"names": np.asarray(data.names), "labels": np.asarray(arrays["labels"]),
+                           "probs": np.asarray(arrays["probs"])}
+
+
+# What a run writes into its workdir; fresh_start moves all of it aside.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "results.json", "timing.json", "manifest.json",
+             "learning_curves.png", "confusion_matrix.png", "val_predictions.npz", "test_predictions.npz",
+             "tensorboard")
+
+
+def move_old_run_aside(workdir: pathlib.Path) -> pathlib.Path | None:
+    """fresh_start: the previous run's files go to workdir/replaced-<time>/, never deleted."""
+    present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+    if not present:
+        return None
+    dest = workdir / time.strftime("replaced-%Y%m%d-%H%M%S")
+    dest.mkdir()
+    for path in present:
+        shutil.move(str(path), str(dest / path.name))
+    log.warning("config.fresh_start: moved the previous run in %s to %s; starting afresh.", workdir, dest)
+    return dest
+
+
+def evals_since_best(history: list, metric: str) -> int:
+    """Evaluations after the best one (ties are not improvements, as for checkpoints)."""
+    best, since = None, 0
+    for record in history:
+        if "val" not in record:
+            continue
+        if _improves(record["val"], metric, best):
+            best, since = record["val"][metric], 0
+        else:
+            since += 1
+    return since
+
+
+def load_pretrained(config, state):
+    """The torchvision weights of config.pretrained in place of the initial params."""
+    from bcjax.models import convert  # only runs that ask for it pay for the converter
+    variables = convert.load_pretrained(config.model, config.pretrained, 3, state.variables)
+    log.info("Fine-tuning from the torchvision weights in %s (new %d-class head).", config.pretrained, 3)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
 def _drop_logged_after(path: pathlib.Path, step: int) -> None:
@@ -137,6 +185,12 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     workdir = pathlib.Path(workdir).expanduser().resolve()
     is_main = jax.process_index() == 0
     check_workdir(workdir)
+    if config.fresh_start:
+        if is_main:
+            move_old_run_aside(workdir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("bcjax fresh_start")
     wall = time.perf_counter()
     chrono = chrono_lib.Chrono()
 
@@ -171,15 +225,19 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         splits.save_manifest(data.manifest, workdir / "manifest.json")
     history = []
     best_so_far = None
+    stopped = None  # {"epoch", "reason"} once early stopping ended the run
     start_step = 0
     if ckpt.latest_step() is not None:
         state, iter_state, extra = ckpt.restore_latest(state)
         train_iter.set_state(iter_state)
         history = extra.get("history", [])
         best_so_far = extra.get("best_so_far")
+        stopped = extra.get("stopped")
         start_step = int(state.step)
         log.info("Resumed from %s at step %d (epoch %d).", ckpt.directory, start_step,
                  start_step // steps_per_epoch)
+    elif config.pretrained:
+        state = load_pretrained(config, state)
     state = steps.place_state(state)
     rng = jax.random.key(config.seed)
 
@@ -190,7 +248,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
              config.model, num_devices, jax.devices()[0].platform, config.strategy, gbs, gbs // num_devices,
              steps_per_epoch)
 
-    finished = start_step >= total_steps
+    finished = start_step >= total_steps or stopped is not None
     if finished:
         log.info("The run in %s is complete; evaluating its best checkpoint again.", workdir)
     else:
@@ -203,7 +261,8 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     skipped = history[-1].get("skipped_steps", 0) if history else 0
     pending_check = None
     loop_start, loop_step0 = time.perf_counter(), step
-    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+    first_epoch = config.num_epochs if finished else start_step // steps_per_epoch
+    for epoch in range(first_epoch, config.num_epochs):
         epoch_start = time.perf_counter()
         for _ in range(steps_per_epoch):
             if batch is None:
@@ -246,19 +305,32 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         improved = "val" in record and _improves(record["val"], config.best_metric, best_so_far)
         if improved:
             best_so_far = record["val"][config.best_metric]
-        # A new best is always saved, so the best checkpoint is the best epoch.
-        if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last or improved):
-            ckpt.save(step, state, train_iter.get_state(), metrics=record["val"], extra={"history": history, "best_so_far": best_so_far})
+        patience = config.early_stopping_patience
+        if "val" in record and patience and evals_since_best(history, config.best_metric) >= patience:
+            best_text = "none" if best_so_far is None else f"{best_so_far:.4f}"
+            stopped = {"epoch": epoch + 1,
+                       "reason": f"val {config.best_metric} did not improve for {patience} evaluation(s) "
+                                 f"after {best_text}"}
+            log.info("Early stop after epoch %d: %s.", epoch + 1, stopped["reason"])
+        # A new best is always saved, so the best checkpoint is the best epoch;
+        # an early stop is saved so that a rerun knows the run is over.
+        if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last or improved
+                                or stopped):
+            ckpt.save(step, state, train_iter.get_state(), metrics=record["val"],
+                      extra={"history": history, "best_so_far": best_so_far, "stopped": stopped})
         if _stop_after_epoch == epoch + 1:
             ckpt.wait_until_finished()
             raise Interrupted(f"stopped after epoch {epoch + 1} (test hook)")
+        if stopped:
+            break
     ckpt.wait_until_finished()
     train_wall = time.perf_counter() - wall
 
     best_step = ckpt.best_step()
     best_state, _, _ = ckpt.restore(best_step, state)
     best_state = steps.place_state(best_state)
-    test = evaluate(steps, best_state, data.test, gbs)
+    test, test_arrays = evaluate(steps, best_state, data.test, gbs, with_arrays=True)
+    _, val_arrays = evaluate(steps, best_state, data.val, gbs, with_arrays=True)
     best_epoch = best_step // steps_per_epoch
     log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
 
@@ -282,6 +354,11 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         "dataset": data.source["dataset"], "data_path": data.source["path"],
         "warning": data.source["warning"],
         "best_epoch": best_epoch, "best_metric": config.best_metric,
+        "epochs_trained": history[-1]["epoch"] if history else 0,
+        "stopped_epoch": stopped["epoch"] if stopped else None,
+        "stop_reason": stopped["reason"] if stopped else None,
+        "pretrained": config.pretrained or None,
+        "cv_fold": config.cv.fold if config.cv.folds >= 2 else None,
         "val_best": next((h["val"] for h in history if h["epoch"] == best_epoch and "val" in h), None),
         "test": test, "wall_time_s": train_wall,
         "skipped_steps": history[-1].get("skipped_steps", 0) if history else 0,
@@ -291,7 +368,11 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         if finished and (workdir / "results.json").exists():
             # Keep the timing of the run that trained, not of this re-evaluation.
             results["wall_time_s"] = json.loads((workdir / "results.json").read_text())["wall_time_s"]
-        _write_outputs(workdir, results, history, test, None if finished else chrono.summary(), best_epoch)
+        np.savez(workdir / "test_predictions.npz", **test_arrays)
+        np.savez(workdir / "val_predictions.npz", **val_arrays)
+        # results.json last: its presence means the run is complete (bcjax.cv relies on it).
+        _write_outputs(workdir, results, history, test, None if finished else chrono.summary(), best_epoch,
+                       stopped)
     writer.close()
     ckpt.close()
     if data.source["warning"]:
@@ -299,12 +380,16 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     return results
 
 
-def _write_outputs(workdir, results, history, test, timing, best_epoch) -> None:
-    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped) -> None:
     if timing is not None:
         (workdir / "timing.json").write_text(json.dumps(timing, indent=1))
     curves = [{"epoch": h["epoch"], "train": h["train"], **({"val": h["val"]} if "val" in h else {})}
               for h in history]
-    plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch)
+    plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch,
+                               stop_epoch=stopped["epoch"] if stopped else None,
+                               title=f"early stop: {stopped['reason']}" if stopped else None)
     plots.plot_confusion_matrix(np.asarray(test["confusion_matrix"]), test["class_names"],
                                 workdir / "confusion_matrix.png")
+    tmp = workdir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, workdir / "results.json")
