@@ -20,6 +20,15 @@ speedup, efficiency, compute / collective / input shares) beside the ring
 all-reduce model's prediction for real devices (bcjax.timing.ring_model),
 written as scaling.md, scaling.csv, scaling.json and scaling.png. On a CPU
 the devices are simulated and the output says so.
+
+Cross-validation mode (``--cv-folds=K``): every device count runs the same
+K-fold cross-validation (bcjax.cv; same data folder, split and seeds) in
+``WORKDIR/dev{N}``, so each count has K paired measurements instead of one.
+The table gives the mean and Student-t 95% interval over folds of test and
+validation accuracy, macro-F1, AUC and wall time per fold, and each count is
+compared with the smallest count fold by fold (paired difference, its
+interval, and whether it excludes 0, i.e. exceeds the fold-to-fold noise):
+scaling_cv.md, scaling_cv.csv, scaling_cv.json and scaling_cv.png.
 """
 from __future__ import annotations
 
@@ -104,7 +113,7 @@ def shared_synthetic_data(config, overrides: Sequence[str], workdir: pathlib.Pat
     if busi.find_busi(out) is None:
         print(f"[scaling] generating the synthetic BUSI-like set once into {out}", flush=True)
         synthetic.generate(out, num=effective(config, overrides, "synthetic_num"),
-                           seed=effective(config, overrides, "split_seed"))
+                           seed=effective(config, overrides, "synthetic_seed"))
     return ["--config.dataset=busi", f"--config.data_dir={out}"]
 
 
@@ -478,6 +487,268 @@ def write_outputs(rows: Sequence[dict], out_dir: pathlib.Path, *, mode: str, lin
     return md
 
 
+# ----------------------------------------------------------------- cross-validation mode
+
+CV_METRICS = (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1"),
+              ("test_auc_macro", "test AUC"), ("val_accuracy", "val accuracy"),
+              ("val_macro_f1", "val macro-F1"), ("val_auc_macro", "val AUC"),
+              ("wall_time_s", "wall s per fold"))
+CV_DONE = "cv_summary.json"  # written by bcjax.cv once every fold is trained
+CV_CSV_COLUMNS = ("devices", "global_batch", "per_device_batch", "learning_rate", "folds", "complete",
+                  *(f"{k}_{s}" for k, _ in CV_METRICS for s in ("mean", "sd", "low", "high")),
+                  "ensemble_test_accuracy", "ensemble_test_macro_f1", "ensemble_test_auc_macro",
+                  "total_wall_s", "speedup", "platform", "simulated", "dataset")
+
+
+def cv_overrides(folds: int) -> list[str]:
+    if folds < 2:
+        raise ValueError(f"--cv-folds={folds}: cross-validation needs at least 2 folds")
+    return [f"--config.cv.folds={folds}", "--config.cv.fold=-1"]
+
+
+def fold_val_sets(cv_dir: pathlib.Path) -> dict[int, list[str]]:
+    """Each finished fold's validation images, from its manifest."""
+    out = {}
+    for path in pathlib.Path(cv_dir).glob("fold_*/manifest.json"):
+        k = path.parent.name.split("_", 1)[1]
+        if k.isdigit():
+            out[int(k)] = sorted(json.loads(path.read_text())["val"])
+    return out
+
+
+def cv_rows(summaries: Mapping[int, Mapping], plan: Sequence[Mapping]) -> list[dict]:
+    """One row per device count: mean, sd and t-interval over folds of every
+    CV metric, the fold ensemble's test scores and the summed wall time."""
+    by_n = {r["devices"]: r for r in plan}
+    rows = []
+    for n in sorted(summaries):
+        s, run = summaries[n], by_n.get(n, {})
+        walls = [r.get("wall_time_s") for r in s["per_fold"]]
+        ens = s.get("ensemble_test") or {}
+        row = {"devices": n, "global_batch": run.get("global_batch"),
+               "per_device_batch": run.get("per_device_batch"), "learning_rate": run.get("learning_rate"),
+               "folds": len(s["completed_folds"]), "complete": bool(s.get("complete")),
+               "stats": {k: s["stats"][k] for k, _ in CV_METRICS},
+               "ensemble_test_accuracy": ens.get("accuracy"), "ensemble_test_macro_f1": ens.get("macro_f1"),
+               "ensemble_test_auc_macro": ens.get("auc_macro"),
+               "total_wall_s": None if None in walls else float(sum(walls)),
+               "platform": s.get("platform"), "simulated": s.get("platform") == "cpu" and n > 1,
+               "dataset": s.get("dataset")}
+        for k, _ in CV_METRICS:
+            for stat, key in (("mean", "mean"), ("sd", "sd"), ("low", "low"), ("high", "high")):
+                row[f"{k}_{stat}"] = s["stats"][k][key]
+        rows.append(row)
+    if rows:
+        # Per-fold totals differ only by the device count when every count ran
+        # the same folds; a partial study's speedup would compare different work.
+        base = rows[0]
+        for r in rows:
+            same_work = r["folds"] == base["folds"]
+            r["speedup"] = (base["total_wall_s"] / r["total_wall_s"]
+                            if same_work and r["total_wall_s"] and base["total_wall_s"] else None)
+    return rows
+
+
+_VERDICT = {"a > b": "higher", "a < b": "lower", "no clear difference": "within fold-to-fold noise",
+            "too few pairs": "too few folds", "identical": "identical on every fold"}
+
+
+def paired_comparisons(summaries: Mapping[int, Mapping], *, confidence: float = 0.95,
+                       val_sets: Optional[Mapping[int, Mapping[int, list]]] = None) -> list[dict]:
+    """Each device count against the smallest, fold by fold, for every CV metric.
+
+    Folds pair up by index: with the same data, split seed and fold count the
+    fold-k images are the same for every count (checked on the manifests when
+    `val_sets` is given), so the pairing removes the fold-to-fold spread.
+    """
+    from bcjax import stats
+
+    ns = sorted(summaries)
+    if len(ns) < 2:
+        return []
+    base = ns[0]
+    base_rows = {r["fold"]: r for r in summaries[base]["per_fold"]}
+    out = []
+    for n in ns[1:]:
+        rows = {r["fold"]: r for r in summaries[n]["per_fold"]}
+        folds = sorted(base_rows.keys() & rows.keys())
+        same_split = None
+        if val_sets is not None and base in val_sets and n in val_sets:
+            same_split = all(val_sets[n].get(k) == val_sets[base].get(k) for k in folds)
+        for key, label in CV_METRICS:
+            d = stats.paired_difference([rows[k][key] for k in folds], [base_rows[k][key] for k in folds],
+                                        confidence)
+            verdict = _VERDICT[d["verdict"]]
+            if d["verdict"] in ("a > b", "a < b"):
+                verdict += f" on {n} device(s)"
+            out.append({"devices": n, "baseline": base, "metric": key, "label": label, "folds": folds,
+                        "differences": d["differences"], "mean": d["mean"], "sd": d["sd"], "low": d["low"],
+                        "high": d["high"], "excludes_zero": d["excludes_zero"], "verdict": verdict,
+                        "same_split": same_split})
+    return out
+
+
+def _pm(mean, half, digits=3) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def cv_markdown(rows: Sequence[dict], comparisons: Sequence[dict], *, title: str = "",
+                confidence: float = 0.95) -> str:
+    lines = [title, ""] if title else []
+    head = ["devices", "global batch", "per device", "folds", *(label for _, label in CV_METRICS),
+            "ensemble test accuracy", "total wall s", "speedup"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = [str(r["devices"]), _fmt(r["global_batch"]), _fmt(r["per_device_batch"]),
+                 f"{r['folds']}" + ("" if r["complete"] else " (incomplete)")]
+        for k, _ in CV_METRICS:
+            st = r["stats"][k]
+            cells.append(_pm(st["mean"], st["half_width"], 1 if k == "wall_time_s" else 3))
+        cells += [_fmt(r["ensemble_test_accuracy"], "accuracy"), _fmt(r["total_wall_s"]), _fmt(r["speedup"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Mean ± half-width of the Student-t {confidence:.0%} interval over folds (sd ddof=1). "
+                  "Ensemble: the fold models' test probabilities averaged. speedup: total training wall "
+                  f"time against {rows[0]['devices'] if rows else 1} device(s). Each count's first fold "
+                  "also pays its compile (later folds load it from the compilation cache)."]
+    if comparisons:
+        base = comparisons[0]["baseline"]
+        lines += ["", f"Paired against {base} device(s), fold by fold (difference = N devices minus {base}):",
+                  "", "| devices | metric | per-fold differences | mean | "
+                      f"{confidence:.0%} CI | verdict |", "|---|---|---|---|---|---|"]
+        for c in comparisons:
+            digits = 1 if c["metric"] == "wall_time_s" else 3
+            diffs = ", ".join("–" if d is None else f"{d:+.{digits}f}" for d in c["differences"])
+            ci = "–" if c["low"] is None else f"[{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
+            mean = "–" if c["mean"] is None else f"{c['mean']:+.{digits}f}"
+            verdict = ("**" + c["verdict"] + "**") if c["excludes_zero"] else c["verdict"]
+            lines.append(f"| {c['devices']} | {c['label']} | {diffs} | {mean} | {ci} | {verdict} |")
+        lines += ["", "A difference counts (bold) only when its interval excludes 0, i.e. it is larger "
+                      "than the fold-to-fold noise."]
+        if any(c["same_split"] is False for c in comparisons):
+            lines += ["", "**Warning: the device counts did not validate on the same folds (their "
+                          "manifests differ), so the pairing is not valid.**"]
+    if any(r.get("simulated") for r in rows):
+        lines += ["", f"**{SIMULATED}.**"]
+    if any(r.get("dataset") == "synthetic" for r in rows):
+        lines += ["", "Data: the SYNTHETIC BUSI-like set; accuracies say nothing about real ultrasound."]
+    return "\n".join(lines)
+
+
+def cv_plot(rows: Sequence[dict], comparisons: Sequence[dict], summaries: Mapping[int, Mapping],
+            path: pathlib.Path, *, title: str = "") -> None:
+    """Test metrics (folds, mean and interval), paired differences against the
+    smallest count, and wall time per fold, over the device counts."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = [r["devices"] for r in rows]
+    fig = Figure(figsize=(13, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    pos = {d: i for i, d in enumerate(n)}  # evenly spaced: counts are usually powers of two
+
+    def with_ci(ax, key, offset, marker, label, color):
+        for r in rows:
+            ys = [f.get(key) for f in summaries[r["devices"]]["per_fold"] if f.get(key) is not None]
+            ax.plot([pos[r["devices"]] + offset] * len(ys), ys, marker, alpha=0.25, ms=4, color=color)
+        means = [r["stats"][key]["mean"] for r in rows]
+        halves = [r["stats"][key]["half_width"] or 0.0 for r in rows]
+        ax.errorbar([pos[d] + offset for d in n], [math.nan if m is None else m for m in means], yerr=halves,
+                    fmt=marker + "-", capsize=3, label=label, color=color)
+
+    for i, (key, marker, label) in enumerate((("test_accuracy", "o", "test accuracy"),
+                                              ("test_macro_f1", "s", "test macro-F1"),
+                                              ("test_auc_macro", "^", "test AUC"))):
+        with_ci(ax1, key, 0.1 * i, marker, label, f"C{i}")
+    # Metrics live in [0, 1]; with few folds a t-interval can be far wider,
+    # and the clipped bar then says just that.
+    ax1.set_ylim(-0.02, 1.05)
+    ax1.set_title("test metrics over folds (mean, 95% CI)")
+    ax1.legend(fontsize=8)
+
+    ax2.axhline(0.0, color="k", lw=0.8)
+    for off, (key, marker) in zip((0.0, 0.1), (("test_accuracy", "o"), ("test_macro_f1", "s"))):
+        cs = [c for c in comparisons if c["metric"] == key and c["mean"] is not None]
+        xs = [pos[c["devices"]] + off for c in cs]
+        lows = [c["mean"] - c["low"] if c["low"] is not None else 0.0 for c in cs]
+        highs = [c["high"] - c["mean"] if c["high"] is not None else 0.0 for c in cs]
+        ax2.errorbar(xs, [c["mean"] for c in cs], yerr=[lows, highs], fmt=marker, capsize=3,
+                     label=key.replace("_", " "))
+    ax2.set_title(f"paired difference vs {n[0]} device(s), 95% CI")
+    ax2.legend(fontsize=8)
+
+    with_ci(ax3, "wall_time_s", 0.0, "o", "wall s per fold", "C0")
+    walls = [f["wall_time_s"] for d in n for f in summaries[d]["per_fold"] if f.get("wall_time_s") is not None]
+    if walls:
+        ax3.set_ylim(0, max(walls) * 1.3)
+    ax3.set_title("training wall time per fold (s)")
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlim(-0.4, len(n) - 0.4)
+        ax.set_xticks(range(len(n)))
+        ax.set_xticklabels([str(d) for d in n])
+        ax.set_xlabel("devices")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "bcjax scaling, cross-validation")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_cv_outputs(rows: Sequence[dict], comparisons: Sequence[dict], summaries: Mapping[int, Mapping],
+                     out_dir: pathlib.Path, *, title: str = "", mode: str = "", folds: int = 0) -> str:
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = cv_markdown(rows, comparisons, title=title)
+    (out_dir / "scaling_cv.md").write_text(md + "\n")
+    with open(out_dir / "scaling_cv.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CV_CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c) for c in CV_CSV_COLUMNS})
+    paired_cols = ("devices", "baseline", "metric", "mean", "sd", "low", "high", "excludes_zero", "verdict",
+                   "same_split", "differences")
+    with open(out_dir / "scaling_cv_paired.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=paired_cols)
+        w.writeheader()
+        for c in comparisons:
+            w.writerow({k: (" ".join(f"{d:.6g}" if d is not None else "nan" for d in c[k])
+                            if k == "differences" else c.get(k)) for k in paired_cols})
+    (out_dir / "scaling_cv.json").write_text(json.dumps(
+        {"mode": mode, "folds": folds, "rows": rows, "paired": comparisons,
+         "simulated": any(r.get("simulated") for r in rows)}, indent=1, default=str))
+    cv_plot(rows, comparisons, summaries, out_dir / "scaling_cv.png", title=title)
+    return md
+
+
+def cv_report(workdir: pathlib.Path, plan: Sequence[Mapping], *, mode: str, folds: int) -> tuple[list, list]:
+    """Recomputes every count's CV summary from its fold folders, then the
+    table and the paired comparison."""
+    from bcjax import cv
+
+    summaries, val_sets = {}, {}
+    for run in plan:
+        wd = workdir / f"dev{run['devices']}"
+        if not list(wd.glob("fold_*/results.json")):
+            print(f"[scaling] no finished fold in {wd}; skipped", flush=True)
+            continue
+        summaries[run["devices"]] = cv.aggregate(wd)
+        val_sets[run["devices"]] = fold_val_sets(wd)
+    if not summaries:
+        sys.exit("no finished cross-validation folds to tabulate")
+    rows = cv_rows(summaries, plan)
+    comparisons = paired_comparisons(summaries, val_sets=val_sets)
+    s0 = summaries[rows[0]["devices"]]
+    title = (f"bcjax scaling, {folds}-fold cross-validation: {s0.get('model')} on {s0.get('dataset')} data, "
+             f"mode {mode}")
+    md = write_cv_outputs(rows, comparisons, summaries, workdir, title=title, mode=mode, folds=folds)
+    print(md)
+    print(f"\nwrote {workdir / 'scaling_cv.md'}, scaling_cv.csv, scaling_cv_paired.csv, scaling_cv.json, "
+          "scaling_cv.png")
+    return rows, comparisons
+
+
 # ----------------------------------------------------------------- CLI
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -494,9 +765,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--probe-compute", action="store_true",
                    help="measure 1-device compute at every per-device batch (bcjax.benchmark) for "
                         "the ring-model columns, instead of assuming compute proportional to batch")
-    p.add_argument("--rerun", action="store_true", help="train again even where results.json exists")
+    p.add_argument("--rerun", action="store_true",
+                   help="train again even where results.json exists (CV mode keeps finished folds: "
+                        "remove WORKDIR/dev{N} to retrain them)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table from the runs")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    p.add_argument("--cv-folds", type=int, default=0,
+                   help="K >= 2: every device count runs the same K-fold cross-validation and the "
+                        "table compares them fold by fold (scaling_cv.*)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time (a quick accuracy look on a CPU; timings then disturb each other)")
     args, rest = p.parse_known_args(argv)
@@ -514,13 +790,22 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     gbs = int(_override_value(overrides, "global_batch_size") or config.global_batch_size)
     lr = float(_override_value(overrides, "learning_rate") or config.learning_rate)
     plan = plan_runs(devices, args.mode, gbs, lr, args.lr_scaling)
-    todo = [r for r in plan if args.rerun or not (workdir / f"dev{r['devices']}" / "results.json").exists()]
+    cv_mode = args.cv_folds != 0
+    if cv_mode:
+        try:
+            overrides = list(overrides) + cv_overrides(args.cv_folds)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    # A CV run is complete once bcjax.cv has written its summary.
+    done_file = CV_DONE if cv_mode else "results.json"
+    todo = [r for r in plan if args.rerun or not (workdir / f"dev{r['devices']}" / done_file).exists()]
     if todo and not args.report_only:
         overrides = list(overrides) + shared_synthetic_data(config, overrides, workdir)
     def train(run):
         wd = workdir / f"dev{run['devices']}"
         print(f"[scaling] {run['devices']} device(s): global batch {run['global_batch']} "
-              f"({run['per_device_batch']}/device), lr {run['learning_rate']:.4g} -> {wd}", flush=True)
+              f"({run['per_device_batch']}/device), lr {run['learning_rate']:.4g}"
+              f"{f', {args.cv_folds}-fold CV' if cv_mode else ''} -> {wd}", flush=True)
         elapsed = run_one(args.config, wd, run, overrides, timeout=args.timeout,
                           cache_dir=str(workdir / "jax_cache"))
         print(f"[scaling] {run['devices']} device(s) done in {elapsed:.1f} s", flush=True)
@@ -534,6 +819,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         else:
             for run in todo:
                 train(run)
+    if cv_mode:
+        rows, _ = cv_report(workdir, plan, mode=args.mode, folds=args.cv_folds)
+        return rows
     runs = []
     for run in plan:
         wd = workdir / f"dev{run['devices']}"

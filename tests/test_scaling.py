@@ -149,3 +149,65 @@ def test_study_end_to_end(tmp_path):
     # up to float reduction order.
     accs = [r["test_accuracy"] for r in rows]
     assert max(accs) - min(accs) <= 0.25
+
+
+# ----------------------------------------------------------------- cross-validation mode
+
+def _plant_cv_count(workdir: pathlib.Path, n: int, test_acc, wall, folds_val=None) -> None:
+    """dev{n} as a finished bcjax.cv study: per fold results.json and manifest.json."""
+    for k, (acc, w) in enumerate(zip(test_acc, wall)):
+        wd = workdir / f"dev{n}" / f"fold_{k}"
+        wd.mkdir(parents=True)
+        report = lambda a: {"accuracy": a, "balanced_accuracy": a - 0.05, "macro_f1": a - 0.1,  # noqa: E731
+                            "auc_macro": min(a + 0.1, 1.0), "loss": 0.5, "num_examples": 20}
+        (wd / "results.json").write_text(json.dumps({
+            "model": "resnet18", "dataset": "synthetic", "platform": "cpu", "num_devices": n,
+            "best_metric": "macro_f1", "best_epoch": 3, "epochs_trained": 5, "wall_time_s": w,
+            "val_best": report(acc - 0.02), "test": report(acc), "config": {"cv": {"folds": len(test_acc)}}}))
+        val = (folds_val or {}).get(k, [f"benign/benign ({k}).png"])
+        (wd / "manifest.json").write_text(json.dumps({"train": [], "val": val, "test": ["normal/normal (1).png"],
+                                                      "meta": {"duplicate_groups": []}}))
+
+
+def test_cv_mode_table_and_paired_comparison(tmp_path):
+    base = [0.70, 0.82, 0.76, 0.88]  # fold-to-fold spread far larger than the effects
+    _plant_cv_count(tmp_path, 1, base, [100.0, 101.0, 99.0, 100.0])
+    _plant_cv_count(tmp_path, 2, [a + d for a, d in zip(base, (0.03, 0.02, 0.035, 0.025))], [60.0] * 4)
+    _plant_cv_count(tmp_path, 4, [a + d for a, d in zip(base, (0.04, -0.05, 0.01, -0.02))], [50.0] * 4,
+                    folds_val={0: ["another/image.png"]})
+    rows = scaling.main([f"--config={ROOT / 'configs' / 'quickstart.py'}", "--devices=1,2,4",
+                         "--cv-folds=4", f"--workdir={tmp_path}", "--report-only"])
+    assert [r["devices"] for r in rows] == [1, 2, 4] and all(r["folds"] == 4 for r in rows)
+    # Mean and interval against a t table: t(0.975, 3) = 3.182446.
+    mean = sum(base) / 4
+    sd = (sum((x - mean) ** 2 for x in base) / 3) ** 0.5
+    assert rows[0]["test_accuracy_mean"] == pytest.approx(mean)
+    assert rows[0]["test_accuracy_high"] == pytest.approx(mean + 3.182446 * sd / 2, abs=1e-6)
+    assert rows[1]["total_wall_s"] == 240.0 and rows[1]["speedup"] == pytest.approx(400 / 240)
+    assert rows[1]["global_batch"] == 32 and rows[1]["per_device_batch"] == 16 and rows[1]["simulated"]
+
+    saved = json.loads((tmp_path / "scaling_cv.json").read_text())
+    paired = {(c["devices"], c["metric"]): c for c in saved["paired"]}
+    two = paired[(2, "test_accuracy")]
+    assert two["differences"] == pytest.approx([0.03, 0.02, 0.035, 0.025])
+    assert two["excludes_zero"] and two["verdict"] == "higher on 2 device(s)" and two["same_split"]
+    assert paired[(2, "wall_time_s")]["verdict"] == "lower on 2 device(s)"
+    four = paired[(4, "test_accuracy")]
+    assert not four["excludes_zero"] and four["verdict"] == "within fold-to-fold noise"
+    assert four["same_split"] is False  # dev4's fold 0 validated on other images
+
+    md = (tmp_path / "scaling_cv.md").read_text()
+    assert "**higher on 2 device(s)**" in md and "pairing is not valid" in md
+    assert "timings simulated" in md and "SYNTHETIC" in md
+    with open(tmp_path / "scaling_cv.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["devices"]) for r in table] == [1, 2, 4]
+    assert float(table[2]["wall_time_s_mean"]) == 50.0
+    with open(tmp_path / "scaling_cv_paired.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(scaling.CV_METRICS)
+    assert (tmp_path / "scaling_cv.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "dev2" / "cv_summary.json").is_file()  # each count's own CV report, recomputed
+
+    with pytest.raises(SystemExit):
+        scaling.main([f"--config={ROOT / 'configs' / 'quickstart.py'}", "--cv-folds=1",
+                      f"--workdir={tmp_path}", "--report-only"])
