@@ -247,6 +247,10 @@ def test_load_pretrained_keeps_structure_dtypes_and_placement():
     flat = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
     flat["params", "fc", "bias"] = flat["params", "fc", "bias"].astype(jax.numpy.bfloat16)
     variables = convert._unflatten({p: jax.device_put(v) for p, v in flat.items()})
+    # As a data-parallel run holds them: replicated over a mesh of all devices.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    variables["params"]["layer1_0"] = jax.device_put(variables["params"]["layer1_0"], replicated)
     variables["perturbations"] = {"marker": np.ones(2)}
     state = _synthetic("resnet18")
     loaded = convert.load_pretrained("resnet18", state, 3, variables)
@@ -254,6 +258,7 @@ def test_load_pretrained_keeps_structure_dtypes_and_placement():
     for got, before in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
         assert got.dtype == before.dtype and got.shape == before.shape
         assert isinstance(got, jax.Array) == isinstance(before, jax.Array)
+        assert getattr(got, "sharding", None) == getattr(before, "sharding", None)
     assert loaded["perturbations"] is variables["perturbations"]
     np.testing.assert_array_equal(loaded["batch_stats"]["bn_init"]["var"], state["bn1.running_var"])
     np.testing.assert_array_equal(loaded["params"]["conv_init"]["kernel"],

@@ -302,9 +302,9 @@ def _mismatch_error(model_name: str, state: Mapping, missing, unexpected, wrong_
     if unexpected:
         lines.append(f"  {len(unexpected)} unexpected key(s): {listing(unexpected)}")
     guess = guess_model(state)
-    if guess and guess != model_name:
-        lines.append(f"  The key names look like torchvision's {guess!r}; was --model/config.model "
-                     f"meant to be {guess!r}?")
+    if guess and guess != model_name:  # the likely cause first
+        lines.insert(1, f"  The key names look like torchvision's {guess!r}; was --model/config.model "
+                        f"meant to be {guess!r}?")
     return ValueError("\n".join(lines))
 
 
@@ -406,7 +406,10 @@ def load_pretrained(
         def replace(p, leaf, flat=flat):
             value = flat[_path_names(p)].astype(leaf.dtype)
             if isinstance(leaf, jax.Array):
-                return jax.device_put(value, leaf.sharding)
+                # From a callback rather than device_put: also right for a
+                # sharding over several processes' devices (each process holds
+                # the same converted weights and fills its own devices).
+                return jax.make_array_from_callback(value.shape, leaf.sharding, value.__getitem__)
             return value
 
         new[collection] = jax.tree_util.tree_map_with_path(replace, variables[collection])
@@ -434,8 +437,11 @@ def main(argv=None) -> None:
                         help="1000 keeps torchvision's head (default); else a fresh head")
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh head")
     args = parser.parse_args(argv)
-    variables = convert_state_dict(args.model, args.weights, num_classes=args.num_classes,
-                                   rng_seed=args.seed)
+    try:
+        variables = convert_state_dict(args.model, args.weights, num_classes=args.num_classes,
+                                       rng_seed=args.seed)
+    except (ValueError, ImportError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None  # a message, not a traceback
     flat = {"/".join(path): value for path, value in _flatten(variables)}
     np.savez(args.out, **flat)
     count = sum(v.size for k, v in flat.items() if k.startswith("params/"))
