@@ -56,3 +56,34 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def default_dtype() -> str:
+    """"bfloat16" where the first device computes it natively (TPU, GPUs from
+    Ampere on), else "float32": older GPUs such as Colab's T4 emulate bf16 slowly."""
+    import jax
+    device = jax.devices()[0]
+    if device.platform == "tpu":
+        return "bfloat16"
+    if device.platform == "gpu":
+        try:
+            return "bfloat16" if float(getattr(device, "compute_capability", "0")) >= 8.0 else "float32"
+        except ValueError:
+            return "float32"
+    return "float32"
+
+
+def probe_devices(timeout: float = 120.0) -> tuple[str, int, str]:
+    """(platform, device count, device kind) asked of a short-lived process.
+
+    The caller's process never starts a JAX backend, so it can hand the
+    accelerator to child processes (a TPU is held by one process at a time).
+    """
+    import subprocess
+    import sys
+    code = ("import jax; d = jax.devices(); "
+            "print(d[0].platform, len(d), d[0].device_kind, sep='\\t')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                         check=True).stdout.strip().splitlines()[-1]
+    platform, count, kind = out.split("\t")
+    return platform, int(count), kind
