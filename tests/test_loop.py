@@ -162,3 +162,26 @@ def test_unusable_workdir_fails_before_training(tmp_path):
         loop.check_workdir(blocker / "run")
     with pytest.raises(loop.WorkdirError, match="MiB free"):
         loop.check_workdir(tmp_path / "run", min_free_bytes=2**62)
+
+
+def test_pretrained_weights_replace_the_initial_state(tmp_path):
+    # A state_dict of torchvision's resnet18 names and shapes (random values);
+    # the loop's start from config.pretrained must carry them into the state.
+    from bcjax.train.state import TrainState
+    keys = json.loads((ROOT / "tests" / "data" / "torchvision_keys.json").read_text())["resnet18"]
+    rng = np.random.default_rng(0)
+    weights = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in keys if shape}
+    np.savez(tmp_path / "resnet18.npz", **weights)
+    import bcjax.models
+    model = bcjax.models.create("resnet18", num_classes=3)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+    state = TrainState(step=0, params=zeros["params"], batch_stats=zeros["batch_stats"], opt_state=(),
+                       apply_fn=None, tx=None)
+    config = tiny_config(tmp_path, width=64, pretrained=str(tmp_path / "resnet18.npz"))
+    loaded = loop.load_pretrained(config, state)
+    np.testing.assert_array_equal(np.asarray(loaded.params["conv_init"]["kernel"]),
+                                  weights["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(loaded.batch_stats["layer4_1"]["bn2"]["var"]),
+                                  weights["layer4.1.bn2.running_var"])
+    assert loaded.params["fc"]["kernel"].shape == (512, 3)  # a new 3-class head
