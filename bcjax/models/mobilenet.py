@@ -133,6 +133,9 @@ class MobileNetV2(nn.Module):
                 in_features = out_features
                 index += 1
         x = block(last_features, kernel_size=1, name=f"features_{index}")(x)
+        # Grad-CAM reads the gradient here (bcjax.predict); skipped at init so that
+        # init still returns only params and batch_stats.
+        x = x if self.is_initializing() else self.perturb("features", x)
         x = layers.global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = _dense(self.num_classes, self.dtype, self.param_dtype, "classifier")(x)
@@ -233,6 +236,9 @@ class MobileNetV3(nn.Module):
         # torchvision: 6x the last block's (already width-scaled) channels.
         last_conv = 6 * adjust(self.setting[-1].out_features)
         x = block(last_conv, kernel_size=1, name=f"features_{len(self.setting) + 1}")(x)
+        # Grad-CAM reads the gradient here (bcjax.predict); skipped at init so that
+        # init still returns only params and batch_stats.
+        x = x if self.is_initializing() else self.perturb("features", x)
         x = layers.global_avg_pool(x)
         # Unlike V2, V3 scales its head width with the multiplier as well.
         x = _dense(adjust(self.last_features), self.dtype, self.param_dtype, "pre_logits")(x)

@@ -121,6 +121,9 @@ class ResNet(nn.Module):
                     zero_init_residual=self.zero_init_residual,
                     name=f"layer{i + 1}_{j}",
                 )(x)
+        # Grad-CAM reads the gradient here (bcjax.predict); skipped at init so that
+        # init still returns only params and batch_stats.
+        x = x if self.is_initializing() else self.perturb("features", x)
         x = layers.global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(

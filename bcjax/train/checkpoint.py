@@ -254,3 +254,39 @@ def read_params(directory, step: Optional[int] = None) -> Any:
         return restored["state"]["params"]
     finally:
         manager.close()
+
+
+def read_variables(directory, step: Optional[int] = None) -> dict:
+    """``{"params", "batch_stats"}`` of a checkpoint as host numpy arrays, what
+    ``model.apply`` needs for inference, without a target or a mesh; ``step``
+    None: the latest. FileNotFoundError when there is no such checkpoint."""
+    directory = pathlib.Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No checkpoint directory {directory}.")
+    # Handlers for every item, so Orbax does not warn about the ones left unread.
+    manager = ocp.CheckpointManager(directory,
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                   "data_iter": ocp.JsonCheckpointHandler(),
+                                                   "extra": ocp.JsonCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {directory}.")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"No checkpoint of step {step} in {directory}; it holds steps {steps}.")
+        meta = manager.item_metadata(step)["state"]
+        # A model without BatchNorm saves no batch_stats entry (or an empty one).
+        names = [k for k in ("params", "batch_stats") if k in meta and jax.tree.leaves(meta[k])]
+        abstract = {k: jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta[k]) for k in names}
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=abstract,
+                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+                partial_restore=True)))
+        variables = {k: restored["state"][k] for k in names}
+        variables.setdefault("batch_stats", {})
+        return variables
+    finally:
+        manager.close()
