@@ -414,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         absl_logger.setLevel(level)
     print(format_table(rows))
     print(f"\nWrote {out / 'predictions.csv'}" + ("" if args.no_overlays else " and Grad-CAM overlays")
-          + f" ({len(rows)} images).")
+          + f" ({len(rows)} image{'' if len(rows) == 1 else 's'}).")
     return 0
 
 
