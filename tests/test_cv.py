@@ -216,6 +216,20 @@ def _tiny_config(data_dir, **overrides):
     return config
 
 
+def test_fold_configs_share_one_data_folder_and_refuse_other_studies(tmp_path):
+    config = _tiny_config(tmp_path / "elsewhere", dataset="synthetic")
+    source = {"dataset": "synthetic", "path": str(tmp_path / "synthetic" / "Dataset_BUSI_with_GT")}
+    fold = cv.fold_config(config, 2, source)
+    assert fold.cv.fold == 2 and fold.data_dir == source["path"] and fold.dataset == "auto"
+    assert config.cv.fold == -1 and config.dataset == "synthetic"  # the study's config is left alone
+    cv._check_complete_fold({"config": fold.to_dict()}, fold, 2)
+    other = cv.fold_config(_tiny_config(tmp_path, dataset="synthetic", image_size=48), 2, source)
+    with pytest.raises(cv.CrossValidationError, match="image_size"):
+        cv._check_complete_fold({"config": other.to_dict()}, fold, 2)
+    with pytest.raises(ValueError, match="split_manifest"):
+        cv.run_cross_validation(_tiny_config(tmp_path, split_manifest="m.json"), tmp_path / "cv")
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """One 3-fold CV, killed after fold 1 and run again; every training counted."""
