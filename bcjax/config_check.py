@@ -16,6 +16,9 @@ DATASETS = ("auto", "busi", "synthetic")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro", "loss")
+FLAGS = ("bn_sync", "nesterov", "exclude_conflicts", "balanced_sampling", "compilation_cache",
+         "timing_breakdown", "fresh_start")
+TEXTS = ("data_dir", "split_manifest", "coordinator_address", "pretrained")
 
 
 class ConfigError(ValueError):
@@ -28,17 +31,37 @@ def _choice(c, field, allowed):
         raise ConfigError(f"config.{field}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
 
 
-def _number(c, field, *, low=None, high=None, low_open=False, integer=False):
+def _number(c, field, *, low=None, high=None, low_open=False, integer=False, where="config"):
     value = c[field]
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise ConfigError(f"config.{field}={value!r} must be {kind}.")
+        raise ConfigError(f"{where}.{field}={value!r} must be {kind}.")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config.{field}={value!r} must be finite.")
+        raise ConfigError(f"{where}.{field}={value!r} must be finite.")
     if low is not None and (value <= low if low_open else value < low):
-        raise ConfigError(f"config.{field}={value!r} must be {'>' if low_open else '>='} {low}.")
+        raise ConfigError(f"{where}.{field}={value!r} must be {'>' if low_open else '>='} {low}.")
     if high is not None and value > high:
-        raise ConfigError(f"config.{field}={value!r} must be <= {high}.")
+        raise ConfigError(f"{where}.{field}={value!r} must be <= {high}.")
+
+
+def _flag(c, field, where="config"):
+    # ConfigDict lets None replace any field, so a bool field can hold None.
+    if not isinstance(c[field], bool):
+        raise ConfigError(f"{where}.{field}={c[field]!r} must be True or False.")
+
+
+def _text(c, field):
+    if not isinstance(c[field], str):
+        raise ConfigError(f"config.{field}={c[field]!r} must be a string.")
+
+
+def _numbers(c, field, where="config") -> tuple:
+    """The field as a tuple of finite numbers; ConfigDict checks only that it is a tuple."""
+    value = c[field]
+    if (not isinstance(value, (tuple, list))
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)):
+        raise ConfigError(f"{where}.{field}={value!r} must be a tuple of finite numbers.")
+    return tuple(value)
 
 
 def validate(config, num_devices_available: int | None = None) -> None:
@@ -66,7 +89,7 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _number(c, "warmup_epochs", low=0)
     _number(c, "label_smoothing", low=0, high=0.99)
     _number(c, "clip_norm", low=0)
-    _number(c, "seed", low=0, integer=True)
+    _number(c, "seed", low=0, high=2**63 - 1, integer=True)  # jax.random.key takes an int64
     _number(c, "split_seed", low=0, integer=True)
     _number(c, "num_devices", low=0, integer=True)
     _number(c, "eval_every_epochs", low=1, integer=True)
@@ -75,16 +98,20 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _number(c, "keep_best", low=0, integer=True)
     _number(c, "log_every_steps", low=1, integer=True)
     _number(c, "early_stopping_patience", low=0, integer=True)
-    if not isinstance(c.fresh_start, bool):
-        raise ConfigError(f"config.fresh_start={c.fresh_start!r} must be True or False.")
+    _number(c, "process_id", low=-1, integer=True)
+    for field in FLAGS:
+        _flag(c, field)
+    for field in TEXTS:
+        _text(c, field)
+    _check_augment(c.augment)
     _check_cv(c)
 
-    fractions = tuple(c.split_fractions)
+    fractions = _numbers(c, "split_fractions")
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ConfigError(f"config.split_fractions={fractions!r} must be three positive fractions "
                           "(train, val, test) summing to 1: validation picks the best checkpoint, "
                           "test scores it.")
-    weights = tuple(c.class_weights)
+    weights = _numbers(c, "class_weights")
     if weights and (len(weights) != 3 or any(w <= 0 for w in weights)):
         raise ConfigError(f"config.class_weights={weights!r} must be empty or three positive numbers "
                           "(normal, benign, malignant).")
@@ -93,6 +120,9 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _check_pretrained(c)
     if c.num_processes > 1 and not c.coordinator_address:
         raise ConfigError(f"config.num_processes={c.num_processes} needs config.coordinator_address (host:port).")
+    if c.num_processes and c.process_id >= c.num_processes:
+        raise ConfigError(f"config.process_id={c.process_id} must be below config.num_processes={c.num_processes} "
+                          "(or -1: auto-detect).")
     if c.checkpoint_every_epochs % c.eval_every_epochs:
         raise ConfigError(f"config.checkpoint_every_epochs={c.checkpoint_every_epochs} must be a multiple of "
                           f"config.eval_every_epochs={c.eval_every_epochs}: checkpoints carry the validation "
@@ -103,11 +133,25 @@ def validate(config, num_devices_available: int | None = None) -> None:
 
     devices = c.num_devices or num_devices_available
     if devices and c.global_batch_size % devices:
-        raise ConfigError(f"config.global_batch_size={c.global_batch_size} is not divisible by the "
-                          f"{devices} devices; use a multiple of {devices}.")
+        given = f"config.num_devices={devices}" if c.num_devices else f"the {devices} devices"
+        raise ConfigError(f"config.global_batch_size={c.global_batch_size} is not divisible by "
+                          f"{given}; use a multiple of {devices}.")
     if num_devices_available is not None and c.num_devices > num_devices_available:
         raise ConfigError(f"config.num_devices={c.num_devices} but only {num_devices_available} device(s) "
                           "are available.")
+
+
+def _check_augment(a) -> None:
+    where = "config.augment"
+    _flag(a, "enabled", where)
+    _flag(a, "flip", where)
+    _number(a, "rotate_deg", low=0, high=180, where=where)
+    _number(a, "brightness", low=0, high=1, where=where)  # in units of the intensity range
+    _number(a, "contrast", low=0, high=1, where=where)  # factor in [1 - contrast, 1 + contrast]
+    scale = _numbers(a, "crop_scale", where)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"{where}.crop_scale={scale!r} must be (low, high) with 0 < low <= high <= 1: "
+                          "the fraction of the image area a random crop keeps.")
 
 
 def _check_cv(c) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import pathlib
 from typing import Any, Mapping, Optional, Tuple
 
@@ -28,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+log = logging.getLogger(__name__)
 
 # Fields of the run config that change the parameter tree; a workdir whose
 # checkpoints disagree on any of them belongs to another model.
@@ -110,6 +113,27 @@ def _metric_value(metrics: Optional[Mapping], name: str) -> Optional[float]:
     return value if np.isfinite(value) else None
 
 
+def _drop_torn_root_metadata(directory: pathlib.Path) -> None:
+    """Deletes a run identity file left empty or torn by a process killed while writing it.
+
+    Orbax writes ``metadata/_ROOT_METADATA`` once, at a run's first start, with a
+    plain (not atomic) write; after a kill at that moment every restart failed
+    with "Failed to read metadata". It precedes every checkpoint, so a torn one
+    guards no checkpoint: Orbax writes it again from the current config.
+    """
+    path = directory / "metadata" / "_ROOT_METADATA"
+    if jax.process_index() != 0 or not path.is_file():
+        return  # the other processes read it only after process 0 has rewritten it
+    try:
+        json.loads(path.read_bytes())
+        return
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        pass
+    log.warning("The run identity %s is unreadable (the first start was interrupted while writing it); "
+                "writing it again from the current config.", path)
+    path.unlink()
+
+
 class CheckpointManager:
     """Keeps a run's checkpoints; see the module docstring.
 
@@ -138,6 +162,8 @@ class CheckpointManager:
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
         self.directory = pathlib.Path(directory).expanduser().resolve()
         self.best_metric = best_metric
+        if metadata is not None:
+            _drop_torn_root_metadata(self.directory)
         policies = [pp.LatestN(n=keep_latest)]
         if keep_best:
             policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric],
