@@ -86,7 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Stop when best_metric has not improved for this many evaluations (0 = never).
     c.early_stopping_patience = 0
     # A workdir holding another run's checkpoints is refused; True moves that
-    # run aside (to workdir/replaced-<time>/) and starts afresh.
+    # run aside (to workdir/replaced-<time>/) and starts afresh. A run of this
+    # same model/batch/data is resumed even then (a restart after a kill keeps
+    # its work); to retrain it from scratch, use a new workdir.
     c.fresh_start = False
     c.compilation_cache = True
     # After training: synchronised step time, compute vs collective time, the

@@ -116,6 +116,9 @@ def test_workdir_of_another_model_is_refused(tiny_busi, tmp_path):
     assert json.loads((aside / "results.json").read_text())["config"]["width"] == 4
     assert checkpoint.read_params(aside / "checkpoints")["conv_init"]["kernel"].shape[-1] == 4
     assert _final_params(tmp_path)["conv_init"]["kernel"].shape[-1] == 8
+    # The same command again (a restart with the flag still set) keeps this run.
+    loop.train_and_evaluate(tiny_config(tiny_busi, width=8, num_epochs=2, fresh_start=True), tmp_path)
+    assert len(list(tmp_path.glob("replaced-*"))) == 1
 
 
 def test_early_stopping_on_a_planted_plateau(tiny_busi, tmp_path, monkeypatch):

@@ -134,6 +134,19 @@ def _drop_torn_root_metadata(directory: pathlib.Path) -> None:
     path.unlink()
 
 
+def saved_metadata(directory) -> Optional[dict]:
+    """The run metadata written at a checkpoint directory's root, read without
+    Orbax (None when absent or unreadable), e.g. to decide on fresh_start
+    before anything of the old run is loaded."""
+    path = pathlib.Path(directory) / "metadata" / "_ROOT_METADATA"
+    try:
+        root = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    custom = root.get("custom_metadata") if isinstance(root, dict) else None
+    return dict(custom) if custom else None
+
+
 class CheckpointManager:
     """Keeps a run's checkpoints; see the module docstring.
 

@@ -101,13 +101,31 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "results.json", "timing.json", "man
              "tensorboard")
 
 
+def is_same_run(workdir: pathlib.Path, config) -> bool:
+    """Whether the checkpoints in workdir were written by a run of this identity."""
+    saved = checkpoint.saved_metadata(workdir / "checkpoints")
+    if saved is None:
+        return False
+    try:
+        checkpoint.check_identity(saved, checkpoint.run_metadata(config))
+    except checkpoint.CheckpointMismatchError:
+        return False
+    return True
+
+
 def move_old_run_aside(workdir: pathlib.Path) -> pathlib.Path | None:
     """fresh_start: the previous run's files go to workdir/replaced-<time>/, never deleted."""
     present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
     if not present:
         return None
-    dest = workdir / time.strftime("replaced-%Y%m%d-%H%M%S")
-    dest.mkdir()
+    stamp, n = time.strftime("replaced-%Y%m%d-%H%M%S"), 0
+    while True:
+        dest = workdir / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            dest.mkdir()
+            break
+        except FileExistsError:
+            n += 1
     for path in present:
         shutil.move(str(path), str(dest / path.name))
     log.warning("config.fresh_start: moved the previous run in %s to %s; starting afresh.", workdir, dest)
@@ -185,7 +203,9 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     workdir = pathlib.Path(workdir).expanduser().resolve()
     is_main = jax.process_index() == 0
     check_workdir(workdir)
-    if config.fresh_start:
+    # fresh_start replaces another run; a run of this same identity (say, this
+    # command restarted after a kill with the flag still set) is resumed.
+    if config.fresh_start and not is_same_run(workdir, config):
         if is_main:
             move_old_run_aside(workdir)
         if jax.process_count() > 1:
@@ -241,7 +261,8 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     state = steps.place_state(state)
     rng = jax.random.key(config.seed)
 
-    if is_main and start_step:
+    if is_main:
+        # Also at step 0: a run killed before its first checkpoint may have logged epochs.
         _drop_logged_after(workdir / "metrics.jsonl", start_step)
     writer = MetricWriter(workdir, enabled=is_main)
     log.info("%s on %d %s device(s), strategy %s, global batch %d (%d per device), %d steps per epoch.",
@@ -325,6 +346,10 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
             break
     ckpt.wait_until_finished()
     train_wall = time.perf_counter() - wall
+    timing_path = workdir / "timing.json"
+    if is_main and not finished:
+        # Written now too, so that a kill during the test or the breakdown loses no timing.
+        _write_json_atomic(timing_path, {**chrono.summary(), "train_wall_s": train_wall})
 
     best_step = ckpt.best_step()
     best_state, _, _ = ckpt.restore(best_step, state)
@@ -365,14 +390,17 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         "config": config.to_dict(),
     }
     if is_main:
-        if finished and (workdir / "results.json").exists():
+        if finished:
             # Keep the timing of the run that trained, not of this re-evaluation.
-            results["wall_time_s"] = json.loads((workdir / "results.json").read_text())["wall_time_s"]
+            if (workdir / "results.json").exists():
+                results["wall_time_s"] = json.loads((workdir / "results.json").read_text())["wall_time_s"]
+            elif timing_path.exists():
+                results["wall_time_s"] = json.loads(timing_path.read_text()).get("train_wall_s", train_wall)
         np.savez(workdir / "test_predictions.npz", **test_arrays)
         np.savez(workdir / "val_predictions.npz", **val_arrays)
         # results.json last: its presence means the run is complete (bcjax.cv relies on it).
-        _write_outputs(workdir, results, history, test, None if finished else chrono.summary(), best_epoch,
-                       stopped)
+        _write_outputs(workdir, results, history, test,
+                       None if finished else {**chrono.summary(), "train_wall_s": train_wall}, best_epoch, stopped)
     writer.close()
     ckpt.close()
     if data.source["warning"]:
@@ -382,7 +410,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
 
 def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped) -> None:
     if timing is not None:
-        (workdir / "timing.json").write_text(json.dumps(timing, indent=1))
+        _write_json_atomic(workdir / "timing.json", timing)
     curves = [{"epoch": h["epoch"], "train": h["train"], **({"val": h["val"]} if "val" in h else {})}
               for h in history]
     plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch,
@@ -390,6 +418,10 @@ def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped)
                                title=f"early stop: {stopped['reason']}" if stopped else None)
     plots.plot_confusion_matrix(np.asarray(test["confusion_matrix"]), test["class_names"],
                                 workdir / "confusion_matrix.png")
-    tmp = workdir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, workdir / "results.json")
+    _write_json_atomic(workdir / "results.json", results)
+
+
+def _write_json_atomic(path: pathlib.Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
