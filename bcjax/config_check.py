@@ -74,10 +74,10 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _choice(c, "dtype", DTYPES)
     _choice(c, "best_metric", BEST_METRICS)
     _choice(c, "nan_policy", ("stop", "skip"))
-    _number(c, "width", low=1, integer=True)
+    _number(c, "width", low=1, high=1024, integer=True)
     _number(c, "width_multiplier", low=0, low_open=True)
     _number(c, "dropout_rate", low=0, high=0.99)
-    _number(c, "image_size", low=32, integer=True)
+    _number(c, "image_size", low=32, high=2048, integer=True)
     _number(c, "synthetic_num", low=12, integer=True)
     _number(c, "synthetic_seed", low=0, integer=True)
     _number(c, "num_processes", low=0, integer=True)
@@ -159,8 +159,8 @@ def _check_cv(c) -> None:
     for name, value in (("folds", folds), ("fold", fold)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config.cv.{name}={value!r} must be an integer.")
-    if folds == 1 or folds < 0:
-        raise ConfigError(f"config.cv.folds={folds} must be 0 (one train/val/test split) or >= 2 folds.")
+    if folds == 1 or folds < 0 or folds > 50:
+        raise ConfigError(f"config.cv.folds={folds} must be 0 (one train/val/test split) or 2..50 folds.")
     if folds and not -1 <= fold < folds:
         raise ConfigError(f"config.cv.fold={fold} must be -1 (all folds) or 0..{folds - 1}.")
     if not folds and fold != -1:

@@ -59,7 +59,7 @@ def test_bad_values_fail_with_what_is_allowed(field, value, message):
         config_check.validate(config)
 
 
-@pytest.mark.parametrize("folds,fold,message", [(1, -1, ">= 2 folds"), (5, 5, "0..4"), (0, 2, "needs config.cv.folds")])
+@pytest.mark.parametrize("folds,fold,message", [(1, -1, "2..50 folds"), (51, -1, "2..50 folds"), (5, 5, "0..4"), (0, 2, "needs config.cv.folds")])
 def test_bad_cross_validation_values(folds, fold, message):
     config = importlib.import_module("configs.default").get_config()
     config.cv.folds, config.cv.fold = folds, fold
