@@ -100,24 +100,28 @@ def test_restart_resumes_to_the_same_parameters(tiny_busi, tmp_path):
     assert again["test"]["accuracy"] == json.loads((straight / "results.json").read_text())["test"]["accuracy"]
 
 
-def test_workdir_of_another_model_is_refused(tiny_busi, tmp_path):
+def test_workdir_of_another_run_is_refused_unless_forced(tiny_busi, tmp_path):
+    # Another split (same shapes, so no new compile): refused, then replaced on request.
     from bcjax.train import checkpoint
     loop.train_and_evaluate(tiny_config(tiny_busi, num_epochs=2, warmup_epochs=1), tmp_path)
     manifest = (tmp_path / "manifest.json").read_text()
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="width.*fresh_start"):
-        loop.train_and_evaluate(tiny_config(tiny_busi, width=8), tmp_path)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="split_seed.*fresh_start"):
+        loop.train_and_evaluate(tiny_config(tiny_busi, split_seed=1), tmp_path)
     assert (tmp_path / "manifest.json").read_text() == manifest
 
     # Forced: the old run is moved aside intact, the new one starts from step 0.
-    results = loop.train_and_evaluate(tiny_config(tiny_busi, width=8, num_epochs=2, fresh_start=True), tmp_path)
-    assert results["config"]["width"] == 8
+    forced = tiny_config(tiny_busi, split_seed=1, num_epochs=2, fresh_start=True)
+    results = loop.train_and_evaluate(forced, tmp_path)
+    assert results["config"]["split_seed"] == 1
     (aside,) = tmp_path.glob("replaced-*")
     assert (aside / "manifest.json").read_text() == manifest
-    assert json.loads((aside / "results.json").read_text())["config"]["width"] == 4
-    assert checkpoint.read_params(aside / "checkpoints")["conv_init"]["kernel"].shape[-1] == 4
-    assert _final_params(tmp_path)["conv_init"]["kernel"].shape[-1] == 8
+    assert json.loads((aside / "results.json").read_text())["config"]["split_seed"] == 0
+    assert checkpoint.read_params(aside / "checkpoints")  # the old checkpoints are kept
+    assert (tmp_path / "manifest.json").read_text() != manifest
+    logged = [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]  # a fresh log, not appended to the old run's
     # The same command again (a restart with the flag still set) keeps this run.
-    loop.train_and_evaluate(tiny_config(tiny_busi, width=8, num_epochs=2, fresh_start=True), tmp_path)
+    loop.train_and_evaluate(forced, tmp_path)
     assert len(list(tmp_path.glob("replaced-*"))) == 1
 
 
