@@ -189,6 +189,10 @@ def _improves(val: dict, metric: str, best) -> bool:
     return best is None or (value < best if "loss" in metric else value > best)
 
 
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -314,9 +318,10 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
             with chrono.phase("eval"):
                 val = evaluate(steps, state, data.val, gbs)
             record["val"] = val
-            log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f (%.1f s)",
-                     epoch + 1, train_metrics["loss"], train_metrics["accuracy"], val["loss"] or float("nan"),
-                     val["accuracy"] or 0.0, val["macro_f1"] or 0.0, epoch_time)
+            # A metric is None when undefined (e.g. every step of the epoch skipped for NaN).
+            log.info("epoch %d: train loss %s acc %s | val loss %s acc %s macro-F1 %s (%.1f s)", epoch + 1,
+                     _num(train_metrics["loss"], 4), _num(train_metrics["accuracy"]), _num(val["loss"], 4),
+                     _num(val["accuracy"]), _num(val["macro_f1"]), epoch_time)
         history.append(record)
         scalars = {"lr": record["lr"], "epoch_time_s": epoch_time,
                    **metrics_lib.flatten_scalars(train_metrics, "train/")}
