@@ -39,18 +39,29 @@ def main(argv):
     _FLAGS_PARSED = True
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    # Orbax logs through absl at INFO on every save and restore; keep bcjax's own
+    # progress lines readable. Here, not at import: app.run resets absl's level
+    # from --verbosity while it parses the flags.
+    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     from bcjax import config_check, runtime
     config = _CONFIG.value
     try:
         runtime.prepare(config)  # checks the config, sets simulated CPU devices before JAX starts
     except config_check.ConfigError as e:
         sys.exit(f"error: {e}")
-    if config.cv.folds >= 2 and config.cv.fold == -1:
-        from bcjax import cv  # one training per fold, then the aggregate report
-        cv.run_cross_validation(config, _WORKDIR.value)
-        return
-    from bcjax.train import loop
-    loop.train_and_evaluate(config, _WORKDIR.value)
+    from bcjax import cv
+    from bcjax.data import busi
+    from bcjax.train import checkpoint, loop
+    # Problems with the user's data, workdir or numbers: a message, not a traceback.
+    user_errors = (config_check.ConfigError, busi.BusiError, checkpoint.CheckpointMismatchError,
+                   loop.WorkdirError, loop.NonFiniteError, cv.CrossValidationError)
+    try:
+        if config.cv.folds >= 2 and config.cv.fold == -1:
+            cv.run_cross_validation(config, _WORKDIR.value)  # one training per fold, then the report
+        else:
+            loop.train_and_evaluate(config, _WORKDIR.value)
+    except user_errors as e:
+        sys.exit(f"error: {e}")
 
 
 def run():
@@ -76,7 +87,4 @@ def _unknown_field_message(error: AttributeError) -> str:
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    # Orbax and JAX log through absl at INFO on every save; keep bcjax's own
-    # progress lines readable.
-    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     run()

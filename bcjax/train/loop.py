@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from bcjax import config_check
 from bcjax.data import pipeline, splits
 from bcjax.parallel import mesh as mesh_lib
 from bcjax.parallel import strategies
@@ -226,7 +227,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     gbs = config.global_batch_size
     steps_per_epoch = pipeline.steps_per_epoch(len(data.train.labels), gbs)
     if steps_per_epoch < 1:
-        raise ValueError(f"The training split has {len(data.train.labels)} images, fewer than one global "
+        raise config_check.ConfigError(f"The training split has {len(data.train.labels)} images, fewer than one global "
                          f"batch of {gbs}; lower config.global_batch_size.")
     total_steps = steps_per_epoch * config.num_epochs
 
