@@ -101,3 +101,10 @@ def test_main_rejects_a_bad_value_before_compiling(tmp_path):
     assert run.returncode != 0
     assert "divisible" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_main_reports_missing_busi_without_a_traceback(tmp_path):
+    run = _main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}", "--config.dataset=busi",
+                f"--config.data_dir={tmp_path / 'nowhere'}")
+    assert run.returncode != 0
+    assert "error:" in run.stderr and "no BUSI data was found" in run.stderr and "Traceback" not in run.stderr
