@@ -165,6 +165,9 @@ def _check_cv(c) -> None:
         raise ConfigError(f"config.cv.fold={fold} must be -1 (all folds) or 0..{folds - 1}.")
     if not folds and fold != -1:
         raise ConfigError(f"config.cv.fold={fold} needs config.cv.folds >= 2.")
+    if folds and c.split_manifest:
+        raise ConfigError("config.split_manifest and config.cv.folds >= 2 exclude each other: the folds are "
+                          "cut from config.split_seed; clear one of them.")
 
 
 def _check_pretrained(c) -> None:

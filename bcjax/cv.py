@@ -92,6 +92,10 @@ def run_cross_validation(config, workdir, *, _stop_after_fold: Optional[int] = N
     """Trains every fold of ``config.cv.folds`` (skipping finished ones) and
     writes the aggregate report; returns its summary (see `aggregate`).
 
+    With ``config.cv.fold = k`` only fold k is trained (in ``WORKDIR/fold_<k>``,
+    on the same data as the whole study), e.g. one fold per job on a cluster;
+    the report is written once every fold is complete.
+
     `_stop_after_fold` (tests only) raises Interrupted right after fold index
     k has been trained by this call, as a kill between folds would.
 
@@ -108,7 +112,7 @@ def run_cross_validation(config, workdir, *, _stop_after_fold: Optional[int] = N
         raise ValueError(f"config.cv.folds={folds}: cross-validation needs at least 2 folds.")
     if config.split_manifest:
         # A fixed manifest would give every fold the same train/val split.
-        raise ValueError("config.split_manifest and config.cv.folds >= 2 exclude each other: the folds "
+        raise CrossValidationError("config.split_manifest and config.cv.folds >= 2 exclude each other: the folds "
                          "are cut from config.split_seed; clear one of them.")
     is_main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -123,13 +127,19 @@ def run_cross_validation(config, workdir, *, _stop_after_fold: Optional[int] = N
              source["dataset"], source["path"], workdir)
 
     trained_times = []
-    for k in range(folds):
+    for k in ([config.cv.fold] if config.cv.fold >= 0 else range(folds)):
         cfg = fold_config(config, k, source)
         wd = fold_dir(workdir, k)
         if (wd / "results.json").exists():
-            _check_complete_fold(json.loads((wd / "results.json").read_text()), cfg, k)
-            log.info("[cv] fold %d (%d of %d) is complete in %s; not trained again.", k, k + 1, folds, wd)
-            continue
+            try:
+                _check_complete_fold(json.loads((wd / "results.json").read_text()), cfg, k)
+                log.info("[cv] fold %d (%d of %d) is complete in %s; not trained again.", k, k + 1, folds, wd)
+                continue
+            except CrossValidationError:
+                if not config.fresh_start:
+                    raise
+                if is_main:  # the fold's old run goes aside; the loop trains it afresh
+                    loop.move_old_run_aside(wd)
         log.info("[cv] fold %d (%d of %d) starting in %s", k, k + 1, folds, wd)
         t0 = time.perf_counter()
         results = loop.train_and_evaluate(cfg, wd)
@@ -143,6 +153,9 @@ def run_cross_validation(config, workdir, *, _stop_after_fold: Optional[int] = N
             raise Interrupted(f"stopped after fold {k} (test hook)")
 
     if not is_main:
+        return None
+    if not all((fold_dir(workdir, k) / "results.json").exists() for k in range(folds)):
+        log.info("[cv] fold %d is done; the report follows once all %d folds are.", config.cv.fold, folds)
         return None
     summary = aggregate(workdir)
     log.info("[cv] report (%s):\n%s", workdir / "cv_report.md", summary["report_md"])

@@ -56,7 +56,7 @@ def main(argv):
     user_errors = (config_check.ConfigError, busi.BusiError, checkpoint.CheckpointMismatchError,
                    loop.WorkdirError, loop.NonFiniteError, cv.CrossValidationError)
     try:
-        if config.cv.folds >= 2 and config.cv.fold == -1:
+        if config.cv.folds >= 2:
             cv.run_cross_validation(config, _WORKDIR.value)  # one training per fold, then the report
         else:
             loop.train_and_evaluate(config, _WORKDIR.value)

@@ -63,18 +63,22 @@ def default_dtype() -> str:
     Ampere on), else "float32": older GPUs such as Colab's T4 emulate bf16 slowly."""
     import jax
     device = jax.devices()[0]
-    if device.platform == "tpu":
+    return dtype_for(device.platform, getattr(device, "compute_capability", ""))
+
+
+def dtype_for(platform: str, compute_capability: str = "") -> str:
+    if platform == "tpu":
         return "bfloat16"
-    if device.platform == "gpu":
+    if platform == "gpu":
         try:
-            return "bfloat16" if float(getattr(device, "compute_capability", "0")) >= 8.0 else "float32"
+            return "bfloat16" if float(compute_capability or 0) >= 8.0 else "float32"
         except ValueError:
             return "float32"
     return "float32"
 
 
-def probe_devices(timeout: float = 120.0) -> tuple[str, int, str]:
-    """(platform, device count, device kind) asked of a short-lived process.
+def probe_devices(timeout: float = 120.0) -> tuple[str, int, str, str]:
+    """(platform, device count, device kind, default dtype) asked of a short-lived process.
 
     The caller's process never starts a JAX backend, so it can hand the
     accelerator to child processes (a TPU is held by one process at a time).
@@ -82,8 +86,8 @@ def probe_devices(timeout: float = 120.0) -> tuple[str, int, str]:
     import subprocess
     import sys
     code = ("import jax; d = jax.devices(); "
-            "print(d[0].platform, len(d), d[0].device_kind, sep='\\t')")
+            "print(d[0].platform, len(d), d[0].device_kind, getattr(d[0], 'compute_capability', ''), sep='\\t')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                          check=True).stdout.strip().splitlines()[-1]
-    platform, count, kind = out.split("\t")
-    return platform, int(count), kind
+    platform, count, kind, capability = (out.split("\t") + [""])[:4]
+    return platform, int(count), kind, dtype_for(platform, capability)

@@ -500,6 +500,13 @@ CV_CSV_COLUMNS = ("devices", "global_batch", "per_device_batch", "learning_rate"
                   "total_wall_s", "speedup", "platform", "simulated", "dataset")
 
 
+def _is_done(path: pathlib.Path) -> bool:
+    """results.json exists; a cv_summary.json also says every fold is complete."""
+    if not path.exists():
+        return False
+    return path.name != CV_DONE or bool(json.loads(path.read_text()).get("complete"))
+
+
 def cv_overrides(folds: int) -> list[str]:
     if folds < 2:
         raise ValueError(f"--cv-folds={folds}: cross-validation needs at least 2 folds")
@@ -733,7 +740,10 @@ def cv_report(workdir: pathlib.Path, plan: Sequence[Mapping], *, mode: str, fold
         if not list(wd.glob("fold_*/results.json")):
             print(f"[scaling] no finished fold in {wd}; skipped", flush=True)
             continue
-        summaries[run["devices"]] = cv.aggregate(wd)
+        # A summary file marks a count as done (see main): a look at a half-finished
+        # study must not write one, or its missing folds would never be trained.
+        summary = cv.aggregate(wd, write=False)
+        summaries[run["devices"]] = cv.aggregate(wd) if summary["complete"] else summary
         val_sets[run["devices"]] = fold_val_sets(wd)
     if not summaries:
         sys.exit("no finished cross-validation folds to tabulate")
@@ -798,7 +808,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             sys.exit(f"error: {e}")
     # A CV run is complete once bcjax.cv has written its summary.
     done_file = CV_DONE if cv_mode else "results.json"
-    todo = [r for r in plan if args.rerun or not (workdir / f"dev{r['devices']}" / done_file).exists()]
+    todo = [r for r in plan if args.rerun or not _is_done(workdir / f"dev{r['devices']}" / done_file)]
     if todo and not args.report_only:
         overrides = list(overrides) + shared_synthetic_data(config, overrides, workdir)
     def train(run):

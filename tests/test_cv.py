@@ -226,7 +226,7 @@ def test_fold_configs_share_one_data_folder_and_refuse_other_studies(tmp_path):
     other = cv.fold_config(_tiny_config(tmp_path, dataset="synthetic", image_size=48), 2, source)
     with pytest.raises(cv.CrossValidationError, match="image_size"):
         cv._check_complete_fold({"config": other.to_dict()}, fold, 2)
-    with pytest.raises(ValueError, match="split_manifest"):
+    with pytest.raises(cv.CrossValidationError, match="split_manifest"):
         cv.run_cross_validation(_tiny_config(tmp_path, split_manifest="m.json"), tmp_path / "cv")
 
 
@@ -252,6 +252,13 @@ def study(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "train_and_evaluate", counted)
+        # One fold alone (config.cv.fold = 0, as one job of a cluster array would):
+        # no report yet, and the whole study below reuses it.
+        single = _tiny_config(root)
+        single.cv.fold = 0
+        assert cv.run_cross_validation(single, workdir) is None
+        single_calls = list(calls)
+        calls.clear()
         with pytest.raises(cv.Interrupted):
             cv.run_cross_validation(_tiny_config(root), workdir, _stop_after_fold=1)
         first_calls = list(calls)
@@ -263,12 +270,13 @@ def study(tmp_path_factory):
         again = cv.run_cross_validation(_tiny_config(root), workdir)
         third_calls = calls[len(first_calls) + len(second_calls):]
     return {"root": root, "workdir": workdir, "summary": summary, "again": again, "finished": finished,
-            "calls": (first_calls, second_calls, third_calls)}
+            "calls": (first_calls, second_calls, third_calls), "single_calls": single_calls}
 
 
 def test_resume_skips_finished_folds(study):
     first, second, third = study["calls"]
-    assert first == [0, 1] and second == [2] and third == []
+    assert study["single_calls"] == [0]
+    assert first == [1] and second == [2] and third == []
     for k, (content, mtime) in study["finished"].items():
         path = study["workdir"] / f"fold_{k}" / "results.json"
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime

@@ -79,6 +79,10 @@ def test_auto_without_busi_falls_back_loudly(tmp_path):
     from bcjax.train import datasets
     source = datasets.resolve_source(config, tmp_path)
     assert source["dataset"] == "synthetic" and "SYNTHETIC" in source["warning"]
+    # The workdir's generated set of other settings: a message, not a FileExistsError.
+    config.synthetic_num = 30
+    with pytest.raises(datasets.busi.BusiError, match="other settings.*fresh_start"):
+        datasets.resolve_source(config, tmp_path)
 
 
 def test_restart_resumes_to_the_same_parameters(tiny_busi, tmp_path):

@@ -32,9 +32,18 @@ if not (repo / "configs" / "default.py").is_file():
         raise FileNotFoundError(f"No bcjax checkout at {repo}; set REPO_DIR or INSTALL = True.")
     print(f"Cloning {REPO_URL} into {repo} ...")
     subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(repo)], check=True)
-if INSTALL and importlib.util.find_spec("grain") is None:
-    # Colab ships JAX for its accelerator; pip keeps it and adds the rest of the stack.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(repo)], check=True)
+import importlib.metadata as metadata
+
+def installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+if INSTALL and installed("bcjax") is None:
+    # Colab ships JAX built for its accelerator: pin it, so pip only adds the rest of the stack.
+    pins = [f"{p}=={installed(p)}" for p in ("jax", "jaxlib") if installed(p)]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(repo), *pins], check=True)
 sys.path.insert(0, str(repo))  # an editable install is only seen after a restart
 print("bcjax from", repo)
 '''
@@ -169,7 +178,7 @@ def scaling():
             "BUSI. This notebook trains the same configuration on 1, 2, 4, ... devices with the same seed "
             "and tabulates accuracy, wall time, speedup and efficiency, with each step split into "
             "compute, exposed collective time and input wait.\n\n"
-            "* A **TPU** runtime has 8 cores: real measurements on 1, 2, 4 and 8.\n"
+            "* A **TPU** runtime: real measurements on 1, 2, 4, ... up to its core count.\n"
             "* A **GPU** runtime has one GPU: it runs one device and predicts 2-8 GPUs with the ring "
             "all-reduce model from the measured compute.\n"
             "* A **CPU** runtime simulates the devices on the host's cores: the accuracy columns are real, "
@@ -197,7 +206,7 @@ def scaling():
             "process at a time), so this kernel asks a short-lived process what the runtime has."),
         v4.new_code_cell(
             "from bcjax import runtime\n"
-            "platform, count, kind = runtime.probe_devices()\n"
+            "platform, count, kind, dtype = runtime.probe_devices()\n"
             "print(f\"{count} x {kind} ({platform})\")\n"
             "if DEVICES == \"auto\":\n"
             "    top = count if platform != \"cpu\" else 4\n"
@@ -210,6 +219,7 @@ def scaling():
             "config_file = repo / \"configs\" / (\"default.py\" if accelerator else \"quickstart.py\")\n"
             "overrides = [f\"--config.model={MODEL}\", f\"--config.num_epochs={epochs}\",\n"
             "             f\"--config.warmup_epochs={min(5, epochs - 1)}\", f\"--config.image_size={size}\",\n"
+            "             f\"--config.dtype={dtype}\",  # float32 on GPUs without fast bf16 (e.g. a T4)\n"
             "             \"--config.dataset=synthetic\", f\"--config.synthetic_num={SYNTHETIC_NUM}\", *EXTRA]\n"
             "print(\"device counts:\", devices, \"| epochs:\", epochs, \"| image size:\", size)"),
         v4.new_markdown_cell(
@@ -223,6 +233,8 @@ def scaling():
             "       *overrides]\n"
             "print(\" \".join(cmd))\n"
             "env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get(\"PYTHONPATH\", \"\")]))\n"
+            "if platform == \"cpu\":\n"
+            "    env[\"JAX_PLATFORMS\"] = \"cpu\"  # simulated devices, even where a GPU plugin is installed\n"
             "# Streamed line by line: a notebook does not show a child process's own output.\n"
             "proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)\n"
             "for line in proc.stdout:\n"

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 # What a resumed run must share with the checkpoint: the model, and what a step
 # number means (batch size, image size, data).
 IDENTITY_FIELDS = ("model", "width", "width_multiplier", "global_batch_size", "image_size", "dataset",
-                   "data_dir", "split_seed", "split_fractions", "exclude_conflicts", "synthetic_num", "cv")
+                   "data_dir", "split_seed", "split_fractions", "exclude_conflicts", "synthetic_num",
+                   "synthetic_seed", "cv", "pretrained")
 
 
 class CheckpointMismatchError(ValueError):

@@ -44,7 +44,12 @@ def resolve_source(config, workdir: pathlib.Path) -> dict:
         return {"dataset": "busi", "path": str(root), "warning": None}
     out = workdir / "synthetic"
     log.info("Generating the synthetic BUSI-like set (%d images) into %s ...", config.synthetic_num, out)
-    root = synthetic.generate(out, num=config.synthetic_num, seed=config.synthetic_seed)
+    try:
+        root = synthetic.generate(out, num=config.synthetic_num, seed=config.synthetic_seed)
+    except FileExistsError as e:
+        raise busi.BusiError(f"{out} holds a synthetic set generated with other settings (synthetic_num or "
+                             "synthetic_seed) by an earlier run; use another workdir, or pass "
+                             "--config.fresh_start=True to move the earlier run aside.") from e
     warning = SYNTHETIC_WARNING if config.dataset == "auto" else None
     if warning:
         log.warning("\n%s\n%s\n%s", "!" * 78, warning, "!" * 78)

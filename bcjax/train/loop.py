@@ -99,7 +99,7 @@ def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int, *, w
 # What a run writes into its workdir; fresh_start moves all of it aside.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "results.json", "timing.json", "manifest.json",
              "learning_curves.png", "confusion_matrix.png", "val_predictions.npz", "test_predictions.npz",
-             "tensorboard")
+             "tensorboard", "synthetic")
 
 
 def is_same_run(workdir: pathlib.Path, config) -> bool:
@@ -149,7 +149,10 @@ def evals_since_best(history: list, metric: str) -> int:
 def load_pretrained(config, state):
     """The torchvision weights of config.pretrained in place of the initial params."""
     from bcjax.models import convert  # only runs that ask for it pay for the converter
-    variables = convert.load_pretrained(config.model, config.pretrained, 3, state.variables)
+    try:
+        variables = convert.load_pretrained(config.model, config.pretrained, 3, state.variables)
+    except (ValueError, ImportError) as e:  # weights of another model; a .pth without torch
+        raise config_check.ConfigError(f"config.pretrained={config.pretrained!r}: {e}") from e
     log.info("Fine-tuning from the torchvision weights in %s (new %d-class head).", config.pretrained, 3)
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
