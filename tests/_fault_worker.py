@@ -31,24 +31,9 @@ DONE_MARK = "FAULT_WORKER_DONE"
 
 
 def tiny_config(data_dir, **overrides):
-    """The tiny run of tests/test_loop.py: 32 px, global batch 8, a checkpoint every epoch."""
-    import importlib
-    config = importlib.import_module("configs.quickstart").get_config()
-    config.dataset = "busi"
-    config.data_dir = str(data_dir)
-    config.width = 4
-    config.image_size = 32
-    config.global_batch_size = 8
-    config.num_epochs = NUM_EPOCHS
-    config.warmup_epochs = 1
-    config.checkpoint_every_epochs = 1
-    config.log_every_steps = 2
-    config.timing_breakdown = False
-    config.num_devices = 2
-    for k, v in overrides.items():
-        config[k] = v
-    return config
-
+    """The tiny run of tests/_tiny.py on 2 devices, NUM_EPOCHS epochs."""
+    from _tiny import tiny_config as shared
+    return shared(data_dir, **{"num_epochs": NUM_EPOCHS, "num_devices": 2, **overrides})
 
 def tiny_model(config, *, dtype=None):
     """Stands in for loop.create_model: bcjax's ResNet cut to two stages of one

@@ -6,7 +6,6 @@ fold and resumed) serves the end-to-end checks: split, resume, aggregate,
 ensemble.
 """
 import csv
-import importlib
 import json
 import math
 import pathlib
@@ -194,19 +193,9 @@ FOLDS = 3
 
 
 def _tiny_config(data_dir, **overrides):
-    config = importlib.import_module("configs.quickstart").get_config()
-    config.dataset = "busi"
-    config.data_dir = str(data_dir)
-    config.width = 4
-    config.image_size = 32
-    config.dtype = "float32"
-    config.num_devices = 1
-    config.global_batch_size = 8
-    config.num_epochs = 2
-    config.warmup_epochs = 1
-    config.checkpoint_every_epochs = 1
-    config.log_every_steps = 100
-    config.timing_breakdown = False
+    """tests/_tiny.py's run, 1 device, 2 epochs, as a FOLDS-fold study."""
+    from _tiny import tiny_config
+    config = tiny_config(data_dir, num_devices=1, num_epochs=2, log_every_steps=100)
     # Compiling is what this test waits for; augmentation only adds to it.
     config.augment.enabled = False
     config.cv.folds = FOLDS
@@ -214,7 +203,6 @@ def _tiny_config(data_dir, **overrides):
     for k, v in overrides.items():
         config[k] = v
     return config
-
 
 def test_fold_configs_share_one_data_folder_and_refuse_other_studies(tmp_path):
     config = _tiny_config(tmp_path / "elsewhere", dataset="synthetic")

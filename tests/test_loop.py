@@ -1,5 +1,4 @@
 """The training loop end to end on a tiny config: outputs, resume, restore elsewhere."""
-import importlib
 import json
 import pathlib
 import sys
@@ -11,6 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _tiny import tiny_config  # noqa: E402
 from bcjax.data import synthetic  # noqa: E402
 from bcjax.train import loop  # noqa: E402
 
@@ -19,23 +19,6 @@ from bcjax.train import loop  # noqa: E402
 def tiny_busi(tmp_path_factory):
     out = tmp_path_factory.mktemp("busi")
     return synthetic.generate(out, num=48, seed=0, min_size=40, max_size=56)
-
-
-def tiny_config(data_dir, **overrides):
-    config = importlib.import_module("configs.quickstart").get_config()
-    config.dataset = "busi"
-    config.data_dir = str(data_dir)
-    config.width = 4
-    config.image_size = 32
-    config.global_batch_size = 8
-    config.num_epochs = 3
-    config.warmup_epochs = 1
-    config.checkpoint_every_epochs = 1
-    config.log_every_steps = 2
-    config.timing_breakdown = False
-    for k, v in overrides.items():
-        config[k] = v
-    return config
 
 
 def _final_params(workdir):
