@@ -105,7 +105,7 @@ def phashes(examples: Sequence[Example], workers: int | None = None, cache_dir=N
     if cache_file is not None:
         new = {key(ex): f"{int(h):016x}" for ex, h in zip(examples, out)}
         if any(disk.get(k) != v for k, v in new.items()):
-            _write_json_atomic({**disk, **new}, cache_file)
+            write_json_atomic({**disk, **new}, cache_file)
     return out
 
 
@@ -267,14 +267,16 @@ def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 
 # ----------------------------------------------------------------------------- manifests
 
 
-def _write_json_atomic(obj, path) -> pathlib.Path:
-    """Temp file then rename: a crash leaves the old file or none, never half a file."""
+def write_json_atomic(obj, path, *, default=None) -> pathlib.Path:
+    """Temp file then rename: a crash leaves the old file or none, never half a file.
+
+    ``default``: as json.dump's, for values JSON has no type for."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=1, default=default)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -286,7 +288,7 @@ def _write_json_atomic(obj, path) -> pathlib.Path:
 
 def save_manifest(manifest: dict, path) -> pathlib.Path:
     """Writes the split as JSON (atomically); load_manifest + select reproduce it."""
-    return _write_json_atomic(manifest, path)
+    return write_json_atomic(manifest, path)
 
 
 def load_manifest(path) -> dict:

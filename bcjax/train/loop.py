@@ -358,7 +358,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     timing_path = workdir / "timing.json"
     if is_main and not finished:
         # Written now too, so that a kill during the test or the breakdown loses no timing.
-        _write_json_atomic(timing_path, {**chrono.summary(), "train_wall_s": train_wall})
+        splits.write_json_atomic({**chrono.summary(), "train_wall_s": train_wall}, timing_path, default=str)
 
     best_step = ckpt.best_step()
     best_state, _, _ = ckpt.restore(best_step, state)
@@ -419,7 +419,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
 
 def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped) -> None:
     if timing is not None:
-        _write_json_atomic(workdir / "timing.json", timing)
+        splits.write_json_atomic(timing, workdir / "timing.json", default=str)
     curves = [{"epoch": h["epoch"], "train": h["train"], **({"val": h["val"]} if "val" in h else {})}
               for h in history]
     plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch,
@@ -427,10 +427,5 @@ def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped)
                                title=f"early stop: {stopped['reason']}" if stopped else None)
     plots.plot_confusion_matrix(np.asarray(test["confusion_matrix"]), test["class_names"],
                                 workdir / "confusion_matrix.png")
-    _write_json_atomic(workdir / "results.json", results)
+    splits.write_json_atomic(results, workdir / "results.json", default=str)
 
-
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
