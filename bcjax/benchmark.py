@@ -10,6 +10,11 @@ then times ``--steps`` synchronised steps after ``--warmup``; one line per
 case as it finishes, a Markdown table at the end, CSV and JSON in ``--out``.
 ``--input`` adds the host input pipeline's throughput (bcjax.data.throughput).
 On a CPU, device counts above 1 are simulated: the output says so.
+
+``--ablate`` times instead, on one device, a ladder of steps from a plain
+anchor-like step up to bcjax's (bcjax.timing.ablation): what the model
+definition and each extra of the step (uint8 input, metrics, gradient norm,
+NaN/Inf guard, shard_map) cost. Writes ablation.csv/.json/.md.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="interconnect presets for the ring all-reduce prediction ('' = none)")
     p.add_argument("--anchors", default=None, metavar="JSONL",
                    help="JSON lines of ../shared/bench/anchor_step.py from the same machine: adds ratios")
+    p.add_argument("--ablate", action="store_true",
+                   help="one device: time the step ladder of bcjax.timing.ablation instead")
     p.add_argument("--input", action="store_true", help="also measure the host input pipeline")
     p.add_argument("--input-images", type=int, default=512)
     p.add_argument("--input-workers", type=int, default=None)
@@ -82,14 +89,12 @@ def random_batch(global_batch: int, image_size: int, seed: int = 0) -> dict:
             "index": np.arange(global_batch, dtype=np.int32)}
 
 
-def run_case(model_name: str, per_device_batch: int, num_devices: int, args) -> dict:
-    """One model x batch x device count: the breakdown dict plus the case."""
-    import jax
+def _model_and_state(model_name: str, num_devices: int, args):
+    """The model, its optimizer and a fresh TrainState on a mesh of num_devices."""
     import jax.numpy as jnp
 
     import bcjax.models
-    from bcjax.parallel import mesh as mesh_lib, strategies
-    from bcjax.timing import breakdown
+    from bcjax.parallel import mesh as mesh_lib
     from bcjax.train import optim, state as state_lib
 
     mesh = mesh_lib.make_mesh(num_devices)
@@ -97,7 +102,17 @@ def run_case(model_name: str, per_device_batch: int, num_devices: int, args) -> 
                                 **_model_kwargs(model_name, args))
     tx, _ = optim.make_optimizer(steps_per_epoch=100, num_epochs=1, optimizer="sgd",
                                  learning_rate=0.01, momentum=0.9)
-    state = state_lib.create_train_state(model, tx, 0, args.image_size, mesh)
+    return mesh, model, tx, state_lib.create_train_state(model, tx, 0, args.image_size, mesh)
+
+
+def run_case(model_name: str, per_device_batch: int, num_devices: int, args) -> dict:
+    """One model x batch x device count: the breakdown dict plus the case."""
+    import jax
+
+    from bcjax.parallel import strategies
+    from bcjax.timing import breakdown
+
+    mesh, model, tx, state = _model_and_state(model_name, num_devices, args)
     augment_cfg = None
     if args.augment:
         from bcjax.data import augment
@@ -277,11 +292,56 @@ def write_outputs(out: pathlib.Path, header: str, simulated: bool, args, rows: S
     (out / "benchmark.md").write_text(f"{header}\n\n{markdown_table(rows)}\n{note}")
 
 
+def run_ablation(args, models: Sequence[str], batches: Sequence[int], header: str) -> list[dict]:
+    """--ablate: the step ladder per model x batch on one device; tables and files."""
+    import jax
+
+    from bcjax.timing import ablation
+
+    anchors = load_anchors(args.anchors) if args.anchors else {}
+    rows, lines, facts = [], [], {}
+    for model_name in models:
+        for b in batches:
+            t0 = time.perf_counter()
+            try:
+                _, model, _, state = _model_and_state(model_name, 1, args)
+                result = ablation.ladder(model, state, random_batch(b, args.image_size), jax.random.key(0),
+                                         warmup=args.warmup, iters=args.steps)
+            except Exception as e:  # e.g. out of memory: keep the other cases
+                logging.exception("ablation %s b=%d failed", model_name, b)
+                lines.append(f"{model_name} b={b}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                print(lines[-1], flush=True)
+                continue
+            facts = {k: v for k, v in result.items() if k != "rows"}
+            case = [{"model": model_name, **r} for r in ablation.format_rows(result["rows"])]
+            rows.extend(case)
+            print(markdown_table(case, ablation.COLUMNS) + f"\n[{time.perf_counter() - t0:.0f} s]", flush=True)
+            line = ablation.anchor_line(model_name, b, result["rows"], anchors)
+            if line:
+                lines.append(line)
+                print(line, flush=True)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "ablation.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=ablation.COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: r.get(c) for c in ablation.COLUMNS})
+        (out / "ablation.json").write_text(json.dumps(
+            {"header": header, "device": facts, "args": vars(args), "rows": rows, "anchor_lines": lines},
+            indent=1, default=str))
+        (out / "ablation.md").write_text(f"{header}\n\n{markdown_table(rows, ablation.COLUMNS)}\n\n"
+                                         + "".join(f"- {line}\n" for line in lines))
+        print(f"\nwrote {out / 'ablation.csv'}, ablation.json, ablation.md")
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     batches = _csv_ints(args.batch)
-    device_counts = _csv_ints(args.devices)
+    device_counts = [1] if args.ablate else _csv_ints(args.devices)
 
     from bcjax.timing import devices as devices_lib
     devices_lib.ensure_devices(max(device_counts))  # before JAX starts
@@ -303,6 +363,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
               f"{have} x {info['device_kind']} ({info['platform']}), strategy {args.strategy}, "
               f"{args.steps} timed steps after {args.warmup} warm-up, synthetic in-memory data"
               + (", with augmentation" if args.augment else ""))
+    if args.ablate:
+        header = header.replace("bcjax benchmark", "bcjax step ablation (one device)")
+        print(header, flush=True)
+        return run_ablation(args, models, batches, header)
     print(header, flush=True)
     if simulated:
         print("NOTE: " + breakdown.SIMULATED_NOTE, flush=True)

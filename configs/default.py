@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.split_manifest = ""  # a saved manifest.json reproduces a split exactly
     c.exclude_conflicts = False  # drop duplicate groups filed under two classes
     c.balanced_sampling = False
+    # Keep the training images on every device and send only indices per step:
+    # "auto" does so on accelerators when they take at most 1 GiB; "yes" | "no".
+    c.input_on_device = "auto"
 
     # k-fold cross-validation (bcjax.cv): folds >= 2 trains one model per fold
     # in workdir/fold_<k>, validating on that fold; the test part

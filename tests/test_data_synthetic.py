@@ -1,6 +1,10 @@
 """Synthetic BUSI-like generator: layout, ratio, determinism, atomic writes."""
 import json
+import logging
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -55,6 +59,40 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         synthetic.generate(tmp_path, num=4, seed=0, min_size=40, max_size=48)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_folders(tmp_path, monkeypatch, caplog):
+    """A killed generation's folders go at the next one; live or foreign ones stay."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()  # reaped: no process has this pid now (barring an instant reuse)
+    host, name = synthetic._host(), busi.DATASET_DIRNAME
+    planted = {
+        "dead_tmp": f".{name}.{host}.{dead.pid}.k3x_9abc.tmp",
+        "dead_old": f".{name}.{host}.{dead.pid}.old",
+        "live_tmp": f".{name}.{host}.{os.getpid()}.q1w2e3r4.tmp",  # a live writer's
+        "other_host": f".{name}.not-{host}.{dead.pid}.a1b2c3d4.tmp",  # its pid means nothing here
+        "no_owner": f".{name}.abc12345.tmp",  # made before owners were recorded
+    }
+    for folder in planted.values():
+        (tmp_path / folder / "benign").mkdir(parents=True)
+        (tmp_path / folder / "benign" / "benign (1).png").write_bytes(b"partial")
+    # The folder this run writes into is named so that it would be kept too.
+    seen, write_one = [], synthetic._write_one
+
+    def recording_write_one(folder, *args):
+        seen.append(folder)
+        write_one(folder, *args)
+
+    monkeypatch.setattr(synthetic, "_write_one", recording_write_one)
+    with caplog.at_level(logging.WARNING, logger=synthetic.__name__):
+        synthetic.generate(tmp_path, num=3, seed=0, min_size=40, max_size=48)
+    own = synthetic._OWNED.fullmatch(seen[0].name)
+    assert own and (own["host"], int(own["pid"])) == (host, os.getpid())
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {busi.DATASET_DIRNAME} | {planted[k] for k in ("live_tmp", "other_host", "no_owner")}
+    removed = " ".join(r.getMessage() for r in caplog.records)
+    assert planted["dead_tmp"] in removed and planted["dead_old"] in removed
+    assert planted["live_tmp"] not in removed
 
 
 def test_cli(tmp_path, capsys):

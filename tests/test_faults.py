@@ -32,7 +32,7 @@ import pytest
 
 from _fault_worker import DONE_MARK, KILLED_MARK, NUM_EPOCHS, tiny_config, tiny_model
 from bcjax.data import synthetic
-from bcjax.train import checkpoint, loop
+from bcjax.train import checkpoint, loop, writers
 
 WORKER = pathlib.Path(__file__).with_name("_fault_worker.py")
 REPO = WORKER.parents[1]
@@ -138,6 +138,19 @@ def test_every_epoch_is_logged_once(killed_run):
     workdir, runs, _ = killed_run
     epochs = [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, NUM_EPOCHS + 1)), _logs(runs)
+
+
+def test_tensorboard_holds_every_epoch_once(killed_run, reference):
+    # A kill inside a checkpoint's finalize comes after that epoch's events
+    # were written: the restart redoes the epoch and must drop the old events.
+    workdir, runs, _ = killed_run
+    assert writers.logged_steps(workdir) == writers.logged_steps(reference[0]), _logs(runs)
+
+
+def test_wall_time_counts_every_process(killed_run):
+    workdir, runs, _ = killed_run
+    got = json.loads((workdir / "results.json").read_text())
+    assert got["wall_time_s"] > got["wall_time_s_this_process"] > 0
 
 
 class _Killed(BaseException):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 from _tiny import tiny_config  # noqa: E402
 from bcjax.data import synthetic  # noqa: E402
-from bcjax.train import loop  # noqa: E402
+from bcjax.train import loop, writers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,8 @@ def _final_params(workdir):
 
 
 def test_run_writes_its_outputs(tiny_busi, tmp_path):
-    results = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2, timing_breakdown=True), tmp_path)
+    results = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2, timing_breakdown=True,
+                                                  input_on_device="yes"), tmp_path)
     for name in ("results.json", "timing.json", "manifest.json", "metrics.jsonl",
                  "learning_curves.png", "confusion_matrix.png"):
         assert (tmp_path / name).is_file(), name
@@ -50,6 +51,7 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
     assert {"train/loss", "train/accuracy", "val/accuracy", "val/macro_f1", "lr"} <= set(lines[0])
 
     timing = json.loads((tmp_path / "timing.json").read_text())
+    assert timing["input_on_device"] is True and saved["input_on_device"] is True
     assert timing["compile"]["train_step"]["compile_s"] > 0
     assert timing["steps_total"] == 3 * saved["steps_per_epoch"]
     from bcjax.timing import breakdown
@@ -72,19 +74,29 @@ def test_restart_resumes_to_the_same_parameters(tiny_busi, tmp_path):
     straight = tmp_path / "straight"
     loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), straight)
     interrupted = tmp_path / "interrupted"
+    # The interrupted run keeps its images on the devices (straight: sent from
+    # the host every step): same batches, so the same parameters too.
+    on_device = tiny_config(tiny_busi, num_devices=2, input_on_device="yes")
     with pytest.raises(loop.Interrupted):
-        loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), interrupted, _stop_after_epoch=2)
-    loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), interrupted)
+        loop.train_and_evaluate(on_device, interrupted, _stop_after_epoch=2)
+    resumed = loop.train_and_evaluate(on_device, interrupted)
+    assert resumed["input_on_device"] and not json.loads((straight / "results.json").read_text())["input_on_device"]
+    # The wall time counts the killed process up to its checkpoint too.
+    timing = json.loads((interrupted / "timing.json").read_text())
+    assert resumed["wall_time_s"] == timing["train_wall_s"] > resumed["wall_time_s_this_process"] > 0
+    assert timing["train_wall_s_this_process"] == resumed["wall_time_s_this_process"]
     a, b = _final_params(straight), _final_params(interrupted)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
     logged = [json.loads(l)["epoch"] for l in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3]  # the resumed epochs are not logged twice
+    assert writers.logged_steps(interrupted) == writers.logged_steps(straight)  # nor in TensorBoard
 
     # Running a finished workdir again re-evaluates without training or re-timing.
     timing_before = (interrupted / "timing.json").read_text()
     again = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), interrupted)
     assert (interrupted / "timing.json").read_text() == timing_before
     assert again["test"]["accuracy"] == json.loads((straight / "results.json").read_text())["test"]["accuracy"]
+    assert again["wall_time_s"] == resumed["wall_time_s"]
 
 
 def test_workdir_of_another_run_is_refused_unless_forced(tiny_busi, tmp_path):

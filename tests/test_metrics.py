@@ -312,3 +312,142 @@ def test_class_predicted_but_absent_counts_in_macro_f1():
     assert report["balanced_accuracy"] == pytest.approx((0.5 + 1) / 2)
     assert report["per_class"]["malignant"]["auc"] is None
     assert_matches_reference(report, probs, labels, 3, NAMES)
+
+
+def _random_train_steps(rng, n_steps):
+    """Step dicts as a train step might give them (JAX scalars, scanned [k]
+    arrays, a pmap-like [2] grad_norm, numpy values, optional keys), and the
+    same values as float64 numpy arrays for the reference."""
+    steps, plain = [], []
+    for i in range(n_steps):
+        k = (1, 2, 3)[i % 3]  # 1: a plain scalar step; 2, 3: scanned steps
+        shape = () if k == 1 else (k,)
+        count = rng.integers(10, 65, size=shape)
+        weights = rng.uniform(0.2, 3.0, size=shape)
+        values = {
+            "loss": rng.uniform(0, 3, size=shape),  # ignored by the accumulator
+            "loss_sum": rng.uniform(0, 3, size=shape) * weights * count,
+            "weight_sum": weights * count,
+            "correct": rng.integers(0, count + 1, size=shape),
+            "count": count,
+            "grad_norm": rng.uniform(0, 5, size=(2,) if i % 2 else ()),
+            "grads_finite": rng.random(size=shape) < 0.7,
+        }
+        if i % 4 == 1:
+            del values["weight_sum"]  # unweighted step: loss_sum / count
+        if i % 5 != 2:
+            values["aux_sum"] = rng.normal(size=shape) * count
+        if i % 3 == 0:
+            values["learning_rate"] = rng.uniform(0, 0.1)
+        step = {}
+        for key, v in values.items():
+            v = np.asarray(v)
+            dtype = (bool if v.dtype == bool else
+                     np.int32 if v.dtype.kind == "i" else np.float32)
+            if key == "aux_sum" and i % 7 == 3:
+                step[key] = v.astype(np.float32)  # a numpy value, summed on host
+            elif key == "learning_rate":
+                step[key] = float(v)  # a Python float
+            else:
+                step[key] = jnp.asarray(v, dtype)
+        steps.append(step)
+        plain.append({key: np.asarray(np.asarray(v), np.float64)
+                      for key, v in step.items()})
+    return steps, plain
+
+
+def _reference_train_metrics(plain):
+    """The docstring's rules, step by step, in float64."""
+    num, den = {}, {}
+
+    def add(name, total, n):
+        num[name] = num.get(name, 0.0) + total
+        den[name] = den.get(name, 0.0) + n
+
+    for s in plain:
+        count = s["count"].sum()
+        add("loss", s["loss_sum"].sum(),
+            s["weight_sum"].sum() if "weight_sum" in s else count)
+        add("accuracy", s["correct"].sum(), count)
+        add("count", count, 1)
+        for key, v in s.items():
+            if key in ("loss", "loss_sum", "weight_sum", "correct", "count"):
+                continue
+            if key.endswith("_sum"):
+                add(key[:-4], v.sum(), count)
+            else:
+                add(key, v.sum(), v.size)
+    ref = {name: num[name] / den[name] for name in num if name != "count"}
+    ref["count"] = int(num["count"])
+    ref["steps"] = len(plain)
+    return ref
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_train_accumulator_matches_float64_reference(monkeypatch, chunk):
+    if chunk is not None:  # several chunks, the last one partly filler
+        monkeypatch.setattr(metrics, "_CHUNK", chunk)
+    steps, plain = _random_train_steps(np.random.default_rng(11), 21)
+    acc = metrics.TrainAccumulator()
+    for step in steps:
+        acc.update(step)
+    out = acc.compute()
+    ref = _reference_train_metrics(plain)
+    assert set(out) == set(ref)
+    assert out["count"] == ref["count"] and out["steps"] == 21
+    for key in ref:
+        assert isinstance(out[key], int if key in ("count", "steps") else float)
+        assert out[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
+    assert out == acc.compute()  # compute does not consume the buffer
+    # A NaN step makes the mean undefined (None), not NaN.
+    acc.update({**steps[0], "loss_sum": jnp.float32(np.nan)})
+    assert acc.compute()["loss"] is None
+    json.dumps(acc.compute(), allow_nan=False)
+
+
+def test_train_accumulator_update_does_no_device_work(monkeypatch):
+    @jax.jit
+    def train_step(i):
+        f = i.astype(jnp.float32)
+        return {"loss": f, "loss_sum": 64 * f, "weight_sum": 64 + f,
+                "correct": 3 * i, "count": 64 + 0 * i, "grad_norm": 2 * f,
+                "grads_finite": f > 0}
+
+    calls = []
+    reduce_chunk = metrics._reduce_chunk
+    monkeypatch.setattr(metrics, "_reduce_chunk",
+                        lambda *a: calls.append(1) or reduce_chunk(*a))
+    acc = metrics.TrainAccumulator()
+    # Any computation on, or read of, a deleted array raises, and the guard
+    # refuses every implicit transfer: update may only keep references.
+    dead = [train_step(jnp.int32(i)) for i in range(5)]
+    jax.block_until_ready(dead)
+    for step in dead:
+        for value in step.values():
+            value.delete()
+    with jax.transfer_guard("disallow"):
+        for step in dead:
+            acc.update(step)
+    assert calls == []
+    assert len(acc._buffer) == 5
+
+    # compute(): one reducer call per chunk of steps, compiled once for a set
+    # of keys and shapes whatever the number of steps of the epoch.
+    cache_before = None
+    for n_steps in (2 * metrics._CHUNK + 3, metrics._CHUNK + 5):
+        acc.reset()
+        calls.clear()
+        live = [train_step(jnp.int32(i)) for i in range(n_steps)]
+        for step in live:
+            acc.update(step)
+        assert calls == []
+        out = acc.compute()
+        assert len(calls) == -(-n_steps // metrics._CHUNK)
+        if cache_before is None:
+            cache_before = reduce_chunk._cache_size()
+        else:
+            assert reduce_chunk._cache_size() == cache_before
+        assert out["count"] == 64 * n_steps and out["steps"] == n_steps
+        assert out["grads_finite"] == pytest.approx((n_steps - 1) / n_steps)
+        assert out["accuracy"] == pytest.approx(
+            3 * sum(range(n_steps)) / (64 * n_steps))

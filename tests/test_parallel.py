@@ -243,3 +243,21 @@ def test_state_is_donated_and_replicated():
     assert int(new_state.step) == 1
     for x in jax.tree.leaves(new_state):
         assert x.sharding.is_fully_replicated and len(x.sharding.device_set) == 8
+
+
+@pytest.mark.parametrize("strategy", ["shard_map", "pmap", "jit"])
+def test_images_kept_on_device_arrive_as_the_host_would_send_them(strategy):
+    mesh = make_mesh(8)
+    steps = strategies.build_steps(strategy, mesh, make_model("tiny_resnet"))  # never run: only shard_batch
+    rs = np.random.default_rng(0)
+    table = rs.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    index = rs.permutation(40)[:16].astype(np.int32)
+    host = {"image": table[index], "label": np.zeros(16, np.int32), "index": index}
+    sent = steps.shard_batch(host)
+    gathered = strategies.on_device_images(table, mesh)(
+        steps.shard_batch({k: v for k, v in host.items() if k != "image"}))
+    assert gathered["image"].shape == sent["image"].shape
+    assert gathered["image"].sharding.is_equivalent_to(sent["image"].sharding, sent["image"].ndim)
+    np.testing.assert_array_equal(np.asarray(gathered["image"]), np.asarray(sent["image"]))
+    for shard in gathered["image"].addressable_shards:  # each device holds its own rows
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(sent["image"])[shard.index])

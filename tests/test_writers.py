@@ -196,6 +196,106 @@ def test_reserved_names_and_unserialisable_values(tmp_path):
                                ) == {"a": [2, True, None]}
 
 
+# ------------------------------------------------------------------ resume
+
+
+def steps_and_loss(path):
+    """[(step, train/loss)] of an event file, read by the independent reader
+    (which fails on any bad CRC or torn record)."""
+    events = read_events(path)
+    assert events[0].file_version == "brain.Event:2"
+    return [(e.step, e.summary.value[0].simple_value) for e in events[1:]]
+
+
+def log_steps(logdir, steps, loss, **kwargs):
+    with writers.MetricWriter(logdir, **kwargs) as w:
+        for step in steps:
+            w.write_scalars(step, {"train/loss": loss + step})
+        return w.event_file
+
+
+def test_resume_drops_events_after_the_checkpoint(tmp_path):
+    old = log_steps(tmp_path, range(1, 7), 0.0)
+    new = log_steps(tmp_path, range(4, 7), 100.0, resume_step=3)
+    assert old != new and old.parent == new.parent
+    # Steps 1-3 once from the first run, then 4-6 once from the resumed one.
+    assert (steps_and_loss(old) + steps_and_loss(new) ==
+            [(1, 1.0), (2, 2.0), (3, 3.0), (4, 104.0), (5, 105.0), (6, 106.0)])
+    assert sorted(p.name for p in old.parent.iterdir()) == sorted(
+        [old.name, new.name])  # no temporary file left
+    # A second resume at the same step changes nothing it need not change.
+    before = old.read_bytes()
+    log_steps(tmp_path, [], 0.0, resume_step=6)
+    assert old.read_bytes() == before
+
+
+def test_resume_drops_a_torn_last_record(tmp_path):
+    old = log_steps(tmp_path, range(1, 4), 0.0)
+    complete = old.read_bytes()
+    log_steps(tmp_path / "other", [4], 0.0)
+    record = writers.read_tfrecords(
+        next((tmp_path / "other/tensorboard").iterdir()))[0][1]
+    full = writers._tfrecord(record)
+    # Cut inside the length, after its CRC, inside the payload, inside its CRC.
+    for cut in (5, 12, 20, len(full) - 2):
+        old.write_bytes(complete + full[:cut])
+        payloads, torn = writers.read_tfrecords(old)
+        assert torn and [writers.event_step(p) for p in payloads] == [0, 1, 2, 3]
+    new = log_steps(tmp_path, [3], 50.0, resume_step=2)
+    assert steps_and_loss(old) == [(1, 1.0), (2, 2.0)]
+    assert steps_and_loss(new) == [(3, 53.0)]
+
+
+def test_reader_rejects_bad_crcs_and_resume_leaves_such_a_file(tmp_path):
+    old = log_steps(tmp_path, range(1, 4), 0.0)
+    data = bytearray(old.read_bytes())
+    data[-30] ^= 0xFF  # inside the last payload: the data CRC fails
+    old.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="data CRC"):
+        writers.read_tfrecords(old)
+    log_steps(tmp_path, [], 0.0, resume_step=1)  # a warning, not an error
+    assert old.read_bytes() == bytes(data)
+    data[3] ^= 0xFF  # the first record's length
+    old.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="length CRC"):
+        writers.read_tfrecords(old)
+
+
+def test_resume_step_none_keeps_everything(tmp_path):
+    old = log_steps(tmp_path, range(1, 7), 0.0)
+    before = old.read_bytes()
+    log_steps(tmp_path, range(4, 7), 100.0)
+    assert old.read_bytes() == before
+    assert [s for s, _ in steps_and_loss(old)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_event_step_reads_int64_steps_and_skips_other_fields():
+    assert writers.event_step(writers._event(1.0, 3_000_000_000)) == 3_000_000_000
+    assert writers.event_step(writers._event(1.0, -2)) == -2
+    assert writers.event_step(writers._event(1.0, file_version="x")) == 0
+    # An unknown 32-bit field (wire type 5) before the step is skipped.
+    assert writers.event_step(writers._field_float(9, 1.5) +
+                              writers._event(1.0, 7)) == 7
+
+
+def test_rewritten_event_file_reads_in_tensorboard(tmp_path):
+    # TensorBoard's own reader (a test dependency) is the independent reference.
+    from tensorboard.backend.event_processing import event_accumulator
+    old = log_steps(tmp_path, range(1, 7), 0.0)
+    log_steps(tmp_path, range(4, 7), 100.0, resume_step=3)
+
+    def scalars(path):
+        # Without TensorBoard's clean-up of out-of-order steps: the files
+        # themselves must hold each step once.
+        acc = event_accumulator.EventAccumulator(str(path), purge_orphaned_data=False)
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+    assert scalars(old) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert scalars(old.parent) == [(1, 1.0), (2, 2.0), (3, 3.0),
+                                   (4, 104.0), (5, 105.0), (6, 106.0)]
+
+
 # -------------------------------------------------------------------- plots
 
 

@@ -179,8 +179,9 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, balanced: bool = Fals
 class _Gather:
     """Picklable, thread-safe map from a global step to this process's batch."""
 
-    def __init__(self, data: ArraySet, global_batch_size, seed, local: slice, balanced):
+    def __init__(self, data: ArraySet, global_batch_size, seed, local: slice, balanced, with_images=True):
         self.data = data
+        self.with_images = with_images
         self.gbs = global_batch_size
         self.seed = seed
         self.local = local
@@ -195,11 +196,10 @@ class _Gather:
         epoch, k = divmod(int(step), self.spe)
         start = k * self.gbs
         idx = self._order(epoch)[start + self.local.start: start + self.local.stop]
-        return {
-            "image": np.take(self.data.images, idx, axis=0),
-            "label": np.take(self.data.labels, idx),
-            "index": idx.astype(np.int32),
-        }
+        batch = {"label": np.take(self.data.labels, idx), "index": idx.astype(np.int32)}
+        if self.with_images:
+            batch["image"] = np.take(self.data.images, idx, axis=0)
+        return batch
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -221,7 +221,7 @@ def _read_options(num_threads, prefetch):
 
 def train_iterator(data: ArraySet, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, balanced: bool = False, *, num_threads: int | None = None,
-                   prefetch: int | None = None) -> grain.DatasetIterator:
+                   prefetch: int | None = None, with_images: bool = True) -> grain.DatasetIterator:
     """Endless iterator of this process's slice of each global batch, epoch after epoch.
 
     Drops each epoch's remainder. Elements: {"image": uint8 [B/P, S, S, 3],
@@ -229,11 +229,13 @@ def train_iterator(data: ArraySet, global_batch_size: int, seed: int, process_in
     get_state()/set_state() restore the position exactly (state = next global step).
     num_threads/prefetch: Grain read threads and buffered batches (default: 2 threads,
     none on hosts with <= 2 CPUs; prefetch >= threads).
+    with_images=False leaves "image" out: the loop then gathers the rows from a
+    copy of the images kept on the devices (``strategies.on_device_images``).
     """
     local = _local_slice(global_batch_size, process_index, process_count)
     if steps_per_epoch(len(data), global_batch_size) < 1:
         raise ValueError(f"global batch {global_batch_size} is larger than the {len(data)} training examples")
-    gather = _Gather(data, global_batch_size, seed, local, balanced)
+    gather = _Gather(data, global_batch_size, seed, local, balanced, with_images)
     ds = grain.MapDataset.range(gather.spe).repeat().map_with_index(gather)
     return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -32,6 +35,8 @@ from bcjax.data.busi import CLASSES, DATASET_DIRNAME, SYNTHETIC_MARKER
 
 BUSI_COUNTS = (133, 437, 210)  # normal, benign, malignant in the real set
 GENERATOR_VERSION = 3  # part of every image seed and of the marker: a new version is a new set
+
+log = logging.getLogger(__name__)
 
 
 def class_counts(num: int) -> tuple[int, ...]:
@@ -377,6 +382,58 @@ def _write_one(folder: pathlib.Path, seed, label, number, min_size, max_size, co
         folder / cls / f"{cls} ({number})_mask.png", compress_level=compress_level)
 
 
+# ----------------------------------------------------------------------------- temporary folders
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+
+
+def _owned_prefix() -> str:
+    """Start of this process's temporary folder names: the host and pid say
+    who writes the folder, so a later run can tell a stale one from a live one."""
+    return f".{DATASET_DIRNAME}.{_host()}.{os.getpid()}."
+
+
+# Temporary set (mkdtemp's random part has no dots) or a replaced set awaiting removal.
+_OWNED = re.compile(rf"\.{re.escape(DATASET_DIRNAME)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[1-9][0-9]*)"
+                    r"\.(?:[a-z0-9_]+\.tmp|old)")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host; signal 0 only checks."""
+    if os.name != "posix":  # os.kill would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _remove_stale(out_dir: pathlib.Path) -> None:
+    """Removes the temporary folders that killed processes of this host left in out_dir.
+
+    Other processes (those of a multi-process run) may be generating into the
+    same out_dir right now: a folder is stale only when its pid runs no more.
+    Folders named by another host (a shared file system) are its business and
+    are left alone, as are names without an owner (made before owners were
+    recorded). A pid reused since keeps its folder until that process ends: a
+    leak, never a removal of live work.
+    """
+    host = _host()
+    for path in out_dir.glob(f".{DATASET_DIRNAME}.*"):
+        m = _OWNED.fullmatch(path.name)
+        if not m or m["host"] != host or not path.is_dir() or _pid_alive(int(m["pid"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)  # another process may be removing it too
+        if not path.exists():
+            log.warning("Removed %s, left by process %s (no longer running) of a killed generation.",
+                        path, m["pid"])
+
+
 def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max_size: int = 700,
              overwrite: bool = False, workers: int | None = None, compress_level: int = 1,
              progress=None) -> pathlib.Path:
@@ -385,7 +442,9 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
     Deterministic in (num, seed, min_size, max_size). When the folder already
     holds a set made with the same arguments it is returned as is; a different
     one is replaced only with overwrite=True. The set is written to a temporary
-    folder and moved into place at the end, so an interrupted run leaves nothing.
+    folder and moved into place at the end, so an interrupted run leaves no
+    partial set; a killed one leaves its temporary folder, removed by the next
+    generation into out_dir (see _remove_stale).
     progress: None, or a callable(done, total) called after each image.
     """
     if num < 1:
@@ -393,6 +452,8 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
     out_dir = pathlib.Path(out_dir).expanduser()
+    if out_dir.is_dir():
+        _remove_stale(out_dir)
     target = out_dir / DATASET_DIRNAME
     info = {"generator": "bcjax.data.synthetic", "version": GENERATOR_VERSION, "num": num,
             "seed": seed, "min_size": min_size, "max_size": max_size,
@@ -405,7 +466,7 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
             raise FileExistsError(f"{target} exists and is not this synthetic set; pass overwrite=True "
                                   "(or --overwrite) to replace it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{DATASET_DIRNAME}.", suffix=".tmp", dir=out_dir))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_owned_prefix(), suffix=".tmp", dir=out_dir))
     try:
         for cls in CLASSES:
             (tmp / cls).mkdir()
@@ -421,7 +482,7 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
                     progress(done, len(jobs))
         (tmp / SYNTHETIC_MARKER).write_text(json.dumps(info, indent=1))
         if target.exists():
-            old = out_dir / f".{DATASET_DIRNAME}.old-{os.getpid()}"
+            old = out_dir / f"{_owned_prefix()}old"
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

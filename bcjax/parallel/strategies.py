@@ -114,7 +114,9 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
                 donate: bool = True,
                 collectives: bool = True,
                 preprocess: Optional[Callable] = None,
-                normalize: Optional[Callable] = None) -> Steps:
+                normalize: Optional[Callable] = None,
+                grad_norm: bool = True,
+                nonfinite_guard: bool = True) -> Steps:
     """Build the jitted steps of ``strategy`` on ``mesh``.
 
     Args:
@@ -138,6 +140,8 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
         no per-device program to strip).
       preprocess, normalize: override the augmentation ``(images_uint8, keys)
         -> float32`` and the eval ``normalize(images_uint8)`` (tests, ablations).
+      grad_norm, nonfinite_guard: see ``bcjax.train.steps.train_step_local``;
+        only the step-cost ablation (``bcjax.timing.ablation``) turns them off.
 
     Results do not depend on the device count (fp32, synced BatchNorm), with
     one exception: dropout draws one key per device (``jit``: one for the
@@ -159,7 +163,8 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
         normalize = normalize or default_norm
 
     loss_kw = dict(label_smoothing=label_smoothing,
-                   class_weights=None if class_weights is None else tuple(class_weights))
+                   class_weights=None if class_weights is None else tuple(class_weights),
+                   grad_norm=grad_norm, nonfinite_guard=nonfinite_guard)
     donate_argnums = (0,) if donate else ()
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P(DATA_AXIS))
@@ -207,6 +212,24 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
     return Steps(train_step=train_step, eval_step=eval_step, shard_batch=shard_batch,
                  place_state=functools.partial(_replicate_tree, mesh=mesh),
                  mesh=mesh, strategy=strategy)
+
+
+def on_device_images(images: np.ndarray, mesh: Mesh) -> Callable[[Mapping[str, jax.Array]], dict]:
+    """Keeps a training set's uint8 images on every device of ``mesh``.
+
+    Returns ``add_images(batch)``: for a batch from ``shard_batch`` without
+    "image", the rows its "index" names, gathered on each device into the
+    layout ``shard_batch`` would have given them (any strategy). A BUSI-sized
+    set is ~100 MB at 224 px, so per step only indices and labels cross from
+    the host, not 150 KB per image.
+    """
+    table = _replicate_tree(np.asarray(images), mesh)
+    take = jax.jit(lambda t, idx: jnp.take(t, idx, axis=0), out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
+
+    def add_images(batch: Mapping[str, jax.Array]) -> dict:
+        return {**batch, "image": take(table, batch["index"])}
+
+    return add_images
 
 
 def _global_batch_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

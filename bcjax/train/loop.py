@@ -80,6 +80,22 @@ def make_optimizer(config, steps_per_epoch: int):
         clip_norm=config.clip_norm or None)
 
 
+# "auto" keeps the training images on the devices up to this size (per device).
+INPUT_ON_DEVICE_MAX_BYTES = 2**30
+
+
+def input_on_device(config, images: np.ndarray) -> bool:
+    """Whether the training images live on the devices (config.input_on_device).
+
+    On an accelerator the per-step host-to-device copy of a batch's images is
+    what the host spends most of a small step on; on a CPU the "device" is
+    host memory, so "auto" keeps the host path there.
+    """
+    if config.input_on_device != "auto":
+        return config.input_on_device == "yes"
+    return jax.devices()[0].platform != "cpu" and images.nbytes <= INPUT_ON_DEVICE_MAX_BYTES
+
+
 def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int, *, with_arrays: bool = False):
     """Every example exactly once (padding masked out); a report dict.
 
@@ -242,8 +258,16 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         label_smoothing=config.label_smoothing,
         class_weights=tuple(config.class_weights) or None)
     state = state_lib.create_train_state(model, tx, config.seed, config.image_size, mesh)
+    on_device = input_on_device(config, data.train.images)
+    chrono.record("input_on_device", on_device)
     train_iter = pipeline.train_iterator(data.train, gbs, config.seed, jax.process_index(),
-                                         jax.process_count(), balanced=config.balanced_sampling)
+                                         jax.process_count(), balanced=config.balanced_sampling,
+                                         with_images=not on_device)
+    if on_device:
+        add_images = strategies.on_device_images(data.train.images, mesh)
+        to_device = lambda host_batch: add_images(steps.shard_batch(host_batch))  # noqa: E731
+    else:
+        to_device = steps.shard_batch
 
     meta = checkpoint.run_metadata(config)
     ckpt = checkpoint.CheckpointManager(workdir / "checkpoints", keep_latest=config.keep_latest,
@@ -255,12 +279,14 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     best_so_far = None
     stopped = None  # {"epoch", "reason"} once early stopping ended the run
     start_step = 0
+    wall_before = 0.0  # training time of earlier processes of this run, up to the checkpoint resumed
     if ckpt.latest_step() is not None:
         state, iter_state, extra = ckpt.restore_latest(state)
         train_iter.set_state(iter_state)
         history = extra.get("history", [])
         best_so_far = extra.get("best_so_far")
         stopped = extra.get("stopped")
+        wall_before = float(extra.get("wall_time_s", 0.0))
         start_step = int(state.step)
         log.info("Resumed from %s at step %d (epoch %d).", ckpt.directory, start_step,
                  start_step // steps_per_epoch)
@@ -272,10 +298,13 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     if is_main:
         # Also at step 0: a run killed before its first checkpoint may have logged epochs.
         _drop_logged_after(workdir / "metrics.jsonl", start_step)
-    writer = MetricWriter(workdir, enabled=is_main)
-    log.info("%s on %d %s device(s), strategy %s, global batch %d (%d per device), %d steps per epoch.",
-             config.model, num_devices, jax.devices()[0].platform, config.strategy, gbs, gbs // num_devices,
-             steps_per_epoch)
+    # Also drops TensorBoard events of the epochs this run redoes.
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    log.info("%s on %d %s device(s), strategy %s, global batch %d (%d per device), %d steps per epoch; "
+             "training images %s.", config.model, num_devices, jax.devices()[0].platform, config.strategy, gbs,
+             gbs // num_devices, steps_per_epoch,
+             f"kept on the devices ({data.train.images.nbytes / 2**20:.0f} MiB each)" if on_device
+             else "sent from the host every step")
 
     finished = start_step >= total_steps or stopped is not None
     if finished:
@@ -283,7 +312,9 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     else:
         # Compile apart from the steps, so step times never include it.
         first = next(train_iter)
-        batch = steps.shard_batch(first)
+        batch = to_device(first)
+        if "image" not in first:  # the timing breakdown wants a host batch with its images
+            first = {**first, "image": np.take(data.train.images, first["index"], axis=0)}
         train_step = chrono.compile("train_step", steps.train_step, state, batch, rng)
     train_acc = metrics_lib.TrainAccumulator()
     step = start_step
@@ -296,7 +327,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         for _ in range(steps_per_epoch):
             if batch is None:
                 with chrono.input_wait():
-                    batch = steps.shard_batch(next(train_iter))
+                    batch = to_device(next(train_iter))
             state, step_metrics = train_step(state, batch, rng)
             batch = None
             train_acc.update(step_metrics)
@@ -347,18 +378,23 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last or improved
                                 or stopped):
             ckpt.save(step, state, train_iter.get_state(), metrics=record["val"],
-                      extra={"history": history, "best_so_far": best_so_far, "stopped": stopped})
+                      extra={"history": history, "best_so_far": best_so_far, "stopped": stopped,
+                             "wall_time_s": wall_before + time.perf_counter() - wall})
         if _stop_after_epoch == epoch + 1:
             ckpt.wait_until_finished()
             raise Interrupted(f"stopped after epoch {epoch + 1} (test hook)")
         if stopped:
             break
     ckpt.wait_until_finished()
-    train_wall = time.perf_counter() - wall
+    process_wall = time.perf_counter() - wall
+    # A resumed run adds the time its earlier processes took to reach the
+    # checkpoint it resumed from (work they did after it is redone, not counted twice).
+    train_wall = wall_before + process_wall
+    wall_fields = {"train_wall_s": train_wall, "train_wall_s_this_process": process_wall}
     timing_path = workdir / "timing.json"
     if is_main and not finished:
         # Written now too, so that a kill during the test or the breakdown loses no timing.
-        splits.write_json_atomic({**chrono.summary(), "train_wall_s": train_wall}, timing_path, default=str)
+        splits.write_json_atomic({**chrono.summary(), **wall_fields}, timing_path, default=str)
 
     best_step = ckpt.best_step()
     best_state, _, _ = ckpt.restore(best_step, state)
@@ -385,6 +421,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         "model": config.model, "strategy": config.strategy, "num_devices": num_devices,
         "num_processes": jax.process_count(), "platform": jax.devices()[0].platform,
         "global_batch_size": gbs, "num_epochs": config.num_epochs, "steps_per_epoch": steps_per_epoch,
+        "input_on_device": on_device,
         "dataset": data.source["dataset"], "data_path": data.source["path"],
         "warning": data.source["warning"],
         "best_epoch": best_epoch, "best_metric": config.best_metric,
@@ -394,7 +431,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         "pretrained": config.pretrained or None,
         "cv_fold": config.cv.fold if config.cv.folds >= 2 else None,
         "val_best": next((h["val"] for h in history if h["epoch"] == best_epoch and "val" in h), None),
-        "test": test, "wall_time_s": train_wall,
+        "test": test, "wall_time_s": train_wall, "wall_time_s_this_process": process_wall,
         "skipped_steps": history[-1].get("skipped_steps", 0) if history else 0,
         "config": config.to_dict(),
     }
@@ -402,14 +439,21 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         if finished:
             # Keep the timing of the run that trained, not of this re-evaluation.
             if (workdir / "results.json").exists():
-                results["wall_time_s"] = json.loads((workdir / "results.json").read_text())["wall_time_s"]
+                previous = json.loads((workdir / "results.json").read_text())
             elif timing_path.exists():
-                results["wall_time_s"] = json.loads(timing_path.read_text()).get("train_wall_s", train_wall)
+                previous = json.loads(timing_path.read_text())
+                previous = {"wall_time_s": previous.get("train_wall_s"),
+                            "wall_time_s_this_process": previous.get("train_wall_s_this_process")}
+            else:
+                previous = {}
+            for key in ("wall_time_s", "wall_time_s_this_process"):
+                if previous.get(key) is not None:
+                    results[key] = previous[key]
         np.savez(workdir / "test_predictions.npz", **test_arrays)
         np.savez(workdir / "val_predictions.npz", **val_arrays)
         # results.json last: its presence means the run is complete (bcjax.cv relies on it).
         _write_outputs(workdir, results, history, test,
-                       None if finished else {**chrono.summary(), "train_wall_s": train_wall}, best_epoch, stopped)
+                       None if finished else {**chrono.summary(), **wall_fields}, best_epoch, stopped)
     writer.close()
     ckpt.close()
     if data.source["warning"]:

@@ -97,7 +97,8 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
                      model, axis_name: Optional[str], psum_grads: bool,
                      sync_batch_stats: bool, preprocess: Callable,
                      label_smoothing: float = 0.0,
-                     class_weights: Optional[Sequence[float]] = None):
+                     class_weights: Optional[Sequence[float]] = None,
+                     grad_norm: bool = True, nonfinite_guard: bool = True):
     """One optimisation step on this device's slice of the global batch.
 
     Args:
@@ -113,6 +114,10 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
         ``axis_name``; used with per-device BatchNorm so the replicated state
         holds the mean of the per-device running averages.
       preprocess: ``preprocess(images_uint8, keys) -> float32`` (augmentation).
+      grad_norm, nonfinite_guard: switch off the gradient norm (reported as 0)
+        and the NaN/Inf check with its keep-the-old-state selects (reported
+        as finite). Only ``bcjax.timing.ablation`` switches them off, to time
+        what they cost; a training run always has both.
 
     Returns ``(new_state, metrics)``; metrics are global scalars:
       loss (the optimised weighted mean), loss_sum, weight_sum, correct, count,
@@ -148,21 +153,25 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
     counted = jnp.ones_like(weights) if valid is None else valid.astype(jnp.float32)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) * counted)
     loss_sum = _psum(loss_sum, axis_name)
-    grads_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    finite = grads_finite & jnp.isfinite(loss_sum)
-    # A non-finite step never reaches the state: params, optimizer and BatchNorm
-    # statistics stay those of the last good step (the loop then stops or skips).
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              batch_stats=keep(batch_stats, state.batch_stats),
-                              opt_state=keep(opt_state, state.opt_state))
+    if nonfinite_guard:
+        grads_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        finite = grads_finite & jnp.isfinite(loss_sum)
+        # A non-finite step never reaches the state: params, optimizer and BatchNorm
+        # statistics stay those of the last good step (the loop then stops or skips).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, batch_stats = keep(params, state.params), keep(batch_stats, state.batch_stats)
+        opt_state = keep(opt_state, state.opt_state)
+    else:
+        finite = jnp.asarray(True)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
     metrics = {
         "loss": loss_sum / global_weight_sum,
         "loss_sum": loss_sum,
         "weight_sum": global_weight_sum,
         "correct": _psum(correct, axis_name),
         "count": _psum(jnp.sum(counted), axis_name),
-        "grad_norm": global_norm(grads),
+        "grad_norm": global_norm(grads) if grad_norm else jnp.zeros((), jnp.float32),
         "grads_finite": finite,
     }
     return new_state, metrics

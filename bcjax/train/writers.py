@@ -9,6 +9,9 @@ event.proto / summary.proto.
 
 Only one process should write (pass `enabled=jax.process_index() == 0`); a
 disabled writer creates no files and does nothing, so callers need no `if`.
+A resumed run passes `resume_step`: the events it will log again are dropped
+from the old event files, which needs the small reader below (TFRecord framing
+and the top-level Event fields only, CRCs checked).
 This module does not import JAX.
 """
 
@@ -16,20 +19,28 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
 import socket
+import stat
 import struct
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "MetricWriter",
     "EventFileWriter",
+    "read_tfrecords",
+    "event_step",
+    "trim_event_files",
     "read_jsonl",
     "to_jsonable",
     "crc32c",
@@ -161,6 +172,149 @@ def _tfrecord(payload: bytes) -> bytes:
             struct.pack("<I", masked_crc32c(payload)))
 
 
+# ------------------------------------------------------------------- reading
+
+
+def read_tfrecords(path: str | os.PathLike) -> tuple[list[bytes], bool]:
+    """(payloads, torn) of a TFRecord file, both CRCs of each record checked.
+
+    A record cut short by the end of the file is what a process killed
+    mid-write leaves: it is dropped and torn is True. A complete record with a
+    wrong CRC is damage, not a kill (writes are cut, not garbled): ValueError.
+    """
+    data = pathlib.Path(path).read_bytes()
+    payloads, pos = [], 0
+    while pos < len(data):
+        if len(data) - pos < 12:
+            return payloads, True
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+        if length_crc != masked_crc32c(header):
+            raise ValueError(f"{path}: bad length CRC in the record at byte {pos}")
+        end = pos + 12 + length + 4
+        if end > len(data):
+            return payloads, True
+        payload = data[pos + 12:end - 4]
+        (data_crc,) = struct.unpack("<I", data[end - 4:end])
+        if data_crc != masked_crc32c(payload):
+            raise ValueError(f"{path}: bad data CRC in the record at byte {pos}")
+        payloads.append(payload)
+        pos = end
+    return payloads, False
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint in an event")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _event_fields(event: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field, wire type, value) of an Event's top-level fields; length-
+    delimited values as bytes (not parsed further), fixed-size ones as ints."""
+    pos = 0
+    while pos < len(event):
+        key, pos = _read_varint(event, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(event, pos)
+        elif wire_type in (1, 5):
+            size = 8 if wire_type == 1 else 4
+            value = int.from_bytes(event[pos:pos + size], "little")
+            pos += size
+        elif wire_type == 2:
+            size, pos = _read_varint(event, pos)
+            value = event[pos:pos + size]
+            pos += size
+        else:  # groups (3, 4) are not in event.proto
+            raise ValueError(f"unexpected wire type {wire_type} in an event")
+        if pos > len(event):
+            raise ValueError("event cut short")
+        yield field, wire_type, value
+
+
+def event_step(event: bytes) -> int:
+    """The step of a serialized Event; 0 when it has none (as protobuf reads
+    a missing int64), e.g. the file_version event."""
+    step = 0
+    for field, wire_type, value in _event_fields(event):
+        if field == _EVENT_STEP and wire_type == 0:
+            step = value - (1 << 64) if value >= 1 << 63 else value
+    return step
+
+
+def logged_steps(logdir: str | os.PathLike) -> list[int]:
+    """Sorted steps of every event but the file headers, over all event files
+    under logdir: what TensorBoard will plot, without TensorFlow."""
+    steps = []
+    for path in pathlib.Path(logdir).glob("**/*tfevents*"):
+        payloads, _ = read_tfrecords(path)
+        steps += [event_step(p) for p in payloads if not _is_file_version(p)]
+    return sorted(steps)
+
+
+def _is_file_version(event: bytes) -> bool:
+    return any(field == _EVENT_FILE_VERSION
+               for field, _, _ in _event_fields(event))
+
+
+def _trim_event_file(path: pathlib.Path, step: int) -> bool:
+    """Rewrites one event file without its events after `step` (and without a
+    torn last record); True when the file changed."""
+    payloads, torn = read_tfrecords(path)
+    kept = [p for p in payloads if _is_file_version(p) or event_step(p) <= step]
+    if len(kept) == len(payloads) and not torn:
+        return False
+    # The temporary name lacks "tfevents", so TensorBoard never reads it.
+    fd, tmp = tempfile.mkstemp(prefix=".trim.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(_tfrecord(p) for p in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return True
+
+
+def trim_event_files(logdir: str | os.PathLike, step: int) -> list[pathlib.Path]:
+    """Drops the events after `step` from every event file in logdir; returns
+    the files rewritten.
+
+    A run resumed from a checkpoint at `step` logs the later steps again, in a
+    new file; without this TensorBoard would show them twice. Each file is
+    replaced atomically (a kill leaves the old or the new file, never half of
+    one). A damaged file is left as it is, with a warning: losing the plots is
+    not worth stopping a resumed run for.
+    """
+    logdir = pathlib.Path(logdir)
+    if not logdir.is_dir():
+        return []
+    for leftover in logdir.glob(".trim.*.tmp"):  # a trim killed before its rename
+        leftover.unlink(missing_ok=True)
+    changed = []
+    for path in sorted(logdir.glob("*tfevents*")):
+        if not path.is_file():
+            continue
+        try:
+            if _trim_event_file(path, step):
+                changed.append(path)
+        except ValueError as e:
+            log.warning("Not trimming %s to step %d: %s", path, step, e)
+    return changed
+
+
 # ------------------------------------------------------------------- writers
 
 _FILE_COUNTER = itertools.count()
@@ -249,14 +403,18 @@ class MetricWriter:
       writer.close()
 
     JSONL: one object per call, {"step", "epoch" (if given), "time", **metrics},
-    appended (a resumed run continues the file) and flushed at once. Nested
+    appended (a resumed run continues the file) and flushed at once.
+    TensorBoard: a new event file per writer; with resume_step=S the existing
+    event files first lose their events after step S (see trim_event_files),
+    as the resumed run logs those steps again. None keeps them all. Nested
     values (a per-class dict, a confusion matrix) go to JSONL as they are;
     TensorBoard gets their numeric leaves as "val/per_class/benign/f1".
     """
 
     def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True,
                  jsonl_name: str = "metrics.jsonl", tensorboard: bool = True,
-                 tensorboard_dir: str | os.PathLike | None = None):
+                 tensorboard_dir: str | os.PathLike | None = None,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.logdir = pathlib.Path(logdir)
         self.jsonl_path = self.logdir / jsonl_name
@@ -267,9 +425,11 @@ class MetricWriter:
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         if tensorboard:
-            self._events = EventFileWriter(
-                tensorboard_dir if tensorboard_dir is not None
-                else self.logdir / "tensorboard")
+            events_dir = (tensorboard_dir if tensorboard_dir is not None
+                          else self.logdir / "tensorboard")
+            if resume_step is not None:
+                trim_event_files(events_dir, int(resume_step))
+            self._events = EventFileWriter(events_dir)
 
     @property
     def event_file(self) -> pathlib.Path | None:
