@@ -363,8 +363,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
               f"{have} x {info['device_kind']} ({info['platform']}), strategy {args.strategy}, "
               f"{args.steps} timed steps after {args.warmup} warm-up, synthetic in-memory data"
               + (", with augmentation" if args.augment else ""))
-    if args.ablate:
-        header = header.replace("bcjax benchmark", "bcjax step ablation (one device)")
+    if args.ablate:  # one device, its own strategies, no augmentation
+        header = (f"bcjax step ablation {datetime.datetime.now():%Y-%m-%d %H:%M}, jax {jax.__version__}, "
+                  f"1 x {info['device_kind']} ({info['platform']}), {args.dtype}, {args.image_size} px, "
+                  f"{args.steps} timed steps after {args.warmup} warm-up, synthetic in-memory data")
         print(header, flush=True)
         return run_ablation(args, models, batches, header)
     print(header, flush=True)

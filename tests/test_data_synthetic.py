@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -72,10 +73,15 @@ def test_stale_temporary_folders(tmp_path, monkeypatch, caplog):
         "live_tmp": f".{name}.{host}.{os.getpid()}.q1w2e3r4.tmp",  # a live writer's
         "other_host": f".{name}.not-{host}.{dead.pid}.a1b2c3d4.tmp",  # its pid means nothing here
         "no_owner": f".{name}.abc12345.tmp",  # made before owners were recorded
+        # Dead-looking but recent: perhaps a live writer in another container.
+        "dead_recent": f".{name}.{host}.{dead.pid}.z9y8x7w6.tmp",
     }
-    for folder in planted.values():
+    old = time.time() - synthetic.STALE_AFTER_S - 60
+    for key, folder in planted.items():
         (tmp_path / folder / "benign").mkdir(parents=True)
         (tmp_path / folder / "benign" / "benign (1).png").write_bytes(b"partial")
+        if key != "dead_recent":
+            os.utime(tmp_path / folder, (old, old))
     # The folder this run writes into is named so that it would be kept too.
     seen, write_one = [], synthetic._write_one
 
@@ -89,7 +95,8 @@ def test_stale_temporary_folders(tmp_path, monkeypatch, caplog):
     own = synthetic._OWNED.fullmatch(seen[0].name)
     assert own and (own["host"], int(own["pid"])) == (host, os.getpid())
     left = {p.name for p in tmp_path.iterdir()}
-    assert left == {busi.DATASET_DIRNAME} | {planted[k] for k in ("live_tmp", "other_host", "no_owner")}
+    assert left == {busi.DATASET_DIRNAME} | {planted[k] for k in ("live_tmp", "other_host", "no_owner",
+                                                                   "dead_recent")}
     removed = " ".join(r.getMessage() for r in caplog.records)
     assert planted["dead_tmp"] in removed and planted["dead_old"] in removed
     assert planted["live_tmp"] not in removed

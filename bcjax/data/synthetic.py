@@ -413,20 +413,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(out_dir: pathlib.Path) -> None:
+# A generation takes minutes at most; containers may share a host name but not
+# pids, so a folder must also be this old before its dead-looking owner counts.
+STALE_AFTER_S = 3600
+
+
+def _remove_stale(out_dir: pathlib.Path, min_age_s: float = STALE_AFTER_S) -> None:
     """Removes the temporary folders that killed processes of this host left in out_dir.
 
     Other processes (those of a multi-process run) may be generating into the
-    same out_dir right now: a folder is stale only when its pid runs no more.
-    Folders named by another host (a shared file system) are its business and
-    are left alone, as are names without an owner (made before owners were
-    recorded). A pid reused since keeps its folder until that process ends: a
-    leak, never a removal of live work.
+    same out_dir right now: a folder is stale only when its pid runs no more
+    and it was last changed over ``min_age_s`` ago (a process in another
+    container with the same host name is invisible to os.kill). Folders named
+    by another host (a shared file system) are its business and are left
+    alone, as are names without an owner (made before owners were recorded).
+    A pid reused since keeps its folder until that process ends: a leak,
+    never a removal of live work.
     """
-    host = _host()
+    host, now = _host(), time.time()
     for path in out_dir.glob(f".{DATASET_DIRNAME}.*"):
         m = _OWNED.fullmatch(path.name)
         if not m or m["host"] != host or not path.is_dir() or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:  # removed meanwhile by another process
             continue
         shutil.rmtree(path, ignore_errors=True)  # another process may be removing it too
         if not path.exists():

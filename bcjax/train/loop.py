@@ -263,11 +263,6 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     train_iter = pipeline.train_iterator(data.train, gbs, config.seed, jax.process_index(),
                                          jax.process_count(), balanced=config.balanced_sampling,
                                          with_images=not on_device)
-    if on_device:
-        add_images = strategies.on_device_images(data.train.images, mesh)
-        to_device = lambda host_batch: add_images(steps.shard_batch(host_batch))  # noqa: E731
-    else:
-        to_device = steps.shard_batch
 
     meta = checkpoint.run_metadata(config)
     ckpt = checkpoint.CheckpointManager(workdir / "checkpoints", keep_latest=config.keep_latest,
@@ -311,9 +306,14 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         log.info("The run in %s is complete; evaluating its best checkpoint again.", workdir)
     else:
         # Compile apart from the steps, so step times never include it.
+        if on_device:  # only for training: a finished run's re-evaluation needs no copy
+            add_images = strategies.on_device_images(data.train.images, mesh)
+            to_device = lambda host_batch: add_images(steps.shard_batch(host_batch))  # noqa: E731
+        else:
+            to_device = steps.shard_batch
         first = next(train_iter)
         batch = to_device(first)
-        if "image" not in first:  # the timing breakdown wants a host batch with its images
+        if config.timing_breakdown and "image" not in first:  # the breakdown times a host batch
             first = {**first, "image": np.take(data.train.images, first["index"], axis=0)}
         train_step = chrono.compile("train_step", steps.train_step, state, batch, rng)
     train_acc = metrics_lib.TrainAccumulator()

@@ -84,9 +84,14 @@ def loss_fn(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.
     return loss_sum / jnp.maximum(weight_sum, 1e-12), (loss_sum, weight_sum)
 
 
+def sum_of_squares(tree) -> jax.Array:
+    """Sum of the squares of all leaves, in float32."""
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
 def global_norm(tree) -> jax.Array:
     """L2 norm over all leaves (optax renamed its helper across versions)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+    return jnp.sqrt(sum_of_squares(tree))
 
 
 def _psum(x, axis_name):
@@ -153,9 +158,12 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
     counted = jnp.ones_like(weights) if valid is None else valid.astype(jnp.float32)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) * counted)
     loss_sum = _psum(loss_sum, axis_name)
+    # One pass over the gradients serves the norm and the guard: a NaN or Inf
+    # anywhere makes the sum of squares non-finite (so does a norm above ~1e19,
+    # which overflows float32: as good as diverged).
+    grad_sq = sum_of_squares(grads) if grad_norm or nonfinite_guard else None
     if nonfinite_guard:
-        grads_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        finite = grads_finite & jnp.isfinite(loss_sum)
+        finite = jnp.isfinite(grad_sq) & jnp.isfinite(loss_sum)
         # A non-finite step never reaches the state: params, optimizer and BatchNorm
         # statistics stay those of the last good step (the loop then stops or skips).
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -171,7 +179,7 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
         "weight_sum": global_weight_sum,
         "correct": _psum(correct, axis_name),
         "count": _psum(jnp.sum(counted), axis_name),
-        "grad_norm": global_norm(grads) if grad_norm else jnp.zeros((), jnp.float32),
+        "grad_norm": jnp.sqrt(grad_sq) if grad_norm else jnp.zeros((), jnp.float32),
         "grads_finite": finite,
     }
     return new_state, metrics

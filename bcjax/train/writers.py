@@ -310,7 +310,7 @@ def trim_event_files(logdir: str | os.PathLike, step: int) -> list[pathlib.Path]
         try:
             if _trim_event_file(path, step):
                 changed.append(path)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # damaged, or not writable here
             log.warning("Not trimming %s to step %d: %s", path, step, e)
     return changed
 
