@@ -178,8 +178,18 @@ def main(argv=None) -> int:
     batches = make_batches()
     out = pathlib.Path(args.out)
     results = {"process_count": jax.process_count(), "device_count": jax.device_count()}
+    # The images of all batches as one table (a batch's "index" is its row):
+    # kept on the devices, a batch gathered there must equal the one sent.
+    from bcjax.parallel import strategies
+    add_images = strategies.on_device_images(np.concatenate([b["image"] for b in batches]), mesh)
     for strategy in ("shard_map", "pmap", "jit"):
         steps = build(strategy, mesh, args.model)
+        rows = local_rows(batches[1], jax.process_index(), jax.process_count())
+        sent = steps.shard_batch(rows)["image"]
+        gathered = add_images(steps.shard_batch({k: v for k, v in rows.items() if k != "image"}))["image"]
+        results[f"{strategy}_gathered_equals_sent"] = gathered.shape == sent.shape and all(
+            a.device == b.device and np.array_equal(np.asarray(a.data), np.asarray(b.data))
+            for a, b in zip(gathered.addressable_shards, sent.addressable_shards))
         losses, state, _ = run(steps, steps.place_state(init), batches, jax.process_index(),
                                jax.process_count(), aot_steps=2)
         eval_rows = local_rows(batches[0], jax.process_index(), jax.process_count())

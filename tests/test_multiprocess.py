@@ -68,6 +68,7 @@ def test_two_processes_match_one_process_of_eight_devices(tmp_path):
     for r in results:
         assert int(r["process_count"]) == 2 and int(r["device_count"]) == 8
         for strategy in ("shard_map", "pmap", "jit"):
+            assert bool(r[f"{strategy}_gathered_equals_sent"]), strategy  # images kept on the devices
             np.testing.assert_allclose(r[f"{strategy}_losses"], ref["losses"], err_msg=strategy, **TOL)
             # Eval outputs are gathered: each process holds the whole batch.
             np.testing.assert_allclose(r[f"{strategy}_logits"], ref["logits"], err_msg=strategy, **TOL)
