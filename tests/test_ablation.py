@@ -7,20 +7,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import bcjax.models
+from _mp_worker import make_model
 from bcjax import benchmark
 from bcjax.parallel import mesh as mesh_lib, strategies
 from bcjax.timing import ablation
 from bcjax.train import optim, state as state_lib
 
+IMAGE_SIZE = 32
 
-def test_ablate_cli_times_every_rung_of_one_computation(tmp_path, capsys):
-    anchors = tmp_path / "anchors.jsonl"
-    anchors.write_text('{"fw": "jax-flax-linen", "model": "resnet18", "batch": 4, "img_s": 100.0}\n')
-    out = tmp_path / "ablate"
-    rows = benchmark.main(["--ablate", "--models=resnet18", "--width=2", "--image-size=32", "--batch=4",
-                           "--steps=2", "--warmup=1", "--dtype=float32", f"--anchors={anchors}", f"--out={out}"])
-    assert [r["rung"] for r in rows] == list(ablation.RUNGS)
+
+def _state_and_batch(model, batch_size=4):
+    mesh = mesh_lib.make_mesh(1)
+    tx, _ = optim.make_optimizer(steps_per_epoch=10, num_epochs=1, learning_rate=0.1, momentum=0.9)
+    state = state_lib.create_train_state(model, tx, 0, IMAGE_SIZE, mesh)
+    rs = np.random.default_rng(0)
+    batch = {"image": rs.integers(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+             "label": rs.integers(0, 3, batch_size).astype(np.int32),
+             "index": np.arange(batch_size, dtype=np.int32)}
+    return mesh, tx, state, batch
+
+
+def test_ladder_times_every_rung_of_one_computation():
+    # bcjax's ResNet code (one basic block per stage, BatchNorm, no dropout): small to compile six times.
+    model = make_model("tiny_resnet")
+    _, _, state, batch = _state_and_batch(model)
+    result = ablation.ladder(model, state, batch, jax.random.key(0), warmup=1, iters=2)
+    rows = result["rows"]
+    assert [r["rung"] for r in rows] == list(ablation.RUNGS) and result["num_devices"] == 1
     # Every rung runs the same forward pass on the same images and labels: the
     # first step's loss agrees (float input vs uint8 normalised on device, mean
     # vs weighted-mean loss, jit vs shard_map), else the ladder compares
@@ -31,17 +44,52 @@ def test_ablate_cli_times_every_rung_of_one_computation(tmp_path, capsys):
     for r in rows:
         assert r["step_ms"] > 0 and r["img_s"] > 0 and r["img_s_pipelined"] > 0 and r["compile_s"] > 0
         assert r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"]
+        assert r["img_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
     assert rows[0]["delta_ms"] == 0 and rows[0]["vs_minimal"] == 1
     for prev, r in zip(rows, rows[1:]):
-        assert r["delta_ms"] == pytest.approx(r["step_ms"] - prev["step_ms"], abs=2e-3 * r["step_ms"])
+        assert r["delta_ms"] == pytest.approx(r["step_ms"] - prev["step_ms"])
+        assert r["vs_minimal"] == pytest.approx(rows[0]["step_ms"] / r["step_ms"])
+    # The compiled programs differ as the rungs say: the same FLOPs give or take
+    # the norm's few, and the norm and guard never remove memory traffic.
+    flops = [r["gflop"] for r in rows]
+    assert max(flops) == pytest.approx(min(flops), rel=0.05)
+    by = {r["rung"]: r["gb_accessed"] for r in rows}
+    assert by["+grad norm"] >= by["+uint8 input"] and by["+NaN/Inf guard"] >= by["+grad norm"]
+
+
+def test_ablate_cli_writes_tables_and_the_anchor_comparison(tmp_path, capsys, monkeypatch):
+    # The CLI's plumbing around the ladder (tested above): the rows it is given
+    # reach the tables and files, beside the plain-Flax anchor of the same call.
+    seen = []
+
+    def ladder(model, state, batch, rng, *, warmup, iters):
+        seen.append((type(model).__name__, batch["image"].shape, warmup, iters))
+        rows = [{"rung": name, "batch": 4, "step_ms": 10.0 + i, "step_ms_p10": 9.0 + i, "step_ms_p90": 11.0 + i,
+                 "img_s": 4e3 / (10 + i), "img_s_pipelined": 4e3 / (10 + i) + 1, "lower_s": 0.1, "compile_s": 0.2,
+                 "gflop": 1.0, "gb_accessed": 0.5, "first_loss": 1.0986, "delta_ms": float(i > 0),
+                 "vs_minimal": 10 / (10 + i)} for i, name in enumerate(ablation.RUNGS)]
+        return {"platform": "cpu", "num_devices": 1, "rows": rows}
+
+    monkeypatch.setattr(ablation, "ladder", ladder)
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text('{"fw": "jax-flax-linen", "model": "resnet18", "batch": 4, "img_s": 100.0}\n')
+    out = tmp_path / "ablate"
+    rows = benchmark.main(["--ablate", "--models=resnet18", "--width=2", "--image-size=32", "--batch=4",
+                           "--steps=2", "--warmup=1", "--dtype=float32", f"--anchors={anchors}", f"--out={out}"])
+    assert seen == [("ResNet", (4, 32, 32, 3), 1, 2)]
+    assert [r["rung"] for r in rows] == list(ablation.RUNGS) and all(r["model"] == "resnet18" for r in rows)
     printed = capsys.readouterr().out
-    assert "| resnet18 | 4 | +NaN/Inf guard |" in printed and "plain-Flax anchor 100 img/s" in printed
+    assert printed.startswith("bcjax step ablation") and "strategy" not in printed.splitlines()[0]
+    assert "| resnet18 | 4 | +NaN/Inf guard | 14 |" in printed
+    # 401 img/s in the minimal step and 267.67 in the last rung against the anchor's 100.
+    assert "plain-Flax anchor 100 img/s" in printed and "minimal step 401 (4.010x" in printed
+    assert "full bcjax step 268 (2.677x" in printed
 
     with open(out / "ablation.csv") as f:
         saved = list(csv.DictReader(f))
-    assert [r["rung"] for r in saved] == list(ablation.RUNGS)
+    assert [r["rung"] for r in saved] == list(ablation.RUNGS) and float(saved[0]["first_loss"]) == 1.0986
     data = json.loads((out / "ablation.json").read_text())
-    assert data["device"]["num_devices"] == 1 and len(data["rows"]) == len(ablation.RUNGS)
+    assert data["device"] == {"platform": "cpu", "num_devices": 1} and len(data["rows"]) == len(ablation.RUNGS)
     assert "model definition" in data["anchor_lines"][0]
     assert "| resnet18 | 4 | minimal |" in (out / "ablation.md").read_text()
 
@@ -49,13 +97,8 @@ def test_ablate_cli_times_every_rung_of_one_computation(tmp_path, capsys):
 def test_switching_off_grad_norm_and_guard_changes_no_update():
     """The ablation's switches remove work, not math: same state after a finite
     step; the guard, when on, is what keeps a non-finite step out of the state."""
-    mesh = mesh_lib.make_mesh(1)
-    model = bcjax.models.create("resnet18", num_classes=3, width=2, dtype=jnp.float32)
-    tx, _ = optim.make_optimizer(steps_per_epoch=10, num_epochs=1, learning_rate=0.1, momentum=0.9)
-    state = state_lib.create_train_state(model, tx, 0, 32, mesh)
-    rs = np.random.default_rng(0)
-    batch = {"image": rs.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
-             "label": np.array([0, 1, 2, 1], np.int32), "index": np.arange(4, dtype=np.int32)}
+    model = make_model("tiny_resnet")
+    mesh, tx, state, batch = _state_and_batch(model)
     rng = jax.random.key(0)
     results = {}
     for guarded in (True, False):
@@ -66,7 +109,7 @@ def test_switching_off_grad_norm_and_guard_changes_no_update():
     for a, b in zip(jax.tree.leaves(results[True][0].params), jax.tree.leaves(results[False][0].params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(results[True][1]["grad_norm"]) > 0 and float(results[False][1]["grad_norm"]) == 0
-    assert bool(results[False][1]["grads_finite"])
+    assert bool(results[True][1]["grads_finite"]) and bool(results[False][1]["grads_finite"])
 
     # A NaN input: guarded, the state is kept and the step is flagged; unguarded, NaN reaches it.
     nan_images = lambda images, keys: jnp.full(images.shape, jnp.nan, jnp.float32)  # noqa: E731
