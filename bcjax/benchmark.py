@@ -368,6 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                   f"1 x {info['device_kind']} ({info['platform']}), {args.dtype}, {args.image_size} px, "
                   f"{args.steps} timed steps after {args.warmup} warm-up, synthetic in-memory data")
         print(header, flush=True)
+        if info["platform"] == "cpu":
+            print("NOTE: on a CPU the rungs' step times say little about an accelerator; FLOPs and bytes "
+                  "accessed are XLA:CPU's count of the compiled programs", flush=True)
         return run_ablation(args, models, batches, header)
     print(header, flush=True)
     if simulated:

@@ -100,27 +100,26 @@ def test_switching_off_grad_norm_and_guard_changes_no_update():
     model = make_model("tiny_resnet")
     mesh, tx, state, batch = _state_and_batch(model)
     rng = jax.random.key(0)
+    # NaN images for an all-black batch, so one compiled step sees both cases.
+    from bcjax.data import augment
+    nan_if_black = lambda images, keys: augment.normalize(images) + jnp.where(  # noqa: E731
+        images.max() == 0, jnp.nan, 0.0)
+    black = dict(batch, image=np.zeros_like(batch["image"]))
     results = {}
     for guarded in (True, False):
         steps = strategies.build_steps("jit", mesh, model, tx, donate=False, grad_norm=guarded,
-                                       nonfinite_guard=guarded)
-        new, metrics = steps.train_step(steps.place_state(state), steps.shard_batch(batch), rng)
-        results[guarded] = (new, metrics)
-    for a, b in zip(jax.tree.leaves(results[True][0].params), jax.tree.leaves(results[False][0].params)):
+                                       nonfinite_guard=guarded, preprocess=nan_if_black)
+        results[guarded] = [steps.train_step(steps.place_state(state), steps.shard_batch(b), rng)
+                            for b in (batch, black)]
+    (on, on_metrics), (off, off_metrics) = results[True][0], results[False][0]
+    for a, b in zip(jax.tree.leaves(on.params), jax.tree.leaves(off.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert float(results[True][1]["grad_norm"]) > 0 and float(results[False][1]["grad_norm"]) == 0
-    assert bool(results[True][1]["grads_finite"]) and bool(results[False][1]["grads_finite"])
+    assert float(on_metrics["grad_norm"]) > 0 and float(off_metrics["grad_norm"]) == 0
+    assert bool(on_metrics["grads_finite"]) and bool(off_metrics["grads_finite"])
 
-    # A NaN input: guarded, the state is kept and the step is flagged; unguarded, NaN reaches it.
-    nan_images = lambda images, keys: jnp.full(images.shape, jnp.nan, jnp.float32)  # noqa: E731
-    for guarded in (True, False):
-        steps = strategies.build_steps("jit", mesh, model, tx, donate=False, nonfinite_guard=guarded,
-                                       preprocess=nan_images)
-        new, metrics = steps.train_step(steps.place_state(state), steps.shard_batch(batch), rng)
-        leaves = [np.asarray(x) for x in jax.tree.leaves(new.params)]
-        if guarded:
-            assert not bool(metrics["grads_finite"])
-            for a, b in zip(leaves, jax.tree.leaves(state.params)):
-                np.testing.assert_array_equal(a, np.asarray(b))
-        else:
-            assert any(np.isnan(x).any() for x in leaves)
+    # The NaN batch: guarded, the state is kept and the step is flagged; unguarded, NaN reaches it.
+    (on, on_metrics), (off, _) = results[True][1], results[False][1]
+    assert not bool(on_metrics["grads_finite"])
+    for a, b in zip(jax.tree.leaves(on.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(np.isnan(np.asarray(x)).any() for x in jax.tree.leaves(off.params))
