@@ -52,6 +52,8 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
 
     timing = json.loads((tmp_path / "timing.json").read_text())
     assert timing["input_on_device"] is True and saved["input_on_device"] is True
+    # A checkpoint every epoch: three saves, and the time the loop spent on them.
+    assert timing["checkpoints_saved"] == 3 and timing["phases_s"]["checkpoint"] > 0
     assert timing["compile"]["train_step"]["compile_s"] > 0
     assert timing["steps_total"] == 3 * saved["steps_per_epoch"]
     from bcjax.timing import breakdown

@@ -45,7 +45,7 @@ wd = sys.argv[1]
 t = json.load(open(f"{wd}/timing.json"))
 r = json.load(open(f"{wd}/results.json"))
 print({"test_acc": r["test"]["accuracy"], "input_on_device": r.get("input_on_device"),
-       **{k: t.get(k) for k in ("train_wall_s", "steps_total", "step_time_s", "input_wait_s", "phases_s")},
+       **{k: t.get(k) for k in ("train_wall_s", "steps_total", "step_time_s", "input_wait_s", "phases_s", "checkpoints_saved")},
        "compile_train_step": t.get("compile", {}).get("train_step")})
 EOF
 }

@@ -320,6 +320,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     step = start_step
     skipped = history[-1].get("skipped_steps", 0) if history else 0
     pending_check = None
+    saves = 0
     loop_start, loop_step0 = time.perf_counter(), step
     first_epoch = config.num_epochs if finished else start_step // steps_per_epoch
     for epoch in range(first_epoch, config.num_epochs):
@@ -377,15 +378,20 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
         # an early stop is saved so that a rerun knows the run is over.
         if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last or improved
                                 or stopped):
-            ckpt.save(step, state, train_iter.get_state(), metrics=record["val"],
-                      extra={"history": history, "best_so_far": best_so_far, "stopped": stopped,
-                             "wall_time_s": wall_before + time.perf_counter() - wall})
+            # Asynchronous: the phase holds what the loop waits for (the copy off the device).
+            with chrono.phase("checkpoint"):
+                ckpt.save(step, state, train_iter.get_state(), metrics=record["val"],
+                          extra={"history": history, "best_so_far": best_so_far, "stopped": stopped,
+                                 "wall_time_s": wall_before + time.perf_counter() - wall})
+                saves += 1
         if _stop_after_epoch == epoch + 1:
             ckpt.wait_until_finished()
             raise Interrupted(f"stopped after epoch {epoch + 1} (test hook)")
         if stopped:
             break
-    ckpt.wait_until_finished()
+    with chrono.phase("checkpoint"):
+        ckpt.wait_until_finished()
+    chrono.record("checkpoints_saved", saves)
     process_wall = time.perf_counter() - wall
     # A resumed run adds the time its earlier processes took to reach the
     # checkpoint it resumed from (work they did after it is redone, not counted twice).
