@@ -41,6 +41,7 @@ __all__ = [
     "read_tfrecords",
     "event_step",
     "trim_event_files",
+    "logged_steps",
     "read_jsonl",
     "to_jsonable",
     "crc32c",
