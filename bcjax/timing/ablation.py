@@ -83,17 +83,6 @@ class _Rung:
         return self.carry, out
 
 
-def _cost(compiled, key: str) -> Optional[float]:
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    value = None if analysis is None else analysis.get(key)
-    return float(value) if value is not None and value >= 0 else None
-
-
 def ladder(model, state, batch: dict, rng, *, warmup: int = 3, iters: int = 20) -> dict:
     """Times the rungs of RUNGS for ``model`` on one device.
 
@@ -158,8 +147,8 @@ def ladder(model, state, batch: dict, rng, *, warmup: int = 3, iters: int = 20) 
             "step_ms": s["median"] * 1e3, "step_ms_p10": s["p10"] * 1e3, "step_ms_p90": s["p90"] * 1e3,
             "img_s": batch_size / s["median"], "img_s_pipelined": batch_size / pipelined,
             "lower_s": compile_times[rung.name]["lower_s"], "compile_s": compile_times[rung.name]["compile_s"],
-            "gflop": _scaled(_cost(rung.compiled, "flops"), 1e-9),
-            "gb_accessed": _scaled(_cost(rung.compiled, "bytes accessed"), 1e-9),
+            "gflop": _scaled(breakdown.safe_cost(rung.compiled, "flops"), 1e-9),
+            "gb_accessed": _scaled(breakdown.safe_cost(rung.compiled, "bytes accessed"), 1e-9),
             "first_loss": rung.first_loss,
         })
     base = rows[0]["step_ms"]

@@ -57,25 +57,27 @@ def stats(times: Sequence[float]) -> dict:
             "n": int(a.size)}
 
 
-def cost_flops(analysis) -> Optional[float]:
-    """FLOPs from a ``cost_analysis()`` result: a dict, a list of dicts (one per
-    program, older JAX), or None (some backends)."""
+def cost_flops(analysis, key: str = "flops") -> Optional[float]:
+    """FLOPs (or another ``key``, e.g. "bytes accessed") from a
+    ``cost_analysis()`` result: a dict, a list of dicts (one per program,
+    older JAX), or None (some backends)."""
     if analysis is None:
         return None
     if isinstance(analysis, (list, tuple)):
-        values = [cost_flops(a) for a in analysis]
+        values = [cost_flops(a, key) for a in analysis]
         values = [v for v in values if v is not None]
         return float(sum(values)) if values else None
     try:
-        flops = analysis.get("flops")
+        value = analysis.get(key)
     except AttributeError:
         return None
-    return float(flops) if flops is not None and flops >= 0 else None
+    return float(value) if value is not None and value >= 0 else None
 
 
-def _safe_cost(obj) -> Optional[float]:
+def safe_cost(obj, key: str = "flops") -> Optional[float]:
+    """``cost_flops`` of a lowered or compiled object; None where the backend has none."""
     try:
-        return cost_flops(obj.cost_analysis())
+        return cost_flops(obj.cost_analysis(), key)
     except Exception as e:  # not every backend/JAX version implements it
         log.debug("cost_analysis failed: %s", e)
         return None
@@ -333,8 +335,8 @@ def _hlo_text(compiled) -> Optional[str]:
 
 def _flops_fields(lowered, compiled, info, compute_s, step_s, dtype, *, jit_global, n) -> dict:
     """FLOPs of one device's step and the utilisation they imply."""
-    flops_compiled = _safe_cost(compiled)
-    flops_lowered = _safe_cost(lowered)
+    flops_compiled = safe_cost(compiled)
+    flops_lowered = safe_cost(lowered)
     if jit_global and flops_lowered is not None:
         flops_lowered /= n  # plain jit lowers the global program, before partitioning
     note = None
