@@ -95,7 +95,7 @@ def _model_and_state(model_name: str, num_devices: int, args):
 
     import bcjax.models
     from bcjax.parallel import mesh as mesh_lib
-    from bcjax.train import optim, state as state_lib
+    from bcjax.step import optim, state as state_lib
 
     mesh = mesh_lib.make_mesh(num_devices)
     model = bcjax.models.create(model_name, num_classes=3, dtype=jnp.dtype(args.dtype),
@@ -343,8 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     batches = _csv_ints(args.batch)
     device_counts = [1] if args.ablate else _csv_ints(args.devices)
 
-    from bcjax.timing import devices as devices_lib
-    devices_lib.ensure_devices(max(device_counts))  # before JAX starts
+    from bcjax.parallel import mesh as mesh_lib
+    mesh_lib.ensure_devices(max(device_counts))  # before JAX starts
 
     import jax
 
@@ -357,6 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     have = len(jax.devices())
     if max(device_counts) > have:
         sys.exit(f"--devices {args.devices} but only {have} {jax.devices()[0].platform} device(s) exist")
+    from bcjax.timing import devices as devices_lib
+
     info = devices_lib.describe()
     simulated = info["platform"] == "cpu" and max(device_counts) > 1
     header = (f"bcjax benchmark {datetime.datetime.now():%Y-%m-%d %H:%M}, jax {jax.__version__}, "

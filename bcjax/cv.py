@@ -105,7 +105,8 @@ def run_cross_validation(config, workdir, *, _stop_after_fold: Optional[int] = N
     """
     import jax
 
-    from bcjax.train import datasets, loop
+    from bcjax.data import datasets
+    from bcjax.train import loop
 
     folds = int(config.cv.folds)
     if folds < 2:

@@ -14,23 +14,11 @@ from bcjax import config_check
 log = logging.getLogger(__name__)
 
 
-def _has_accelerator() -> bool:
-    # Asking JAX would start its backends and freeze the CPU device count, so
-    # look at the platform request instead: on a CPU-only host (or when the user
-    # asks for cpu) the requested device count is simulated.
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        return platforms.split(",")[0] not in ("cpu", "")
-    import importlib.util
-    return any(importlib.util.find_spec(m) is not None
-               for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin"))
-
-
 def prepare(config) -> None:
     """Validates `config` and makes its devices exist; raises ConfigError early."""
     config_check.validate(config)
     from bcjax.parallel import mesh
-    if config.num_devices > 1 and not _has_accelerator():
+    if config.num_devices > 1 and not mesh.has_accelerator():
         # num_devices counts all processes' devices; each process brings its share.
         per_process = config.num_devices // max(config.num_processes, 1)
         mesh.request_cpu_devices(per_process)

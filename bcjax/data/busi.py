@@ -14,13 +14,13 @@ import logging
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
 
 import numpy as np
 from PIL import Image
+
+from bcjax import files
 
 CLASSES = ("normal", "benign", "malignant")
 DATASET_DIRNAME = "Dataset_BUSI_with_GT"
@@ -107,9 +107,7 @@ def _extract_zip(zip_path: pathlib.Path, cache_dir) -> pathlib.Path:
     target = cache_dir / f"busi_zip_{key}"
     if target.is_dir():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=cache_dir))
-    try:
+    with files.atomic_dir(target) as tmp:
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 for info in zf.infolist():
@@ -119,14 +117,6 @@ def _extract_zip(zip_path: pathlib.Path, cache_dir) -> pathlib.Path:
                     zf.extract(info, tmp)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise BusiError(f"cannot read zip {zip_path}: {e}") from e
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # lost a race to another process: theirs is as good
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

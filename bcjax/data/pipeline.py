@@ -17,13 +17,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Sequence
 
 import grain
 import numpy as np
 from PIL import Image
 
+from bcjax import files
 from bcjax.data.busi import BusiError, Example, to_uint8_rgb
 
 CACHE_VERSION = 1
@@ -90,19 +90,6 @@ def _cache_key(examples: Sequence[Example], image_size: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _save_npz_atomic(path: pathlib.Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_arrays(examples: Sequence[Example], image_size: int, cache_dir=None, *,
                 workers: int | None = None) -> ArraySet:
     """Decodes and resizes every image once to uint8 [N, S, S, 3].
@@ -134,7 +121,7 @@ def load_arrays(examples: Sequence[Example], image_size: int, cache_dir=None, *,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(fill, range(len(examples))))
     if cache_file is not None:
-        _save_npz_atomic(cache_file, images=images,
+        files.save_npz(cache_file, images=images,
                          names=np.frombuffer(json.dumps(names).encode(), np.uint8))
     return ArraySet(images, labels, names)
 

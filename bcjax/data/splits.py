@@ -13,13 +13,13 @@ import concurrent.futures
 import json
 import os
 import pathlib
-import tempfile
 import threading
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from bcjax import files
 from bcjax.data.busi import CLASSES, BusiError, Example
 
 SPLITS = ("train", "val", "test")
@@ -105,7 +105,7 @@ def phashes(examples: Sequence[Example], workers: int | None = None, cache_dir=N
     if cache_file is not None:
         new = {key(ex): f"{int(h):016x}" for ex, h in zip(examples, out)}
         if any(disk.get(k) != v for k, v in new.items()):
-            write_json_atomic({**disk, **new}, cache_file)
+            files.write_json({**disk, **new}, cache_file)
     return out
 
 
@@ -267,28 +267,9 @@ def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 
 # ----------------------------------------------------------------------------- manifests
 
 
-def write_json_atomic(obj, path, *, default=None) -> pathlib.Path:
-    """Temp file then rename: a crash leaves the old file or none, never half a file.
-
-    ``default``: as json.dump's, for values JSON has no type for."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_manifest(manifest: dict, path) -> pathlib.Path:
     """Writes the split as JSON (atomically); load_manifest + select reproduce it."""
-    return write_json_atomic(manifest, path)
+    return files.write_json(manifest, path)
 
 
 def load_manifest(path) -> dict:

@@ -25,12 +25,12 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
+from bcjax import files
 from bcjax.data.busi import CLASSES, DATASET_DIRNAME, SYNTHETIC_MARKER
 
 BUSI_COUNTS = (133, 437, 210)  # normal, benign, malignant in the real set
@@ -477,9 +477,9 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
         if not overwrite:
             raise FileExistsError(f"{target} exists and is not this synthetic set; pass overwrite=True "
                                   "(or --overwrite) to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_owned_prefix(), suffix=".tmp", dir=out_dir))
-    try:
+    # The temp folder's prefix names this host and pid, so a later run can
+    # remove what a killed one left (see _remove_stale).
+    with files.atomic_dir(target, prefix=_owned_prefix(), replace=True) as tmp:
         for cls in CLASSES:
             (tmp / cls).mkdir()
         jobs = [(label, n) for label, count in enumerate(class_counts(num)) for n in range(1, count + 1)]
@@ -493,16 +493,6 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
                 if progress is not None:
                     progress(done, len(jobs))
         (tmp / SYNTHETIC_MARKER).write_text(json.dumps(info, indent=1))
-        if target.exists():
-            old = out_dir / f"{_owned_prefix()}old"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

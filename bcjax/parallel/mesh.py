@@ -6,6 +6,7 @@ count and the distributed client must be set before the first JAX computation.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Optional, Sequence
@@ -80,6 +81,29 @@ def request_cpu_devices(n: int) -> None:
     flags.append(f"--xla_force_host_platform_device_count={n}")
     os.environ["XLA_FLAGS"] = " ".join(flags)
     log.info("Requested %d host CPU devices.", n)
+
+
+def has_accelerator() -> bool:
+    """Whether JAX would find a GPU/TPU, asked without starting JAX's backends
+    (starting them would fix the CPU device count too early)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0] not in ("cpu", "")
+    return any(importlib.util.find_spec(m) is not None
+               for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin"))
+
+
+def ensure_devices(n: int) -> None:
+    """Makes ``n`` devices exist: simulated CPU devices on a CPU-only host
+    (must run before JAX starts), nothing to do where an accelerator is."""
+    if n > 1 and not has_accelerator():
+        try:
+            request_cpu_devices(n)
+        except RuntimeError:
+            # JAX already started (a test session, a notebook): keep its
+            # devices when there are enough of them.
+            if len(jax.devices()) < n:
+                raise
 
 
 def _cluster_has_several_processes() -> bool:

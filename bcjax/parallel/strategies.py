@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bcjax.parallel.mesh import DATA_AXIS
-from bcjax.train import steps as step_math
+from bcjax.step import steps as step_math
 
 STRATEGIES = ("shard_map", "pmap", "jit")
 
@@ -130,7 +130,7 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
         its statistics are global by construction.
       augment_cfg: config for ``bcjax.data.augment.augment_batch``; None: no
         augmentation (normalize only).
-      label_smoothing, class_weights: see ``bcjax.train.steps.loss_fn``.
+      label_smoothing, class_weights: see ``bcjax.step.steps.loss_fn``.
       donate: donate the state to the train step (its buffers are reused).
       collectives: False builds the same step without any cross-device
         reduction (per-device loss/gradients/BatchNorm, no metric sums; the
@@ -140,7 +140,7 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
         no per-device program to strip).
       preprocess, normalize: override the augmentation ``(images_uint8, keys)
         -> float32`` and the eval ``normalize(images_uint8)`` (tests, ablations).
-      grad_norm, nonfinite_guard: see ``bcjax.train.steps.train_step_local``;
+      grad_norm, nonfinite_guard: see ``bcjax.step.steps.train_step_local``;
         only the step-cost ablation (``bcjax.timing.ablation``) turns them off.
 
     Results do not depend on the device count (fp32, synced BatchNorm), with

@@ -10,8 +10,6 @@ of the sheet's 989.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 from typing import Optional
 
 import numpy as np
@@ -62,31 +60,6 @@ def peak_flops(device_kind: str, dtype: str = "bfloat16") -> Optional[float]:
     if peak is None:
         return None
     return peak.fp32 if str(dtype) in ("float32", "fp32", "f32") else peak.bf16
-
-
-def has_accelerator() -> bool:
-    """Whether JAX would find a GPU/TPU, asked without starting JAX's backends
-    (starting them would fix the CPU device count too early)."""
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        return platforms.split(",")[0] not in ("cpu", "")
-    return any(importlib.util.find_spec(m) is not None
-               for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin"))
-
-
-def ensure_devices(n: int) -> None:
-    """Makes ``n`` devices exist: simulated CPU devices on a CPU-only host
-    (must run before JAX starts), nothing to do where an accelerator is."""
-    if n > 1 and not has_accelerator():
-        from bcjax.parallel import mesh
-        try:
-            mesh.request_cpu_devices(n)
-        except RuntimeError:
-            # JAX already started (a test session, a notebook): keep its
-            # devices when there are enough of them.
-            import jax
-            if len(jax.devices()) < n:
-                raise
 
 
 def describe(devices=None) -> dict:

@@ -22,7 +22,9 @@ from bcjax.data import pipeline, splits
 from bcjax.parallel import mesh as mesh_lib
 from bcjax.parallel import strategies
 from bcjax.timing import breakdown, chrono as chrono_lib
-from bcjax.train import checkpoint, datasets, metrics as metrics_lib, optim, plots, state as state_lib
+from bcjax.data import datasets
+from bcjax.step import optim, state as state_lib
+from bcjax.train import checkpoint, metrics as metrics_lib, plots
 from bcjax.train.writers import MetricWriter, read_jsonl
 import bcjax.models
 
@@ -400,7 +402,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
     timing_path = workdir / "timing.json"
     if is_main and not finished:
         # Written now too, so that a kill during the test or the breakdown loses no timing.
-        splits.write_json_atomic({**chrono.summary(), **wall_fields}, timing_path, default=str)
+        files.write_json({**chrono.summary(), **wall_fields}, timing_path, default=str)
 
     best_step = ckpt.best_step()
     best_state, _, _ = ckpt.restore(best_step, state)
@@ -469,7 +471,7 @@ def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None)
 
 def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped) -> None:
     if timing is not None:
-        splits.write_json_atomic(timing, workdir / "timing.json", default=str)
+        files.write_json(timing, workdir / "timing.json", default=str)
     curves = [{"epoch": h["epoch"], "train": h["train"], **({"val": h["val"]} if "val" in h else {})}
               for h in history]
     plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch,
@@ -477,5 +479,5 @@ def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped)
                                title=f"early stop: {stopped['reason']}" if stopped else None)
     plots.plot_confusion_matrix(np.asarray(test["confusion_matrix"]), test["class_names"],
                                 workdir / "confusion_matrix.png")
-    splits.write_json_atomic(results, workdir / "results.json", default=str)
+    files.write_json(results, workdir / "results.json", default=str)
 

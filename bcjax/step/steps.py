@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from bcjax.train.state import TrainState
+from bcjax.step.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 
