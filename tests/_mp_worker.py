@@ -72,7 +72,7 @@ def local_rows(batch: dict, process_index: int, process_count: int) -> dict:
 
 
 def make_tx():
-    from bcjax.train.optim import make_optimizer
+    from bcjax.step.optim import make_optimizer
     # Exercises the whole chain: clipping, masked coupled weight decay, momentum.
     return make_optimizer(steps_per_epoch=2, num_epochs=2, optimizer="sgd", learning_rate=0.1,
                           momentum=0.9, nesterov=True, weight_decay=5e-4, clip_norm=1.0)[0]
@@ -98,7 +98,7 @@ def to_host(tree):
 def initial_state_host(model_name: str):
     """Initial state as host arrays, made once; every run starts from a copy."""
     from bcjax.parallel.mesh import make_mesh
-    from bcjax.train.state import create_train_state
+    from bcjax.step.state import create_train_state
     state = create_train_state(make_model(model_name), make_tx(), 0, IMAGE_SIZE, make_mesh(1))
     return state.replace(**{k: to_host(getattr(state, k))
                             for k in ("step", "params", "batch_stats", "opt_state")})
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     mesh_lib.maybe_init_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
                                     initialization_timeout=90)
     from bcjax.train import checkpoint
-    from bcjax.train.state import create_train_state
+    from bcjax.step.state import create_train_state
 
     mesh = mesh_lib.make_mesh()
     # Built in this process on the global mesh (not copied from a host): the

@@ -11,7 +11,7 @@ from _mp_worker import make_model
 from bcjax import benchmark
 from bcjax.parallel import mesh as mesh_lib, strategies
 from bcjax.timing import ablation
-from bcjax.train import optim, state as state_lib
+from bcjax.step import optim, state as state_lib
 
 IMAGE_SIZE = 32
 

@@ -63,7 +63,7 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
 def test_auto_without_busi_falls_back_loudly(tmp_path):
     config = tiny_config(tmp_path / "nothing_here", dataset="auto", synthetic_num=24, num_epochs=1,
                          image_size=32)
-    from bcjax.train import datasets
+    from bcjax.data import datasets
     source = datasets.resolve_source(config, tmp_path)
     assert source["dataset"] == "synthetic" and "SYNTHETIC" in source["warning"]
     # The workdir's generated set of other settings: a message, not a FileExistsError.
@@ -175,7 +175,7 @@ def test_unusable_workdir_fails_before_training(tmp_path):
 def test_pretrained_weights_replace_the_initial_state(tmp_path):
     # A state_dict of torchvision's resnet18 names and shapes (random values);
     # the loop's start from config.pretrained must carry them into the state.
-    from bcjax.train.state import TrainState
+    from bcjax.step.state import TrainState
     keys = json.loads((ROOT / "tests" / "data" / "torchvision_keys.json").read_text())["resnet18"]
     rng = np.random.default_rng(0)
     weights = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in keys if shape}

@@ -11,7 +11,7 @@ from _mp_worker import (GLOBAL_BATCH, IMAGE_SIZE, build, initial_state_host, mak
                         make_model, make_tx, run, run_cached)
 from bcjax.parallel import strategies
 from bcjax.parallel.mesh import make_mesh, request_cpu_devices
-from bcjax.train import optim, steps as step_math
+from bcjax.step import optim, steps as step_math
 
 # fp32 on CPU: reductions in a different order (8 partial sums vs 1) differ in
 # the last bits, a few 1e-6 after three steps.

@@ -13,7 +13,7 @@ import pytest
 
 from bcjax.parallel import mesh as mesh_lib, strategies
 from bcjax.timing import breakdown, chrono as chrono_lib, devices, profile, ring_model
-from bcjax.train import optim, state as state_lib
+from bcjax.step import optim, state as state_lib
 
 
 class Tiny(nn.Module):
