@@ -14,7 +14,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "bcjax"
 
 # Bottom first. A module belongs to the first entry its dotted name starts with.
 LAYERS = [
-    ("files, report, stats, models", ("bcjax.files", "bcjax.report", "bcjax.stats", "bcjax.models")),
+    ("files, report, stats, clinical, models",
+     ("bcjax.files", "bcjax.report", "bcjax.stats", "bcjax.clinical", "bcjax.models")),
     ("data, config checks", ("bcjax.data", "bcjax.config_check")),
     ("step math", ("bcjax.step",)),
     ("parallel", ("bcjax.parallel",)),
