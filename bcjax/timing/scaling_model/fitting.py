@@ -1,0 +1,119 @@
+"""Fitting the model's two free quantities, and judging them on rows they did not see.
+
+Declared fit subset: rows of DeepLearningExamples' *current* tables, i.e. whose ``notes``
+do not say HISTORICAL; the historical tables are held out. Rows whose published efficiency
+is above linear (``unmatchable``) are never fitted on.
+
+- ``sync_cv`` (one number) first, on the rows whose host decodes no images (DALI, synthetic
+  data) with no ceiling: grid 0 ... 0.05 in steps of 0.0005, least absolute error.
+- input ceilings, one per (input pipeline, host) seen in the rows, given ``sync_cv``: least
+  absolute error over that group's rows. The error is piecewise linear in the ceiling, with
+  kinks where a row starts to be capped or meets its published figure, so those points and
+  "no ceiling" are the candidates. A pipeline never seen on a host gets no ceiling.
+
+Judged by leaving one framework (or one source file) out: fit on the rest, predict it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+from bcjax.timing.scaling_model import presets
+from bcjax.timing.scaling_model.published import ModelParams, predict_case
+
+CV_GRID = [i * 0.0005 for i in range(101)]
+
+
+def in_fit_subset(case: dict) -> bool:
+    return "historical" not in case["row"].get("notes", "").lower()
+
+
+def fittable(cases: Iterable[dict]) -> list[dict]:
+    return [c for c in cases if not c["reason"] and not c.get("unmatchable")]
+
+
+def _abs_errors(cases, params) -> float:
+    return sum(
+        abs(predict_case(c, params)["efficiency"] - c["published_efficiency"]) for c in cases
+    )
+
+
+def _fit_cv(cases: list[dict], ceilings: dict) -> float:
+    best = min(
+        CV_GRID,
+        key=lambda cv: (_abs_errors(cases, ModelParams(cv, tuple(sorted(ceilings.items())))), cv),
+    )
+    return best
+
+
+def _fit_ceiling(cases: list[dict], cv: float) -> float | None:
+    """Least-absolute-error ceiling (images/s per host) for one group; None = no ceiling."""
+    free = [(predict_case(c, ModelParams(cv, ())), c) for c in cases]
+    nodes = [math.ceil(c["gpus"] / c["link"].gpus_per_node) for _, c in free]
+    candidates = {math.inf}
+    for (p, c), k in zip(free, nodes):
+        candidates.update((p["images_per_s"] / k, c["images_per_s"] / k))
+
+    def error(ceiling):
+        return sum(
+            abs(
+                min(p["images_per_s"], k * ceiling) / (c["gpus"] * c["images_per_s_1"])
+                - c["published_efficiency"]
+            )
+            for (p, c), k in zip(free, nodes)
+        )
+
+    # ties go to the larger ceiling: cap nothing that the data does not ask to cap
+    best = min(candidates, key=lambda ceiling: (error(ceiling), -ceiling))
+    return None if math.isinf(best) else best
+
+
+def _fit_ceilings(cases: list[dict], cv: float) -> dict:
+    ceilings = {}
+    groups: dict = {}
+    for c in cases:
+        if c["host"] is None or c["loader"] == "synthetic":
+            continue
+        groups.setdefault((c["pipeline"], c["host"]), []).append(c)
+    for key, group in sorted(groups.items()):
+        ceiling = _fit_ceiling(group, cv)
+        if ceiling is not None:
+            ceilings[key] = round(ceiling)
+    return ceilings
+
+
+def fit(cases: Iterable[dict]) -> ModelParams:
+    """sync_cv on the rows whose host does no image decoding (DALI on the GPU, synthetic
+    data; all rows if there are none), so that it cannot trade off against a CPU loader's
+    ceiling; then each pipeline's ceiling given sync_cv."""
+    cases = fittable(cases)
+    if not cases:
+        return ModelParams(0.0, ())
+    no_cpu = [c for c in cases if c["loader"] not in presets.CPU_LOADERS] or cases
+    cv = _fit_cv(no_cpu, {})
+    return ModelParams(cv, tuple(sorted(_fit_ceilings(cases, cv).items())))
+
+
+def leave_one_out(cases: list[dict], label: Callable[[dict], str]) -> list[dict]:
+    """For each label: fit on every other label's rows, predict this label's rows."""
+    usable = fittable(cases)
+    out = []
+    for name in sorted({label(c) for c in usable}):
+        held = [c for c in usable if label(c) == name]
+        params = fit(c for c in usable if label(c) != name)
+        errors = [
+            abs(predict_case(c, params)["efficiency"] - c["published_efficiency"]) for c in held
+        ]
+        naive = [abs(1.0 - c["published_efficiency"]) for c in held]
+        out.append(
+            {
+                "left_out": name,
+                "rows": len(held),
+                "mae": sum(errors) / len(held),
+                "max": max(errors),
+                "naive_mae": sum(naive) / len(held),
+                "sync_cv": params.sync_cv,
+            }
+        )
+    return out
