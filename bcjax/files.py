@@ -20,6 +20,15 @@ from typing import Any
 __all__ = ["atomic_dir", "atomic_file", "save_npz", "write_json", "write_text"]
 
 
+def _new_file_mode() -> int:
+    # mkstemp creates files readable by the owner only; an output file should
+    # get the mode any new file gets (0666 less the umask). Reading the umask
+    # means setting it, so set it straight back.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w", **open_kwargs) -> Iterator[Any]:
     """Opens a temp file beside ``path``; on a clean exit it replaces ``path``."""
@@ -27,6 +36,10 @@ def atomic_file(path, mode: str = "w", **open_kwargs) -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        try:  # a replaced file keeps its mode; a new one gets the usual one
+            os.fchmod(fd, path.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
         os.replace(tmp, path)
