@@ -119,7 +119,7 @@ def run_case(model_name: str, per_device_batch: int, num_devices: int, args) -> 
         augment_cfg = augment.settings()
 
     def build(collectives: bool):
-        return strategies.build_steps(args.strategy, mesh, model, tx, augment_cfg=augment_cfg,
+        return strategies.build_steps(args.strategy, mesh, model, augment_cfg=augment_cfg,
                                       collectives=collectives)
 
     batch = random_batch(per_device_batch * num_devices, args.image_size)
@@ -232,7 +232,7 @@ def anchor_rows(rows: Sequence[dict], anchors: dict) -> list[dict]:
 
 def ring_predictions(rows: Sequence[dict], links: Sequence[str]) -> list[dict]:
     """Weak-scaling predictions at N = 2, 4, 8 from each model's 1-device rows."""
-    from bcjax.timing import ring_model
+    from bcjax.timing import scaling_model
 
     out = []
     by_model: dict = {}
@@ -240,20 +240,20 @@ def ring_predictions(rows: Sequence[dict], links: Sequence[str]) -> list[dict]:
         if not r.get("error") and r["devices"] == 1:
             by_model.setdefault(r["model"], []).append(r)
     for model, rs in by_model.items():
-        compute = ring_model.ComputeModel.fit((r["per_device_batch"], r["compute_ms"] / 1e3) for r in rs)
+        compute = scaling_model.ComputeModel.fit((r["per_device_batch"], r["compute_ms"] / 1e3) for r in rs)
         grad_bytes = rs[0]["gradient_mb"] * 1e6
         for link in links:
             for r in rs:
                 t1 = r["compute_ms"] / 1e3  # measured, not the fit, at measured batches
                 for n in (2, 4, 8):
-                    p = ring_model.predict(t1, grad_bytes, n, link, per_device_batch=r["per_device_batch"])
+                    p = scaling_model.predict(t1, grad_bytes, n, link, per_device_batch=r["per_device_batch"])
                     out.append({"model": model, "interconnect": link, "devices": n,
                                 "per_device_batch": r["per_device_batch"],
                                 "compute_ms": round(t1 * 1e3, 3),
                                 "allreduce_ms": round(p["allreduce_s"] * 1e3, 3),
                                 "img_s": round(p["images_per_s"], 1),
                                 "efficiency": round(p["efficiency"], 3)})
-            eff_batch = ring_model.batch_for_efficiency(compute, grad_bytes, 8, 0.9, link=link)
+            eff_batch = scaling_model.batch_for_efficiency(compute, grad_bytes, 8, 0.9, link=link)
             out.append({"model": model, "interconnect": link, "devices": 8,
                         "per_device_batch": eff_batch,
                         "note": "smallest power-of-two batch for 90% efficiency"})
