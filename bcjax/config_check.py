@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import math
 
+from bcjax.data.busi import CLASSES as BUSI_CLASSES
 from bcjax.models import list_models
 
 MODELS = tuple(list_models())
 STRATEGIES = ("shard_map", "pmap", "jit")
-DATASETS = ("auto", "busi", "synthetic")
+DATASETS = ("auto", "busi", "synthetic", "folder", "csv")
+BUSI_DATASETS = ("auto", "busi", "synthetic")  # BUSI's three classes, in its order
+SYNTHETIC_MARKS = ("", "calliper", "text")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro", "loss")
 INPUT_ON_DEVICE = ("auto", "yes", "no")
 FLAGS = ("bn_sync", "nesterov", "exclude_conflicts", "balanced_sampling", "compilation_cache",
          "timing_breakdown", "fresh_start")
-TEXTS = ("data_dir", "split_manifest", "coordinator_address", "pretrained")
+TEXTS = ("data_dir", "split_manifest", "coordinator_address", "pretrained", "data_csv",
+         "positive_class")
 
 
 class ConfigError(ValueError):
@@ -76,12 +80,14 @@ def validate(config, num_devices_available: int | None = None) -> None:
     _choice(c, "best_metric", BEST_METRICS)
     _choice(c, "nan_policy", ("stop", "skip"))
     _choice(c, "input_on_device", INPUT_ON_DEVICE)
+    _choice(c, "synthetic_mark", SYNTHETIC_MARKS)
     _number(c, "width", low=1, high=1024, integer=True)
     _number(c, "width_multiplier", low=0, low_open=True)
     _number(c, "dropout_rate", low=0, high=0.99)
     _number(c, "image_size", low=32, high=2048, integer=True)
     _number(c, "synthetic_num", low=12, integer=True)
     _number(c, "synthetic_seed", low=0, integer=True)
+    _number(c, "synthetic_mark_prob", low=0, high=1)
     _number(c, "num_processes", low=0, integer=True)
     _number(c, "global_batch_size", low=1, integer=True)
     _number(c, "num_epochs", low=1, integer=True)
@@ -113,10 +119,7 @@ def validate(config, num_devices_available: int | None = None) -> None:
         raise ConfigError(f"config.split_fractions={fractions!r} must be three positive fractions "
                           "(train, val, test) summing to 1: validation picks the best checkpoint, "
                           "test scores it.")
-    weights = _numbers(c, "class_weights")
-    if weights and (len(weights) != 3 or any(w <= 0 for w in weights)):
-        raise ConfigError(f"config.class_weights={weights!r} must be empty or three positive numbers "
-                          "(normal, benign, malignant).")
+    _check_data(c)
     if c.warmup_epochs >= c.num_epochs:
         raise ConfigError(f"config.warmup_epochs={c.warmup_epochs} must be below config.num_epochs={c.num_epochs}.")
     _check_pretrained(c)
@@ -141,6 +144,46 @@ def validate(config, num_devices_available: int | None = None) -> None:
     if num_devices_available is not None and c.num_devices > num_devices_available:
         raise ConfigError(f"config.num_devices={c.num_devices} but only {num_devices_available} device(s) "
                           "are available.")
+
+
+def _check_data(c) -> None:
+    """The data source's fields together: classes, CSV, planted mark, class weights.
+
+    The classes of folder and CSV data are known only once read: what needs
+    them is checked again by bcjax.data.datasets, still before anything compiles.
+    """
+    names = c.class_names
+    if (not isinstance(names, (tuple, list)) or len(set(names)) != len(names)
+            or any(not isinstance(n, str) or not n or n != n.strip() for n in names)):
+        raise ConfigError(f"config.class_names={names!r} must be empty (classes from the data) "
+                          "or distinct, non-empty class names.")
+    if len(names) == 1:
+        raise ConfigError(f"config.class_names={names!r} names one class; classification needs "
+                          "two or more.")
+    busi_like = c.dataset in BUSI_DATASETS
+    if busi_like and names and sorted(names) != sorted(BUSI_CLASSES):
+        raise ConfigError(f"config.class_names={names!r}: config.dataset={c.dataset!r} has "
+                          f"BUSI's classes {', '.join(BUSI_CLASSES)}; give these in any order, or "
+                          "leave it empty. Other classes: config.dataset='folder' or 'csv'.")
+    known = tuple(names) or (BUSI_CLASSES if busi_like else ())
+    if c.positive_class and known and c.positive_class not in known:
+        raise ConfigError(f"config.positive_class={c.positive_class!r} is not one of the classes "
+                          f"{', '.join(known)} (config.class_names, or the data's).")
+    if c.dataset == "csv" and not c.data_csv:
+        raise ConfigError("config.dataset='csv' needs config.data_csv: a CSV file with the "
+                          "columns image, label and optionally mask and group.")
+    if c.data_csv and c.dataset != "csv":
+        raise ConfigError(f"config.data_csv={c.data_csv!r} is read only with config.dataset='csv' "
+                          f"(config.dataset={c.dataset!r}); set one, or clear the other.")
+    if c.synthetic_mark and c.dataset not in ("auto", "synthetic"):
+        raise ConfigError(f"config.synthetic_mark={c.synthetic_mark!r} plants a mark in the "
+                          f"synthetic set; config.dataset={c.dataset!r} does not use it.")
+    weights = _numbers(c, "class_weights")
+    count = len(known) or None  # folder/CSV data without class_names: checked once read
+    if weights and (any(w <= 0 for w in weights) or (count and len(weights) != count)):
+        order = f" ({', '.join(known)})" if known else ""
+        raise ConfigError(f"config.class_weights={weights!r} must be empty or "
+                          f"{count or 'one per class:'} positive numbers{order}.")
 
 
 def _check_augment(a) -> None:

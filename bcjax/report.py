@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from bcjax import files
 
-__all__ = ["duration", "markdown_table", "number", "write_csv"]
+__all__ = ["duration", "markdown_table", "number", "percent", "write_csv"]
 
 
 def duration(seconds: float) -> str:
@@ -38,6 +38,13 @@ def number(value, digits: int = 3, *, missing: str = "–") -> str:
             return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def percent(value, digits: int = 1, *, missing: str = "–") -> str:
+    """A fraction as a percentage (0.125 -> ``12.5%``); None/NaN/inf as ``missing``."""
+    if value is None or not math.isfinite(value):
+        return missing
+    return f"{value:.{digits}%}"
 
 
 def markdown_table(rows: Iterable[Mapping], columns: Sequence[str], *, headers=None, fmt=None) -> str:

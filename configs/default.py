@@ -23,12 +23,28 @@ def get_config() -> ml_collections.ConfigDict:
     # full-width model (width 64 / width_multiplier 1.0). Empty = from scratch.
     c.pretrained = ""
 
-    # Data. dataset: "auto" uses BUSI when found under data_dir, otherwise
-    # generates the synthetic BUSI-like set into the workdir (loudly).
-    c.dataset = "auto"  # "auto" | "busi" | "synthetic"
+    # Data. dataset: "auto" uses BUSI when found under data_dir, otherwise the
+    # synthetic BUSI-like set (loudly); "folder" reads one sub-folder per class
+    # under data_dir (masks beside their images as <name>_mask.png); "csv" reads
+    # data_csv. The synthetic set is generated once into a cache shared by all
+    # workdirs: $BCJAX_CACHE_DIR/synthetic (default ~/.cache/bcjax/synthetic).
+    c.dataset = "auto"  # "auto" | "busi" | "synthetic" | "folder" | "csv"
     c.data_dir = "data"  # BUSI: Dataset_BUSI_with_GT, a folder holding it, or its zip
+    # dataset="csv": columns image, label, optional mask (several joined by ";") and
+    # group (a patient/case id: one group never straddles splits); relative paths are
+    # read against the CSV's folder.
+    c.data_csv = ""
+    # The classes and their order (label k is class_names[k]). Empty = from the
+    # data: BUSI's normal, benign, malignant; a folder's sub-folders or a CSV's
+    # labels in sorted order. Given, data of a class not named here is an error.
+    c.class_names = ()
+    c.positive_class = ""  # what two-class reports call positive; empty = the last class
     c.synthetic_num = 780
     c.synthetic_seed = 0  # the generated images; independent of the split
+    # A planted shortcut (for testing that a model looks at the lesion): "calliper"
+    # or "text" stamped into a corner of malignant images with synthetic_mark_prob.
+    c.synthetic_mark = ""  # "" | "calliper" | "text"
+    c.synthetic_mark_prob = 0.9
     c.image_size = 224
     c.split_seed = 0
     c.split_fractions = (0.7, 0.1, 0.2)

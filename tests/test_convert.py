@@ -14,6 +14,7 @@ import functools
 import json
 import pathlib
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -236,10 +237,84 @@ def test_files_prefix_and_cli_round_trip(tmp_path, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, three,
                  convert.convert_state_dict("resnet18", state, num_classes=3))
 
-    (tmp_path / "r18.pth").write_bytes(b"")
+    _torch_like_zip(tmp_path / "r18.pth")  # a sound file: only torch is missing
     monkeypatch.setitem(sys.modules, "torch", None)  # as on CI: no torch
     with pytest.raises(ImportError, match="needs torch.*pip install torch.*npz"):
         convert.convert_state_dict("resnet18", tmp_path / "r18.pth")
+
+
+def _torch_like_zip(path, size=4096):
+    """A zip archive laid out as torch.save writes one (archive/data.pkl, archive/data/0)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        zf.writestr("archive/data/0", np.random.default_rng(0).bytes(size))
+    return path
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _one_line_error(call, path, fragment):
+    with pytest.raises(convert.WeightsFileError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(str(path)) and fragment in message, message
+    return message
+
+
+def test_bad_weight_files_are_one_line_errors_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # every case is caught before torch is needed
+    np.savez(tmp_path / "good.npz", **_synthetic("resnet18"))
+    read = convert.read_state_dict
+
+    empty_pth = tmp_path / "empty.pth"
+    empty_pth.write_bytes(b"")
+    _one_line_error(lambda: read(empty_pth), empty_pth, "the file is empty")
+    truncated_pth = _truncate(_torch_like_zip(tmp_path / "truncated.pth"))
+    _one_line_error(lambda: read(truncated_pth), truncated_pth, "truncated or damaged")
+    html_pth = tmp_path / "page.pt"
+    html_pth.write_text("<!DOCTYPE html><html>Not Found</html>")
+    _one_line_error(lambda: read(html_pth), html_pth, "not a .pt weights file")
+
+    truncated_npz = _truncate(tmp_path / "good.npz")
+    _one_line_error(lambda: read(truncated_npz), truncated_npz, "truncated or damaged")
+    empty_npz = tmp_path / "empty.npz"
+    empty_npz.write_bytes(b"")
+    _one_line_error(lambda: read(empty_npz), empty_npz, "the file is empty")
+    # A damaged member inside a whole archive: found when the array is read.
+    damaged = tmp_path / "damaged.npz"
+    np.savez_compressed(damaged, weight=np.random.default_rng(1).random(4096))
+    data = bytearray(damaged.read_bytes())
+    data[200:260] = bytes(60)
+    damaged.write_bytes(bytes(data))
+    _one_line_error(lambda: read(damaged), damaged, "damaged .npz")
+    # What the training loop turns into a ConfigError of config.pretrained.
+    assert issubclass(convert.WeightsFileError, ValueError)
+
+
+def test_convert_cli_reports_a_bad_file_in_one_line(tmp_path):
+    np.savez(tmp_path / "r18.npz", **_synthetic("resnet18"))
+    bad = _truncate(tmp_path / "r18.npz", keep=0.9)
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(["--model", "resnet18", "--weights", str(bad),
+                      "--out", str(tmp_path / "out.npz")])
+    message = str(exit_.value.code)
+    assert message.startswith(f"error: {bad}: truncated or damaged") and "\n" not in message
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_truncated_torch_save_file(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "r18.pth"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in _synthetic("resnet18").items()}, path)
+    _one_line_error(lambda: convert.read_state_dict(_truncate(path)), path, "truncated or damaged")
+    # A whole zip archive that is not torch's: only torch's own reader can tell.
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("notes.txt", "not a state_dict")
+    _one_line_error(lambda: convert.read_state_dict(path), path, "torch cannot read it")
 
 
 def test_load_pretrained_keeps_structure_dtypes_and_placement():

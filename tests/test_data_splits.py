@@ -106,3 +106,47 @@ def test_hash_disk_cache(planted, tmp_path):
     assert (tmp_path / "phash-v1.json").is_file()
     splits._HASH_CACHE.clear()
     np.testing.assert_array_equal(a, splits.phashes(planted[:6], cache_dir=tmp_path))
+
+
+def test_patient_groups_never_straddle_and_join_duplicates():
+    rng = np.random.default_rng(7)
+    n = 45
+    hashes = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    hashes[33] = hashes[3] ^ np.uint64(1)  # p1's image 3 has a near duplicate, of no patient
+    patient = {i: f"p{i // 3}" for i in range(15)}  # p0..p4, three images each
+    patient[40] = "p0"  # and p0 has one more, filed far away in the list
+    labels = [i % 3 for i in range(n)]  # so every patient has images of several classes
+    examples = [busi.Example(f"{busi.CLASSES[labels[i]]}/{i}.png", labels[i], "/nonexistent",
+                             group=patient.get(i, "")) for i in range(n)]
+    together = [[i for i in range(n) if patient.get(i) == f"p{k}"] for k in range(5)]
+    together[1].append(33)
+    for seed in range(4):
+        manifests = [splits.make_split(examples, seed=seed, hashes=hashes)]
+        manifests += [splits.kfold_split(examples, 3, k, seed=seed, hashes=hashes)
+                      for k in range(3)]
+        for m in manifests:
+            part = _part_of(m)
+            for members in together:
+                assert len({part[examples[i].name] for i in members}) == 1, (seed, members)
+            assert m["meta"]["conflicts"] == []  # one patient's benign and malignant: no conflict
+            p0 = sorted(examples[i].name for i in together[0])
+            assert m["meta"]["patient_groups"]["p0"] == p0
+    # Without patients the split is the duplicate-aware one alone.
+    plain = [busi.Example(ex.name, ex.label, ex.image_path) for ex in examples]
+    assert "patient_groups" not in splits.make_split(plain, hashes=hashes)["meta"]
+    assert splits.join_patient_groups([[0], [1, 2]], plain) == [[0], [1, 2]]
+    assert splits.join_patient_groups([[0], [1], [2]], examples) == [[0, 1, 2]]
+
+
+def test_class_names_are_recorded_and_count_the_labels(planted):
+    two = [busi.Example(ex.name, min(ex.label, 1), ex.image_path) for ex in planted]
+    m = splits.make_split(two, seed=0, class_names=("healthy", "lesion"))
+    assert m["meta"]["class_names"] == ["healthy", "lesion"]
+    assert splits.manifest_class_names(m) == ("healthy", "lesion")
+    counts = m["meta"]["counts"]
+    total = {c: sum(counts[p][c] for p in splits.SPLITS) for c in ("healthy", "lesion")}
+    assert total == {"healthy": sum(ex.label == 0 for ex in two),
+                     "lesion": sum(ex.label > 0 for ex in two)}
+    assert splits.make_split(planted, seed=0)["meta"]["class_names"] == list(busi.CLASSES)
+    with pytest.raises(busi.BusiError, match="do not index the 2 class names"):
+        splits.make_split(planted, seed=0, class_names=("a", "b"))

@@ -107,3 +107,135 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr()
     assert "6/6 images" in out.err and "NOT real patient data" in out.out
     assert busi.class_counts(busi.scan(tmp_path)) == dict(zip(busi.CLASSES, synthetic.class_counts(6)))
+
+
+# ------------------------------------------------------------------------ planted mark (issue 16)
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path))[..., 0].astype(int)
+
+
+def _changed_box(plain, marked):
+    ys, xs = np.nonzero(_pixels(plain) != _pixels(marked))
+    return ys.min(), ys.max(), xs.min(), xs.max()
+
+
+def _in_corner(box, corner, shape):
+    (y0, y1, x0, x1), (h, w) = box, shape
+    vertical = y1 < h / 2 if corner.startswith("top") else y0 >= h / 2
+    horizontal = x1 < 0.6 * w if corner.endswith("left") else x0 >= 0.4 * w
+    return vertical and horizontal
+
+
+@pytest.mark.parametrize("mark", synthetic.MARKS)
+def test_mark_only_on_malignant_images_in_a_corner(tmp_path, mark):
+    sizes = dict(num=20, seed=4, min_size=64, max_size=80)
+    plain = synthetic.generate(tmp_path / "plain", **sizes)
+    marked = synthetic.generate(tmp_path / "marked", mark=mark, mark_prob=0.75, **sizes)
+    info = busi.synthetic_info(marked)["mark"]
+    assert info["kind"] == mark and info["prob"] == 0.75 and info["placement"] == "malignant"
+    malignant = [ex.name for ex in busi.scan(plain) if ex.label == 2]
+    assert set(info["marked"]) < set(malignant) and len(info["marked"]) >= len(malignant) // 2
+    for ex in busi.scan(plain):
+        other = marked / ex.name
+        mask = ex.mask_paths[0]
+        marked_mask = marked / pathlib.Path(mask).relative_to(plain)
+        assert marked_mask.read_bytes() == pathlib.Path(mask).read_bytes()
+        if ex.name not in info["marked"]:  # every other image is the unmarked one, byte for byte
+            assert other.read_bytes() == pathlib.Path(ex.image_path).read_bytes(), ex.name
+            continue
+        corner = info["marked"][ex.name]
+        assert _in_corner(_changed_box(ex.image_path, other), corner, _pixels(other).shape), ex.name
+        changed = _pixels(other)[_pixels(ex.image_path) != _pixels(other)]
+        assert changed.min() >= 225  # a bright overlay, as scanners draw them
+    again = synthetic.generate(tmp_path / "again", mark=mark, mark_prob=0.75, **sizes, workers=1)
+    for path in marked.rglob("*.png"):
+        assert path.read_bytes() == (again / path.relative_to(marked)).read_bytes()
+    assert synthetic.cache_key(20, 4, min_size=64, max_size=80, mark=mark, mark_prob=0.75) == (
+        f"20-4-v{synthetic.GENERATOR_VERSION}-64to80px-{mark}0.75")
+
+
+def test_random_mark_copy_marks_any_class(tmp_path):
+    sizes = dict(num=24, seed=5, min_size=48, max_size=56)
+    plain = synthetic.generate(tmp_path / "plain", **sizes)
+    source = synthetic.generate(tmp_path / "shortcut", mark="calliper", mark_prob=0.5, **sizes)
+    copy = synthetic.random_mark_copy(source, tmp_path / "random")
+    info = busi.synthetic_info(copy)["mark"]
+    assert info["placement"] == "random" and info["kind"] == "calliper" and info["prob"] == 0.5
+    classes = {name.split("/")[0] for name in info["marked"]}
+    assert {"normal", "benign"} & classes  # the mark no longer tells the class
+    assert info["marked"] != busi.synthetic_info(source)["mark"]["marked"]
+    assert [ex.name for ex in busi.scan(copy)] == [ex.name for ex in busi.scan(source)]
+    for ex in busi.scan(plain):
+        unchanged = (copy / ex.name).read_bytes() == pathlib.Path(ex.image_path).read_bytes()
+        assert unchanged == (ex.name not in info["marked"]), ex.name
+    with pytest.raises(ValueError, match="no synthetic set with a planted mark"):
+        synthetic.random_mark_copy(plain, tmp_path / "none")
+    with pytest.raises(ValueError, match="mark must be"):
+        synthetic.generate(tmp_path / "bad", num=3, mark="arrow")
+
+
+# ------------------------------------------------------------------------- cache across workdirs
+
+
+def test_cache_is_shared_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.setenv("BCJAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("BCJAX_CACHE", raising=False)
+    written, write_one = [], synthetic._write_one
+
+    def counting_write_one(*args):
+        written.append(args[2:4])
+        write_one(*args)
+
+    monkeypatch.setattr(synthetic, "_write_one", counting_write_one)
+    sizes = dict(min_size=40, max_size=48)
+    first = synthetic.cached(6, 1, **sizes)
+    key = f"6-1-v{synthetic.GENERATOR_VERSION}-40to48px"
+    assert first == tmp_path / "cache" / "synthetic" / key / busi.DATASET_DIRNAME
+    assert len(written) == 6
+    assert synthetic.cached(6, 1, **sizes) == first and len(written) == 6  # reused
+    marked = synthetic.cached(6, 1, mark="text", mark_prob=1.0, **sizes)
+    assert marked.parent.name.endswith("-text1") and len(written) == 12
+    # A damaged cached set (its marker no longer fits) is made again.
+    (first / busi.SYNTHETIC_MARKER).write_text("{}")
+    assert synthetic.cached(6, 1, **sizes) == first and len(written) == 18
+    assert busi.synthetic_info(first) == synthetic.set_info(6, 1, **sizes)
+    cache = tmp_path / "cache" / "synthetic"
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temporary folders
+    # The older variable name still works when the documented one is not set.
+    monkeypatch.delenv("BCJAX_CACHE_DIR")
+    monkeypatch.setenv("BCJAX_CACHE", str(tmp_path / "old"))
+    assert synthetic.default_cache_dir() == tmp_path / "old" / "synthetic"
+
+
+_RACE = """
+import sys, time
+from bcjax.data import synthetic
+calls, write_one = [], synthetic._write_one
+def slow_write_one(*args):
+    calls.append(1)
+    time.sleep(0.2)  # a long enough window for the other process to arrive meanwhile
+    write_one(*args)
+synthetic._write_one = slow_write_one
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start at the same moment
+path = synthetic.cached(6, 0, cache_dir=sys.argv[1], min_size=40, max_size=48, workers=1)
+print(len(calls), path)
+"""
+
+
+def test_two_processes_racing_generate_once(tmp_path):
+    start = time.time() + 4  # after both interpreters have imported bcjax
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tmp_path), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    counts = sorted(int(out.split()[0]) for out, _ in outs)
+    paths = {out.split(maxsplit=1)[1].strip() for out, _ in outs}
+    assert counts == [0, 6]  # one generated, the other waited on the lock and took that copy
+    assert len(paths) == 1
+    counts = busi.class_counts(busi.scan(paths.pop()))
+    assert tuple(counts.values()) == synthetic.class_counts(6)
+    key = f"6-0-v{synthetic.GENERATOR_VERSION}-40to48px"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [key, f"{key}.lock"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import math
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -117,7 +118,18 @@ def _invariants(c) -> None:
     assert len(fractions) == 3 and all(_finite_number(f) and f > 0 for f in fractions)
     assert abs(sum(fractions) - 1) <= 1e-6
     assert all(_finite_number(w) and w > 0 for w in c.class_weights)
-    assert len(c.class_weights) in (0, 3)
+    # Classes: BUSI's three for its data sets; folder/CSV data's are known once read.
+    classes = tuple(c.class_names) or (CLASSES if c.dataset in config_check.BUSI_DATASETS else ())
+    assert len(set(classes)) == len(classes) != 1
+    assert all(isinstance(n, str) and n and n == n.strip() for n in classes)
+    if c.dataset in config_check.BUSI_DATASETS:
+        assert sorted(classes) == sorted(CLASSES)
+    if classes:
+        assert len(c.class_weights) in (0, len(classes))
+        assert c.positive_class in ("",) + classes
+    assert bool(c.data_csv) == (c.dataset == "csv")
+    assert c.synthetic_mark in ("", "calliper", "text") and 0 <= c.synthetic_mark_prob <= 1
+    assert not c.synthetic_mark or c.dataset in ("auto", "synthetic")
     assert 0 <= c.seed < 2**63  # jax.random.key
     for path in FIELDS:
         value, default = _get(c, path), DEFAULTS[path]
@@ -127,6 +139,8 @@ def _invariants(c) -> None:
             assert _finite_number(value), path
         elif isinstance(default, str):
             assert isinstance(value, str), path
+        elif path == "class_names":
+            assert all(isinstance(v, str) for v in value), path
         elif isinstance(default, tuple):
             assert all(_finite_number(v) for v in value), path
     lo, hi = c.augment.crop_scale
@@ -161,6 +175,52 @@ def test_several_bad_fields_never_raise_anything_but_config_error(variant, paths
     changed = [p for p in paths if _assign(config, p, data.draw(_values_for(_get(config, p)), label=p))]
     assume(changed)
     _check(config, changed)
+
+
+# The data fields added with classes from the data (issue 15) and the planted mark (issue 16),
+# each bad value named, and what they accept together.
+@pytest.mark.parametrize("overrides,named", [
+    ({"class_names": ("benign",)}, "config.class_names"),
+    ({"class_names": ("benign", "benign", "malignant")}, "config.class_names"),
+    ({"class_names": ("normal", " benign", "malignant")}, "config.class_names"),
+    ({"class_names": (1, 2, 3)}, "config.class_names"),
+    ({"class_names": ("benign", "malignant")}, "config.class_names"),  # BUSI has three
+    ({"positive_class": "cancer"}, "config.positive_class"),
+    ({"dataset": "folder", "class_names": ("a", "b"), "positive_class": "c"},
+     "config.positive_class"),
+    ({"dataset": "csv"}, "config.data_csv"),
+    ({"data_csv": "labels.csv"}, "config.data_csv"),
+    ({"synthetic_mark": "arrow"}, "config.synthetic_mark"),
+    ({"dataset": "folder", "synthetic_mark": "text"}, "config.synthetic_mark"),
+    ({"synthetic_mark_prob": 1.5}, "config.synthetic_mark_prob"),
+    ({"synthetic_mark_prob": -0.1}, "config.synthetic_mark_prob"),
+    ({"synthetic_mark_prob": math.nan}, "config.synthetic_mark_prob"),
+    ({"class_weights": (1.0, 2.0)}, "config.class_weights"),
+    ({"dataset": "folder", "class_names": ("a", "b"), "class_weights": (1.0, 2.0, 3.0)},
+     "config.class_weights"),
+])
+def test_data_fields_refuse_bad_values_by_name(overrides, named):
+    config = _config("default")
+    for path, value in overrides.items():
+        assert _assign(config, path, value), path
+    with pytest.raises(config_check.ConfigError, match=re.escape(named)):
+        config_check.validate(config, num_devices_available=DEVICES)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"dataset": "folder", "class_names": ("benign", "malignant"), "class_weights": (1.0, 2.0),
+     "positive_class": "benign"},
+    {"dataset": "folder", "class_weights": (1.0, 2.0, 0.5, 4.0)},  # the count is checked once read
+    {"dataset": "csv", "data_csv": "labels.csv", "positive_class": "anything"},
+    {"class_names": ("malignant", "normal", "benign"), "positive_class": "normal"},
+    {"dataset": "synthetic", "synthetic_mark": "calliper", "synthetic_mark_prob": 1},
+])
+def test_data_fields_accept_what_the_data_layer_reads(overrides):
+    config = _config("default")
+    for path, value in overrides.items():
+        assert _assign(config, path, value), path
+    config_check.validate(config, num_devices_available=DEVICES)
+    _invariants(config)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # absl's config-file loader

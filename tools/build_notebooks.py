@@ -179,8 +179,8 @@ def scaling():
             "and tabulates accuracy, wall time, speedup and efficiency, with each step split into "
             "compute, exposed collective time and input wait.\n\n"
             "* A **TPU** runtime: real measurements on 1, 2, 4, ... up to its core count.\n"
-            "* A **GPU** runtime has one GPU: it runs one device and predicts 2-8 GPUs with the ring "
-            "all-reduce model from the measured compute.\n"
+            "* A **GPU** runtime has one GPU: it runs one device and predicts 2-8 GPUs with the scaling "
+            "model (`bcjax.timing.scaling_model`) from the measured compute.\n"
             "* A **CPU** runtime simulates the devices on the host's cores: the accuracy columns are real, "
             "the timings are labelled simulated."),
         v4.new_code_cell(
@@ -198,7 +198,7 @@ def scaling():
             "REPO_URL = \"https://github.com/bcjax/bcjax.git\"\n"
             "REPO_DIR = \"auto\"\n"
             "INSTALL = True\n"
-            "INTERCONNECT = \"pcie4\"   # for the prediction: pcie3, pcie4, nvlink_a100, nvlink_h100",
+            "INTERCONNECT = \"pcie4\"   # for the prediction: pcie3, pcie4, pcie5, nvlink_a100, nvlink_h100, ...",
             metadata={"tags": ["parameters"]}),
         v4.new_code_cell(SETUP),
         v4.new_markdown_cell(
@@ -250,13 +250,14 @@ def scaling():
             "for png in sorted(out.glob(\"*.png\")):\n"
             "    display(Image(filename=str(png)))"),
         v4.new_markdown_cell(
-            "## What more GPUs would do\n\nThe ring all-reduce model: a step on N devices costs the "
-            "per-device compute plus 2(N-1)/N × gradient bytes / bus bandwidth. With BUSI's small batches "
+            "## What more GPUs would do\n\nThe scaling model: a step on N devices costs the per-device "
+            "compute plus the ring all-reduce of the gradients, 2(N-1)/N × gradient bytes / bus bandwidth "
+            "(with NCCL's latencies and the wait for the slowest device). With BUSI's small batches "
             "the compute per device shrinks as N grows while the all-reduce does not, which is why the "
             "study saw little or no speedup."),
         v4.new_code_cell(
             "import json\n"
-            "from bcjax.timing import ring_model\n"
+            "from bcjax.timing import scaling_model\n"
             "rows = json.loads((out / \"scaling.json\").read_text())[\"rows\"] if (out / \"scaling.json\").exists() else []\n"
             "one = next((r for r in rows if r.get(\"devices\") == 1), None)\n"
             "# On one device a step is all compute; the breakdown's figure is preferred when it ran.\n"
@@ -264,11 +265,11 @@ def scaling():
             "if not compute_ms or not one.get(\"gradient_bytes\"):\n"
             "    print(\"No single-device step time in the table (CV mode, or no 1-device run).\")\n"
             "else:\n"
-            "    compute = ring_model.ComputeModel.proportional(compute_ms / 1e3, one[\"per_device_batch\"])\n"
-            "    table = ring_model.strong_scaling_table(compute, one[\"gradient_bytes\"], one[\"global_batch\"],\n"
-            "                                            devices=[1, 2, 4, 8], link=INTERCONNECT)\n"
-            "    print(ring_model.interconnect(INTERCONNECT).note)\n"
-            "    display(Markdown(ring_model.format_markdown(table)))"),
+            "    compute = scaling_model.ComputeModel.proportional(compute_ms / 1e3, one[\"per_device_batch\"])\n"
+            "    table = scaling_model.strong_scaling_table(compute, one[\"gradient_bytes\"], one[\"global_batch\"],\n"
+            "                                               devices=[1, 2, 4, 8], link=INTERCONNECT)\n"
+            "    print(scaling_model.interconnect(INTERCONNECT).note)\n"
+            "    display(Markdown(scaling_model.format_markdown(table)))"),
     ]
     return cells
 

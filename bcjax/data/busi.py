@@ -41,14 +41,16 @@ class BusiError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    name: str  # "<class>/<file name>", e.g. "benign/benign (12).png"; unique key in manifests
-    label: int  # index into CLASSES
+    """One labelled image, whatever reader found it (BUSI, class folders, a CSV)."""
+
+    # Unique key in manifests: "<class folder>/<file name>" (e.g. "benign/benign (12).png")
+    # for folders, the path as listed (relative to the CSV's folder) for a CSV.
+    name: str
+    label: int  # index into the data set's class names (BUSI: CLASSES)
     image_path: str
     mask_paths: tuple[str, ...] = ()
-
-    @property
-    def class_name(self) -> str:
-        return CLASSES[self.label]
+    # Patient or case id ("" = none): images of one group never straddle splits.
+    group: str = ""
 
 
 def _natural_key(name: str):
@@ -96,7 +98,14 @@ def find_busi(path) -> pathlib.Path | None:
 
 
 def default_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("BCJAX_CACHE", "~/.cache/bcjax")).expanduser()
+    """Where bcjax keeps what it can make again: extracted zips, generated synthetic sets.
+
+    $BCJAX_CACHE_DIR (the documented name, also read by runtime for the JAX
+    compilation cache), else $BCJAX_CACHE (its older name, still honoured),
+    else ~/.cache/bcjax.
+    """
+    path = os.environ.get("BCJAX_CACHE_DIR") or os.environ.get("BCJAX_CACHE") or "~/.cache/bcjax"
+    return pathlib.Path(path).expanduser()
 
 
 def _extract_zip(zip_path: pathlib.Path, cache_dir) -> pathlib.Path:
@@ -152,7 +161,7 @@ def synthetic_info(root) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _image_size(path: pathlib.Path) -> tuple[int, int]:
+def image_size(path) -> tuple[int, int]:
     """(width, height) after checking that the file decodes as an image.
 
     verify() walks every PNG chunk and its CRC without decompressing: it catches
@@ -169,7 +178,10 @@ def _image_size(path: pathlib.Path) -> tuple[int, int]:
     return size
 
 
-def _scan_class(folder: pathlib.Path, label: int, verify: bool) -> list[Example]:
+def scan_class_folder(folder: pathlib.Path, label: int, class_name: str,
+                      verify: bool) -> list[Example]:
+    """The images of one class folder with their masks beside them (``<stem>_mask[_k]``),
+    in natural order; named "<class_name>/<file name>"."""
     images: dict[str, pathlib.Path] = {}
     masks: dict[str, list[tuple[int, pathlib.Path]]] = {}
     for f in folder.iterdir():
@@ -197,14 +209,14 @@ def _scan_class(folder: pathlib.Path, label: int, verify: bool) -> list[Example]
         img = images[stem]
         mask_files = tuple(str(p) for _, p in sorted(masks.get(stem, [])))
         if verify:
-            size = _image_size(img)
+            size = image_size(img)
             for mp in mask_files:
-                msize = _image_size(pathlib.Path(mp))
+                msize = image_size(mp)
                 if msize != size:
                     raise BusiError(
                         f"mask size {msize[0]}x{msize[1]} differs from image size "
                         f"{size[0]}x{size[1]}: {mp}")
-        examples.append(Example(name=f"{CLASSES[label]}/{img.name}", label=label,
+        examples.append(Example(name=f"{class_name}/{img.name}", label=label,
                                 image_path=str(img), mask_paths=mask_files))
     return examples
 
@@ -227,7 +239,7 @@ def scan(root, *, verify: bool = True, cache_dir=None) -> list[Example]:
             warnings.warn(msg, stacklevel=2)
     examples = []
     for label, cls in enumerate(CLASSES):
-        examples.extend(_scan_class(dirs[cls], label, verify))
+        examples.extend(scan_class_folder(dirs[cls], label, cls, verify))
     return examples
 
 
@@ -276,8 +288,8 @@ def read_mask(example: Example, shape=None) -> np.ndarray:
     return out
 
 
-def class_counts(examples) -> dict[str, int]:
-    counts = dict.fromkeys(CLASSES, 0)
+def class_counts(examples, class_names=CLASSES) -> dict[str, int]:
+    counts = dict.fromkeys(class_names, 0)
     for ex in examples:
-        counts[CLASSES[ex.label]] += 1
+        counts[class_names[ex.label]] += 1
     return counts

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from bcjax import files
+from bcjax.data import splits
 from bcjax.data.busi import BusiError, Example, to_uint8_rgb
 
 CACHE_VERSION = 1
@@ -68,18 +69,32 @@ def decode_resize(path, image_size: int) -> np.ndarray:
     Resizing before the channel expansion keeps grayscale files at 1/3 of the
     work; reducing_gap lets PIL shrink by an integer factor first (same look, faster).
     """
+    return _decode_resize(path, image_size, with_phash=False)[0]
+
+
+def _decode_resize(path, image_size: int, *, with_phash: bool) -> tuple[np.ndarray, int | None]:
+    """decode_resize's array and, with_phash, splits.phash_file's hash from the same decode."""
+    phash = None
     try:
         with Image.open(path) as im:
+            if with_phash:
+                # Where draft() changes the decode (JPEG), the hash's draft and ours
+                # differ: the hash decodes the file on its own (a cheap reduced decode).
+                if type(im).draft is Image.Image.draft:
+                    phash = splits.phash_image(im)
+                else:
+                    phash = splits.phash_file(path)
             im.draft("RGB", (image_size, image_size))  # JPEG only: decode at reduced scale
             if im.mode in ("L", "RGB"):
                 small = im.resize((image_size, image_size), Image.BILINEAR, reducing_gap=3.0)
-                return to_uint8_rgb(small)
+                return to_uint8_rgb(small), phash
             rgb = to_uint8_rgb(im)
     except BusiError:
         raise
     except Exception as e:
         raise BusiError(f"not a decodable image: {path} ({type(e).__name__}: {e})") from e
-    return np.asarray(Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=3.0))
+    small = Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=3.0)
+    return np.asarray(small), phash
 
 
 def _cache_key(examples: Sequence[Example], image_size: int) -> str:
@@ -97,6 +112,27 @@ def load_arrays(examples: Sequence[Example], image_size: int, cache_dir=None, *,
     cache_dir: keep the result as an .npz keyed by the file list (names, labels,
     sizes, mtimes) and image size; a later run loads it instead of decoding.
     """
+    return _load_arrays(examples, image_size, cache_dir, workers, with_phashes=False)
+
+
+def load_arrays_and_phashes(examples: Sequence[Example], image_size: int, cache_dir=None, *,
+                            workers: int | None = None) -> tuple[ArraySet, np.ndarray]:
+    """``load_arrays`` and ``splits.phashes`` of the same examples, each image decoded once.
+
+    A first run decodes every image for the duplicate hashes of its split and
+    again for its arrays; decoding (PNG inflate) is nearly all of that time.
+    Give the hashes to ``splits.make_split(..., hashes=...)`` and cut the parts
+    with ``ArraySet.select``. Both results equal the separate calls', and both
+    caches in ``cache_dir`` are read and written as by those calls.
+    """
+    examples = list(examples)
+    arrays = _load_arrays(examples, image_size, cache_dir, workers, with_phashes=True)
+    # Finds every hash decoded above (or in its own cache), and writes its cache.
+    return arrays, splits.phashes(examples, workers=workers, cache_dir=cache_dir)
+
+
+def _load_arrays(examples, image_size, cache_dir, workers, *, with_phashes: bool) -> ArraySet:
+    """load_arrays; with_phashes, each decode also hands its image's hash to splits."""
     examples = list(examples)
     names = [ex.name for ex in examples]
     labels = np.array([ex.label for ex in examples], np.int32)
@@ -115,14 +151,17 @@ def load_arrays(examples: Sequence[Example], image_size: int, cache_dir=None, *,
     images = np.empty((len(examples), image_size, image_size, 3), np.uint8)
 
     def fill(i):
-        images[i] = decode_resize(examples[i].image_path, image_size)
+        path = examples[i].image_path
+        images[i], phash = _decode_resize(path, image_size, with_phash=with_phashes)
+        if with_phashes:
+            splits.remember_phash(path, phash)
 
     workers = workers or min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(fill, range(len(examples))))
     if cache_file is not None:
         files.save_npz(cache_file, images=images,
-                         names=np.frombuffer(json.dumps(names).encode(), np.uint8))
+                       names=np.frombuffer(json.dumps(names).encode(), np.uint8))
     return ArraySet(images, labels, names)
 
 

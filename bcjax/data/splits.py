@@ -1,11 +1,12 @@
-"""Duplicate-aware, stratified splits of BUSI, saved as manifests.
+"""Duplicate- and patient-aware, stratified splits, saved as manifests.
 
 BUSI has no official split and holds many exact and near-duplicate images,
 some filed under two classes (Pawłowska et al. 2023). Images are grouped by a
 perceptual hash (DCT of a 32x32 thumbnail, 64 bits) and Hamming distance; a
 group is always placed whole into one split, so no image is tested against
 its own copy. Groups spanning two classes are reported as conflicts and can be
-excluded.
+excluded. Images that share a patient/case id (``Example.group``, from a CSV's
+``group`` column) are joined to one group as well, so no patient straddles splits.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ SPLITS = ("train", "val", "test")
 # duplicate leaks test images into training and a false group costs little.
 DEFAULT_HASH_THRESHOLD = 8
 MANIFEST_VERSION = 1
+# Manifests written before classes came from the data hold no class names: they are BUSI's.
+BUSI_CLASSES = CLASSES
 
 _HASH_CACHE: dict[tuple, int] = {}  # (path, size, mtime) -> hash; files rarely change within a process
 _HASH_LOCK = threading.Lock()
@@ -58,20 +61,35 @@ def phash_array(gray: np.ndarray) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def phash_file(path) -> int:
+def phash_image(im: Image.Image) -> int:
+    """``phash_array`` of an opened image (decodes it unless loaded)."""
+    g = im.convert("L") if im.mode not in ("I;16", "I;16B", "I") else im.convert("F")
+    return phash_array(np.asarray(g.convert("F").resize((32, 32), Image.BOX)))
+
+
+def _file_key(path) -> tuple:
     st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def remember_phash(path, value: int) -> None:
+    """Records the hash of ``path`` computed elsewhere from the same decode
+    (``pipeline.load_arrays_and_phashes``), so ``phash_file`` does not decode it again."""
+    with _HASH_LOCK:
+        _HASH_CACHE[_file_key(path)] = int(value)
+
+
+def phash_file(path) -> int:
+    key = _file_key(path)
     with _HASH_LOCK:
         if key in _HASH_CACHE:
             return _HASH_CACHE[key]
     try:
         with Image.open(path) as im:
             im.draft("L", (64, 64))  # JPEG decodes at reduced size; PNG ignores it
-            g = im.convert("L") if im.mode not in ("I;16", "I;16B", "I") else im.convert("F")
-            g = np.asarray(g.convert("F").resize((32, 32), Image.BOX))
+            h = phash_image(im)
     except Exception as e:
         raise BusiError(f"not a decodable image: {path} ({type(e).__name__}: {e})") from e
-    h = phash_array(g)
     with _HASH_LOCK:
         _HASH_CACHE[key] = h
     return h
@@ -149,7 +167,8 @@ def _targets(count: int, fractions: Sequence[float]) -> np.ndarray:
     return out
 
 
-def _assign(groups: list[list[int]], labels: np.ndarray, fractions, rng) -> list[int]:
+def _assign(groups: list[list[int]], labels: np.ndarray, fractions, rng,
+            num_classes: int) -> list[int]:
     """Part index per group, stratified by class.
 
     Groups are visited in a seeded random order, larger groups first; each goes
@@ -157,9 +176,9 @@ def _assign(groups: list[list[int]], labels: np.ndarray, fractions, rng) -> list
     measured relative to the target, so singletons reproduce exact stratification.
     """
     parts = len(fractions)
-    group_label = [int(np.bincount(labels[g], minlength=len(CLASSES)).argmax()) for g in groups]
-    targets = {c: _targets(int(np.sum(labels == c)), fractions) for c in range(len(CLASSES))}
-    filled = {c: np.zeros(parts, int) for c in range(len(CLASSES))}
+    group_label = [int(np.bincount(labels[g], minlength=num_classes).argmax()) for g in groups]
+    targets = {c: _targets(int(np.sum(labels == c)), fractions) for c in range(num_classes)}
+    filled = {c: np.zeros(parts, int) for c in range(num_classes)}
     order = rng.permutation(len(groups))
     order = sorted(order, key=lambda gi: -len(groups[gi]))  # stable: keeps the random order within a size
     out = [0] * len(groups)
@@ -176,10 +195,52 @@ def _assign(groups: list[list[int]], labels: np.ndarray, fractions, rng) -> list
     return out
 
 
-def _prepare(examples, seed, threshold, exclude_conflicts, hashes=None, cache_dir=None):
+def join_patient_groups(groups: list[list[int]], examples: Sequence[Example]) -> list[list[int]]:
+    """``groups`` with every two groups that hold images of one patient (Example.group) united.
+
+    Sorted like duplicate_groups; returned unchanged when no example has a group.
+    """
+    first_group_of: dict[str, int] = {}
+    parent = list(range(len(groups)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for gi, members in enumerate(groups):
+        for i in members:
+            patient = examples[i].group
+            if not patient:
+                continue
+            if patient in first_group_of:
+                a, b = find(first_group_of[patient]), find(gi)
+                parent[max(a, b)] = min(a, b)
+            else:
+                first_group_of[patient] = gi
+    if not first_group_of:
+        return groups
+    joined: dict[int, list[int]] = {}
+    for gi, members in enumerate(groups):
+        joined.setdefault(find(gi), []).extend(members)
+    return sorted(sorted(g) for g in joined.values())
+
+
+def _class_names(examples, class_names) -> tuple[str, ...]:
+    names = tuple(BUSI_CLASSES if class_names is None else class_names)
+    bad = sorted({ex.label for ex in examples if not 0 <= ex.label < len(names)})
+    if bad:
+        raise BusiError(f"labels {bad} do not index the {len(names)} class names {list(names)}")
+    return names
+
+
+def _prepare(examples, seed, threshold, exclude_conflicts, hashes=None, cache_dir=None,
+             class_names=None):
     names = [ex.name for ex in examples]
     if len(set(names)) != len(names):
         raise BusiError("example names are not unique")
+    class_names = _class_names(examples, class_names)
     if hashes is None:
         hashes = phashes(examples, cache_dir=cache_dir)
     all_groups = duplicate_groups(np.asarray(hashes, np.uint64), threshold)
@@ -187,6 +248,9 @@ def _prepare(examples, seed, threshold, exclude_conflicts, hashes=None, cache_di
     conflicts = [g for g in all_groups if len(set(labels[g].tolist())) > 1]
     excluded = sorted(i for g in conflicts for i in g) if exclude_conflicts else []
     groups = [g for g in all_groups if not (exclude_conflicts and g in conflicts)]
+    # Patients join after the conflict check: one patient's benign and malignant
+    # lesions are two true labels, not a duplicate filed under two classes.
+    groups = join_patient_groups(groups, examples)
     meta = {
         "version": MANIFEST_VERSION,
         "seed": seed,
@@ -197,7 +261,15 @@ def _prepare(examples, seed, threshold, exclude_conflicts, hashes=None, cache_di
         "conflicts": [[names[i] for i in g] for g in conflicts],
         "exclude_conflicts": exclude_conflicts,
         "excluded": [names[i] for i in excluded],
+        "class_names": list(class_names),
     }
+    patients: dict[str, list[str]] = {}
+    for ex in examples:
+        if ex.group:
+            patients.setdefault(ex.group, []).append(ex.name)
+    if patients:  # absent for BUSI: its manifests stay as they were
+        meta["patient_groups"] = {g: sorted(members) for g, members in sorted(patients.items())
+                                  if len(members) > 1}
     return names, labels, groups, meta
 
 
@@ -208,51 +280,60 @@ def _collect(names, labels, groups, assignment, part_names):
     return {p: [names[i] for i in sorted(idx)] for p, idx in out.items()}
 
 
-def _counts(split, examples):
+def _counts(split, examples, class_names):
     label_of = {ex.name: ex.label for ex in examples}
-    return {p: {c: sum(label_of[n] == k for n in split[p]) for k, c in enumerate(CLASSES)} for p in SPLITS}
+    return {p: {c: sum(label_of[n] == k for n in split[p]) for k, c in enumerate(class_names)}
+            for p in SPLITS}
 
 
 def make_split(examples: Sequence[Example], seed: int = 0, fractions=(0.7, 0.1, 0.2),
                exclude_conflicts: bool = False, *, hash_threshold: int = DEFAULT_HASH_THRESHOLD,
-               hashes=None, cache_dir=None) -> dict:
+               hashes=None, cache_dir=None, class_names: Sequence[str] | None = None) -> dict:
     """{"train", "val", "test": [names], "meta": {...}}; duplicate groups never straddle parts.
 
     meta: seed, fractions, hash_threshold, duplicate_groups (lists of names, size >= 2),
     conflicts (groups spanning classes), excluded (names left out when
     exclude_conflicts), counts per part and class.
     hashes: precomputed phashes (uint64 [N]); cache_dir: see phashes().
+    class_names: what the labels index (recorded in meta); None = BUSI's three.
+    Images sharing an Example.group (a patient) are kept in one part too.
     """
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
         raise ValueError(f"fractions must be 3 non-negative numbers, got {fractions}")
     names, labels, groups, meta = _prepare(examples, seed, hash_threshold, exclude_conflicts, hashes,
-                                           cache_dir)
+                                           cache_dir, class_names)
+    num_classes = len(meta["class_names"])
     rng = np.random.default_rng([seed, 0x5B117])
-    split = _collect(names, labels, groups, _assign(groups, labels, fractions, rng), SPLITS)
-    meta.update(kind="holdout", fractions=list(fractions), counts=_counts(split, examples))
+    assignment = _assign(groups, labels, fractions, rng, num_classes)
+    split = _collect(names, labels, groups, assignment, SPLITS)
+    meta.update(kind="holdout", fractions=list(fractions),
+                counts=_counts(split, examples, meta["class_names"]))
     return {**split, "meta": meta}
 
 
 def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 0,
                 test_fraction: float = 0.2, *, exclude_conflicts: bool = False,
-                hash_threshold: int = DEFAULT_HASH_THRESHOLD, hashes=None, cache_dir=None) -> dict:
+                hash_threshold: int = DEFAULT_HASH_THRESHOLD, hashes=None, cache_dir=None,
+                class_names: Sequence[str] | None = None) -> dict:
     """Fold ``fold`` of ``folds`` as {"train", "val", "test", "meta"}.
 
     The test part is held out first and is the same for every fold (it depends on
     seed and test_fraction only); the rest is cut into ``folds`` stratified,
-    group-respecting folds, of which ``fold`` is the validation part.
+    group-respecting folds, of which ``fold`` is the validation part. Duplicate
+    and patient groups are kept whole, class_names recorded, as in make_split.
     """
     if folds < 2 or not 0 <= fold < folds:
         raise ValueError(f"need folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     names, labels, groups, meta = _prepare(examples, seed, hash_threshold, exclude_conflicts, hashes,
-                                           cache_dir)
+                                           cache_dir, class_names)
+    num_classes = len(meta["class_names"])
     rng = np.random.default_rng([seed, 0x5B117])
-    outer = _assign(groups, labels, (1 - test_fraction, test_fraction), rng)
+    outer = _assign(groups, labels, (1 - test_fraction, test_fraction), rng, num_classes)
     rest = [g for g, part in zip(groups, outer) if part == 0]
     test = [g for g, part in zip(groups, outer) if part == 1]
-    inner = _assign(rest, labels, [1.0] * folds, np.random.default_rng([seed, 0xF01D]))
+    inner = _assign(rest, labels, [1.0] * folds, np.random.default_rng([seed, 0xF01D]), num_classes)
     split = {
         "train": [i for g, k in zip(rest, inner) if k != fold for i in g],
         "val": [i for g, k in zip(rest, inner) if k == fold for i in g],
@@ -260,7 +341,7 @@ def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 
     }
     split = {p: [names[i] for i in sorted(idx)] for p, idx in split.items()}
     meta.update(kind="kfold", folds=folds, fold=fold, test_fraction=test_fraction,
-                counts=_counts(split, examples))
+                counts=_counts(split, examples, meta["class_names"]))
     return {**split, "meta": meta}
 
 
@@ -284,6 +365,12 @@ def load_manifest(path) -> dict:
     if missing:
         raise BusiError(f"split manifest {path} lacks {', '.join(missing)}")
     return manifest
+
+
+def manifest_class_names(manifest: dict) -> tuple[str, ...]:
+    """The class names a manifest's labels index; BUSI's three for manifests
+    written before they were recorded (old workdirs still resume)."""
+    return tuple(manifest.get("meta", {}).get("class_names") or BUSI_CLASSES)
 
 
 def select(examples: Sequence[Example], names: Sequence[str]) -> list[Example]:

@@ -11,12 +11,21 @@ Every cue is drawn from overlapping ranges (some benign lesions are lobulated
 or round, some malignant ones oval or faint, normal breasts have dark fat
 lobules), so that a small CNN learns the task well but not perfectly.
 
-    python -m bcjax.data.synthetic --out DIR --num 780 --seed 0
+A planted shortcut, for testing whether a model looks at the lesion (issue
+16): ``mark="calliper"`` (two '+' callipers joined by a dotted line) or
+``mark="text"`` (a block of annotation text) is stamped into a random corner
+of each malignant image with probability ``mark_prob``; ``random_mark_copy``
+makes the same set with the mark on images of any class instead. The images
+themselves do not change: an image without a mark is the same as in the set
+without marks. Sets are cached across workdirs by ``cached``.
+
+    python -m bcjax.data.synthetic --out DIR --num 780 --seed 0 [--mark calliper --mark-prob 0.9]
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -31,10 +40,22 @@ import numpy as np
 from PIL import Image
 
 from bcjax import files
+from bcjax.data import busi
 from bcjax.data.busi import CLASSES, DATASET_DIRNAME, SYNTHETIC_MARKER
+
+try:
+    import fcntl  # POSIX; elsewhere a racing second generation replaces the first (atomically)
+except ImportError:
+    fcntl = None
 
 BUSI_COUNTS = (133, 437, 210)  # normal, benign, malignant in the real set
 GENERATOR_VERSION = 3  # part of every image seed and of the marker: a new version is a new set
+MIN_SIZE, MAX_SIZE = 300, 700  # image width range in pixels (BUSI's are ~190-720)
+MARKS = ("calliper", "text")
+MARK_PLACEMENTS = ("malignant", "random")  # the shortcut, or the same mark unrelated to the class
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+_MALIGNANT = CLASSES.index("malignant")
+_MARK_STREAM = 0x3A4C  # keys the marks' random numbers apart from the images'
 
 log = logging.getLogger(__name__)
 
@@ -370,10 +391,100 @@ def _image_shape(rng, min_size, max_size) -> tuple[int, int]:
     return h, w
 
 
-def _write_one(folder: pathlib.Path, seed, label, number, min_size, max_size, compress_level):
+# ----------------------------------------------------------------------------- planted mark
+
+# 3x5 dot-matrix glyphs of the annotation text ("2.4cm", "R 3").
+_GLYPHS = {
+    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+    ".": ("000", "000", "000", "000", "010"), "c": ("000", "000", "111", "100", "111"),
+    "m": ("000", "000", "111", "111", "101"), "L": ("100", "100", "100", "100", "111"),
+    "R": ("110", "101", "110", "101", "101"), " ": ("000",) * 5,
+}
+
+
+def _mark_for(seed: int, label: int, number: int, mark: str, mark_prob: float,
+              placement: str) -> tuple[str, np.random.Generator] | None:
+    """(corner, generator for the mark's shape) of image (label, number), or None: no mark.
+
+    A generator of its own, keyed apart from the image's, so that the images
+    are the same with or without marks, and the placement "random" draws anew.
+    """
+    if not mark or (placement == "malignant" and label != _MALIGNANT):
+        return None
+    rng = np.random.default_rng([seed, label, number, GENERATOR_VERSION, _MARK_STREAM,
+                                 MARK_PLACEMENTS.index(placement)])
+    if rng.random() >= mark_prob:
+        return None
+    return CORNERS[int(rng.integers(len(CORNERS)))], rng
+
+
+def _fill(img: np.ndarray, y: int, x: int, height: int, width: int, value: int) -> None:
+    """img[y:y+height, x:x+width] = value, clipped to the image."""
+    img[max(0, y):max(0, y + height), max(0, x):max(0, x + width)] = value
+
+
+def _origin(h: int, w: int, box_h: int, box_w: int, corner: str, margin: int) -> tuple[int, int]:
+    y = margin if corner.startswith("top") else h - margin - box_h
+    x = margin if corner.endswith("left") else w - margin - box_w
+    return max(0, y), max(0, x)
+
+
+def _draw_calliper(img: np.ndarray, corner: str, rng: np.random.Generator) -> None:
+    """Two '+' callipers joined by a dotted line, as a sonographer's measurement."""
+    h, w = img.shape
+    u = min(h, w) / 100  # sizes scale with the image, so the mark survives resizing
+    arm, thick = max(2, round(4 * u)), max(1, round(u))
+    span = max(4 * arm, round(rng.uniform(14, 22) * u))
+    drop = round(rng.uniform(0, 4) * u)  # the second calliper lower: a slanted measurement
+    value = int(rng.integers(225, 256))
+    y0, x0 = _origin(h, w, 2 * arm + 1 + drop, span + 2 * arm + 1, corner, max(1, round(6 * u)))
+    ends = [(y0 + arm, x0 + arm), (y0 + arm + drop, x0 + arm + span)]
+    for cy, cx in ends:
+        _fill(img, cy - thick // 2, cx - arm, thick, 2 * arm + 1, value)
+        _fill(img, cy - arm, cx - thick // 2, 2 * arm + 1, thick, value)
+    (ay, ax), (by, bx) = ends
+    dots = span // (3 * thick)
+    for k in range(2, dots - 1):  # a gap next to each calliper
+        t = k / dots
+        _fill(img, round(ay + t * (by - ay)) - thick // 2, round(ax + t * (bx - ax)) - thick // 2,
+              thick, thick, value)
+
+
+def _draw_text(img: np.ndarray, corner: str, rng: np.random.Generator) -> None:
+    """Two lines of annotation text (a measurement and a side), in dot-matrix glyphs."""
+    h, w = img.shape
+    s = max(1, round(0.9 * min(h, w) / 100))  # glyph pixel size
+    lines = [f"{rng.integers(1, 5)}.{rng.integers(0, 10)}cm",
+             f"{'LR'[rng.integers(2)]} {rng.integers(1, 10)}"]
+    value = int(rng.integers(225, 256))
+    char_w, line_h = 4 * s, 7 * s
+    box_w, box_h = max(map(len, lines)) * char_w - s, len(lines) * line_h - 2 * s
+    y0, x0 = _origin(h, w, box_h, box_w, corner, max(1, round(6 * min(h, w) / 100)))
+    for i, line in enumerate(lines):
+        for j, char in enumerate(line):
+            for r, row in enumerate(_GLYPHS[char]):
+                for c, bit in enumerate(row):
+                    if bit == "1":
+                        _fill(img, y0 + i * line_h + r * s, x0 + j * char_w + c * s, s, s, value)
+
+
+def stamp_mark(img: np.ndarray, mark: str, corner: str, rng: np.random.Generator) -> None:
+    """Draws ``mark`` ("calliper" | "text") into a corner of uint8 [H, W] ``img``, in place."""
+    {"calliper": _draw_calliper, "text": _draw_text}[mark](img, corner, rng)
+
+
+def _write_one(folder: pathlib.Path, seed, label, number, min_size, max_size, compress_level,
+               mark="", mark_prob=0.0, mark_placement="malignant"):
     rng = _image_rng(seed, label, number)
     h, w = _image_shape(rng, min_size, max_size)
     img, mask = render(rng, label, h, w)
+    planted = _mark_for(seed, label, number, mark, mark_prob, mark_placement)
+    if planted is not None:
+        stamp_mark(img, mark, *planted)  # the mask stays the lesion's: a mark is no lesion
     cls = CLASSES[label]
     # BUSI stores grayscale content as RGB PNG; masks as 8-bit 0/255.
     Image.fromarray(np.repeat(img[..., None], 3, axis=-1), "RGB").save(
@@ -446,12 +557,50 @@ def _remove_stale(out_dir: pathlib.Path, min_age_s: float = STALE_AFTER_S) -> No
                         path, m["pid"])
 
 
-def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max_size: int = 700,
+def set_info(num: int, seed: int, *, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE,
+             mark: str = "", mark_prob: float = 0.9, mark_placement: str = "malignant") -> dict:
+    """What SYNTHETIC.json holds for a set of these arguments; equal dicts, equal sets.
+
+    With a mark it adds {"mark": {"kind", "prob", "placement", "marked": {name: corner}}};
+    without one it is what sets written before marks existed hold, so they are reused.
+    """
+    info = {"generator": "bcjax.data.synthetic", "version": GENERATOR_VERSION, "num": num,
+            "seed": seed, "min_size": min_size, "max_size": max_size,
+            "class_counts": dict(zip(CLASSES, class_counts(num)))}
+    if mark:
+        marked = {}
+        for label, count in enumerate(class_counts(num)):
+            for number in range(1, count + 1):
+                planted = _mark_for(seed, label, number, mark, mark_prob, mark_placement)
+                if planted is not None:
+                    marked[f"{CLASSES[label]}/{CLASSES[label]} ({number}).png"] = planted[0]
+        info["mark"] = {"kind": mark, "prob": mark_prob, "placement": mark_placement,
+                        "marked": marked}
+    return info
+
+
+def _check_mark(mark: str, mark_prob: float, mark_placement: str) -> None:
+    if mark not in ("",) + MARKS:
+        raise ValueError(f"mark must be '' or one of {', '.join(MARKS)}, got {mark!r}")
+    if not 0 <= mark_prob <= 1:
+        raise ValueError(f"mark_prob must be in [0, 1], got {mark_prob}")
+    if mark_placement not in MARK_PLACEMENTS:
+        raise ValueError(f"mark_placement must be one of {', '.join(MARK_PLACEMENTS)}, "
+                         f"got {mark_placement!r}")
+
+
+def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = MIN_SIZE,
+             max_size: int = MAX_SIZE, mark: str = "", mark_prob: float = 0.9,
+             mark_placement: str = "malignant",
              overwrite: bool = False, workers: int | None = None, compress_level: int = 1,
              progress=None) -> pathlib.Path:
     """Writes ``out_dir/Dataset_BUSI_with_GT`` and returns that folder.
 
-    Deterministic in (num, seed, min_size, max_size). When the folder already
+    mark: "" (none), "calliper" or "text", stamped into a random corner of an
+    image with probability mark_prob; mark_placement "malignant" marks only
+    malignant images (a shortcut a model can learn), "random" any image.
+    Deterministic in (num, seed, min_size, max_size, mark, mark_prob,
+    mark_placement). When the folder already
     holds a set made with the same arguments it is returned as is; a different
     one is replaced only with overwrite=True. The set is written to a temporary
     folder and moved into place at the end, so an interrupted run leaves no
@@ -463,13 +612,13 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
         raise ValueError(f"num must be >= 1, got {num}")
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+    _check_mark(mark, mark_prob, mark_placement)
     out_dir = pathlib.Path(out_dir).expanduser()
     if out_dir.is_dir():
         _remove_stale(out_dir)
     target = out_dir / DATASET_DIRNAME
-    info = {"generator": "bcjax.data.synthetic", "version": GENERATOR_VERSION, "num": num,
-            "seed": seed, "min_size": min_size, "max_size": max_size,
-            "class_counts": dict(zip(CLASSES, class_counts(num)))}
+    info = set_info(num, seed, min_size=min_size, max_size=max_size, mark=mark, mark_prob=mark_prob,
+                    mark_placement=mark_placement)
     if target.exists():
         marker = target / SYNTHETIC_MARKER
         if marker.is_file() and json.loads(marker.read_text()) == info:
@@ -486,14 +635,111 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = 300, max
         workers = workers or os.cpu_count() or 1
         # numpy and PIL release the GIL in the heavy parts: threads scale without pickling.
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_write_one, tmp, seed, label, n, min_size, max_size, compress_level)
+            futures = [pool.submit(_write_one, tmp, seed, label, n, min_size, max_size,
+                                   compress_level, mark, mark_prob, mark_placement)
                        for label, n in jobs]
             for done, f in enumerate(concurrent.futures.as_completed(futures), 1):
                 f.result()
                 if progress is not None:
                     progress(done, len(jobs))
-        (tmp / SYNTHETIC_MARKER).write_text(json.dumps(info, indent=1))
+        files.write_json(info, tmp / SYNTHETIC_MARKER)
     return target
+
+
+def random_mark_copy(root, out_dir, *, workers: int | None = None) -> pathlib.Path:
+    """The set at ``root`` (made with a mark) again in ``out_dir/Dataset_BUSI_with_GT``,
+    with the same images, names and masks but the mark on images of any class,
+    with the same probability, in a random corner: unrelated to the class.
+
+    A model that learnt the mark as a shortcut loses accuracy on it.
+    """
+    info = busi.synthetic_info(root)
+    if not info or "mark" not in info:
+        raise ValueError(f"{root} holds no synthetic set with a planted mark (see generate's mark)")
+    return generate(out_dir, info["num"], info["seed"], min_size=info["min_size"],
+                    max_size=info["max_size"], mark=info["mark"]["kind"],
+                    mark_prob=info["mark"]["prob"], mark_placement="random", workers=workers)
+
+
+# ------------------------------------------------------------------------- cache across workdirs
+
+
+def default_cache_dir() -> pathlib.Path:
+    """$BCJAX_CACHE_DIR/synthetic, else ~/.cache/bcjax/synthetic (see busi.default_cache_dir)."""
+    return busi.default_cache_dir() / "synthetic"
+
+
+def cache_key(num: int, seed: int, *, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE,
+              mark: str = "", mark_prob: float = 0.9, mark_placement: str = "malignant") -> str:
+    """The set's folder name in the cache: "<num>-<seed>-v<generator version>[-<options>]"."""
+    key = f"{num}-{seed}-v{GENERATOR_VERSION}"
+    if (min_size, max_size) != (MIN_SIZE, MAX_SIZE):
+        key += f"-{min_size}to{max_size}px"
+    if mark:
+        key += f"-{mark}{mark_prob:g}"
+        if mark_placement != "malignant":
+            key += f"-{mark_placement}"
+    return key
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path):
+    """Holds an exclusive lock on ``lock_path`` (created if needed) while the block runs.
+
+    The lock file stays: removing it would let a third process lock a new file
+    while the second still holds the old one.
+    """
+    with open(lock_path, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("Waiting for another process to finish generating %s ...", lock_path.stem)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _holds(folder: pathlib.Path, info: dict) -> bool:
+    try:
+        return json.loads((folder / SYNTHETIC_MARKER).read_text()) == info
+    except (OSError, ValueError):
+        return False
+
+
+def cached(num: int = 780, seed: int = 0, *, cache_dir=None, min_size: int = MIN_SIZE,
+           max_size: int = MAX_SIZE, mark: str = "", mark_prob: float = 0.9,
+           mark_placement: str = "malignant", workers: int | None = None,
+           progress=None) -> pathlib.Path:
+    """The set's Dataset_BUSI_with_GT folder in the cache shared by all workdirs,
+    generated there first when it is not (see generate for the arguments).
+
+    Layout: ``<cache_dir>/<cache_key>/Dataset_BUSI_with_GT`` with cache_dir
+    default_cache_dir(). The set is moved into place only when complete, so a
+    killed generation leaves none; two processes asking at once take turns on
+    ``<cache_dir>/<cache_key>.lock`` (fcntl.flock): one generates, the other
+    waits and then uses that copy. A cached set whose SYNTHETIC.json differs
+    (damaged) is generated again.
+    """
+    _check_mark(mark, mark_prob, mark_placement)
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    options = dict(min_size=min_size, max_size=max_size, mark=mark, mark_prob=mark_prob,
+                   mark_placement=mark_placement)
+    key = cache_key(num, seed, **options)
+    target = root / key / DATASET_DIRNAME
+    info = set_info(num, seed, **options)
+    if _holds(target, info):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / f"{key}.lock"):
+        if _holds(target, info):  # made by the process this one waited for
+            return target
+        log.info("Generating the synthetic set %s into the cache %s ...", key, root)
+        return generate(root / key, num, seed, overwrite=True, workers=workers, progress=progress,
+                        **options)
 
 
 def main(argv=None) -> None:
@@ -503,6 +749,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-size", type=int, default=300)
     ap.add_argument("--max-size", type=int, default=700)
+    ap.add_argument("--mark", choices=MARKS, default="",
+                    help="stamp a planted shortcut into malignant images (issue 16)")
+    ap.add_argument("--mark-prob", type=float, default=0.9,
+                    help="probability of the mark per image")
+    ap.add_argument("--mark-placement", choices=MARK_PLACEMENTS, default="malignant",
+                    help="'random': on images of any class (the control)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
@@ -515,6 +767,7 @@ def main(argv=None) -> None:
                   flush=True)
 
     path = generate(args.out, args.num, args.seed, min_size=args.min_size, max_size=args.max_size,
+                    mark=args.mark, mark_prob=args.mark_prob, mark_placement=args.mark_placement,
                     overwrite=args.overwrite, workers=args.workers, progress=progress)
     print(file=sys.stderr)
     counts = dict(zip(CLASSES, class_counts(args.num)))
