@@ -17,11 +17,8 @@ Images are decoded and resized exactly as for training
 The model runs in float32 whatever dtype it was trained in: inference on a
 few images is cheap, and float32 keeps the heat maps free of bf16 rounding.
 
-Grad-CAM (Selvaraju et al. 2017): the gradient of one class's logit with
-respect to the last convolutional feature map A (the models expose it through
-``self.perturb("features", ...)``), channel weights w_k = spatial mean of that
-gradient, cam = relu(sum_k w_k A_k), upsampled bilinearly to the input size and
-scaled to [0, 1] (a cam that is zero everywhere stays zero).
+Grad-CAM (Selvaraju et al. 2017) is computed by ``bcjax.step.gradcam``, the
+same compiled function the training loop uses for its grounding report.
 """
 from __future__ import annotations
 
@@ -40,6 +37,8 @@ import numpy as np
 from PIL import Image
 
 from bcjax.data import augment, busi, pipeline
+from bcjax.step import gradcam
+from bcjax.step.gradcam import normalise_maps  # noqa: F401  (part of this module's API)
 
 CLASSES = busi.CLASSES
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -59,65 +58,10 @@ def _probabilities(model, variables, images_uint8):
     return jax.nn.softmax(logits)
 
 
-def _logits_and_features(model, variables, x, perturbations):
-    """Logits, and the feature map the ``features`` hook sees.
-
-    The hook sits right after a direct child of the model (the last ResNet
-    block, MobileNet's last 1x1 conv), so that child's output is captured.
-    Children are recorded in the order they finish, at trace time: the
-    returned collection is a dict whose key order is not promised.
-    """
-    finished = []
-
-    def direct_children(module, method_name):
-        if method_name == "__call__" and len(module.path) == 1:
-            finished.append(module.path[0])
-            return True
-        return False
-
-    logits, state = model.apply({**variables, "perturbations": perturbations}, x, train=False,
-                                capture_intermediates=direct_children, mutable=["intermediates"])
-    shape = perturbations["features"].shape
-    for name in reversed(finished):
-        out = state["intermediates"][name]["__call__"][-1]
-        if getattr(out, "shape", None) == shape:
-            return logits, out
-    raise ValueError(f"{type(model).__name__}: no submodule output of shape {shape} feeds its 'features' hook.")
-
-
-def _explain(model, variables, images_uint8, target):
-    """(probabilities [N, C], cams [N, S, S] in [0, 1], explained class [N]).
-
-    ``target``: int32 [N], the class whose logit is explained; -1 = the predicted one.
-    In eval mode examples do not interact (BatchNorm uses its running
-    statistics), so one pullback of the batch gives every example's gradient.
-    """
-    x = augment.normalize(images_uint8)
-    hook = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"])[1],
-                          variables, x)["perturbations"]
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), hook)
-    logits, pullback, features = jax.vjp(
-        lambda p: _logits_and_features(model, variables, x, p), zeros, has_aux=True)
-    target = jnp.where(target < 0, jnp.argmax(logits, axis=-1), target)
-    (grads,) = pullback(jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype))
-    weights = jnp.mean(grads["features"], axis=(1, 2))
-    cam = jax.nn.relu(jnp.einsum("nhwc,nc->nhw", features.astype(jnp.float32), weights))
-    n, size = images_uint8.shape[0], images_uint8.shape[1:3]
-    cam = jax.image.resize(cam, (n, *size), method="bilinear")
-    return jax.nn.softmax(logits), normalise_maps(cam), target
-
-
-def normalise_maps(maps):
-    """Each map [.., H, W] divided by its maximum; a map with no positive value becomes zeros (no NaN)."""
-    peak = jnp.max(maps, axis=(-2, -1), keepdims=True)
-    scaled = jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1.0), 0.0)
-    return jnp.clip(scaled, 0.0, 1.0)
-
-
-# Module-level jits with the model as a static argument: Predictors of equal
-# models (the CLI and the API on one run) share one compile.
+# Module-level jit with the model as a static argument: Predictors of equal
+# models (the CLI and the API on one run) share one compile; so does Grad-CAM
+# (gradcam.explain_jit) with the training loop's.
 _probabilities_jit = jax.jit(_probabilities, static_argnums=0)
-_explain_jit = jax.jit(_explain, static_argnums=0)
 
 
 # ----------------------------------------------------------------------------- images
@@ -226,19 +170,10 @@ class Predictor:
 
     def _batched(self, fn, images: np.ndarray, *per_example: np.ndarray):
         """fn over fixed-size chunks (the last one padded), so a call compiles once."""
-        n = len(images)
-        if n == 0:
+        if len(images) == 0:
             raise PredictError("No images to predict.")
-        size = min(self.batch_size, n)
-        outputs = []
-        for start in range(0, n, size):
-            stop = min(start + size, n)
-            pad = size - (stop - start)
-            chunk = [np.concatenate([a[start:stop], np.zeros((pad, *a.shape[1:]), a.dtype)])
-                     for a in (images, *per_example)]
-            out = fn(self.model, self.variables, *chunk)
-            outputs.append(jax.tree.map(lambda o: np.asarray(o)[:stop - start], out))
-        return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+        return gradcam.in_batches(fn, self.model, self.variables, self.batch_size, images,
+                                  *per_example)
 
     # -- outputs ------------------------------------------------------------------
     def predict(self, images: ImagesLike) -> np.ndarray:
@@ -252,7 +187,7 @@ class Predictor:
         name for all images, or one per image.
         """
         array = self.as_images(images)
-        return self._batched(_explain_jit, array, self._targets(class_index, len(array)))
+        return self._batched(gradcam.explain_jit, array, self._targets(class_index, len(array)))
 
     def grad_cam(self, images: ImagesLike, class_index=None) -> np.ndarray:
         """Grad-CAM heat maps, float32 [N, S, S] in [0, 1]; see ``explain``."""

@@ -1,0 +1,227 @@
+"""Shortcut probes: does the prediction survive without the lesion, or with nothing else?
+
+Two altered copies of each test image that has a lesion mask, both filled with
+tissue from around the lesion at the same depth (ultrasound brightness and
+speckle change with depth; a row is one depth), never a flat colour, which
+would be a shortcut of its own:
+
+* lesion removed: the mask grown by `removal_margin` (default 4% of the longer
+  side, >= 1 px) is filled row by row with the mirror image of the tissue
+  beside it, from the side with more of it, so the texture runs on across the
+  region's edge. A region spanning a whole row is then filled along columns.
+* lesion only: everything farther than `context_margin` (default 8%, >= 2 px)
+  from the mask is filled with pixels drawn at random from that margin ring,
+  each from ring rows within a margin of its own depth (the ring's top or
+  bottom rows above or below it). Mirroring a ring a few pixels thick across
+  the whole image would paint stripes, a structure of its own; random draws
+  keep the ring's brightness by depth and lose only its spatial grain.
+
+Images without a mask (normal) are left unchanged. Seeded: the same inputs
+give the same copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bcjax.clinical import bootstrap, grounding
+
+__all__ = [
+    "CONTEXT_MARGIN",
+    "PROBE_LIMITS",
+    "REMOVAL_MARGIN",
+    "keep_lesion_only",
+    "probe_images",
+    "probe_report",
+    "remove_lesion",
+]
+
+REMOVAL_MARGIN = 0.04
+CONTEXT_MARGIN = 0.08
+
+PROBE_LIMITS = (
+    "Probe limits: the fills copy tissue from the same depth, so they keep brightness by "
+    "depth but not the exact texture (mirror seams where the lesion was; grainless random "
+    "tissue around a kept lesion). Lesion removal changes nothing outside the grown mask: "
+    "posterior shadowing or enhancement below a lesion (a real sign of malignancy) survives "
+    "it, so accuracy that survives lesion removal may rest on that sign rather than on an "
+    "artefact. Both copies are outside the training distribution, so some accuracy loss is "
+    "the alteration itself. Hand-drawn masks miss parts of lesions; the margins cover small "
+    "misses only. Images without a mask (normal) are unchanged, so the probes speak about "
+    "lesion images only."
+)
+
+
+def _mirror(distance: np.ndarray, length: int) -> np.ndarray:
+    """Offsets 0, 1, .., length-1, length-1, .., 0, 0, 1, .. (reflect padding)."""
+    t = distance % (2 * length)
+    return np.where(t < length, t, 2 * length - 1 - t)
+
+
+def _fill_rows(image: np.ndarray, fill: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Fills each run of `fill` in each row of `image` (in place) with the mirrored
+    `source` pixels beside it; returns the pixels filled (runs without source
+    beside them stay)."""
+    width = fill.shape[1]
+    filled = np.zeros_like(fill)
+    for y in np.flatnonzero(fill.any(axis=1)):
+        edges = np.diff(np.r_[0, fill[y].astype(np.int8), 0])
+        blocked = np.flatnonzero(~source[y])
+        for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            # Source pixels just left of the run and just right of it, contiguous.
+            before = blocked[blocked < start]
+            after = blocked[blocked >= stop]
+            left = start - 1 - (before[-1] if len(before) else -1)
+            right = (after[0] if len(after) else width) - stop
+            if left == 0 and right == 0:
+                continue
+            x = np.arange(start, stop)
+            from_left = x - start
+            from_right = stop - 1 - x
+            # Each pixel from the side that needs fewer reflections to reach it.
+            cost_left = from_left / left if left else np.inf
+            cost_right = from_right / right if right else np.inf
+            use_left = cost_left <= cost_right
+            src = np.where(
+                use_left,
+                start - 1 - _mirror(from_left, max(left, 1)),
+                stop + _mirror(from_right, max(right, 1)),
+            )
+            image[y, x] = image[y, src]
+            filled[y, x] = True
+    return filled
+
+
+def _mirror_fill(image: np.ndarray, fill: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """A copy of `image` with `fill` replaced by texture from `source`: rows first,
+    then columns for what rows could not reach, then (a region with no source
+    in its rows or columns) the mean of the source."""
+    out = np.array(image, copy=True)
+    if not fill.any():
+        return out
+    fill = fill & ~source
+    done = _fill_rows(out, fill, source)
+    rest = fill & ~done
+    if rest.any():
+        # Transposed views: the column pass writes into `out` itself.
+        done_t = _fill_rows(out.swapaxes(0, 1), rest.T, (source | done).T)
+        rest &= ~done_t.T
+    if rest.any():
+        pool = out[source | (fill & ~rest)]
+        out[rest] = pool.mean(axis=0) if len(pool) else out[rest]
+    return out
+
+
+def _margin(shape: Sequence[int], fraction: float, least: int) -> int:
+    return max(least, int(round(fraction * max(shape[:2]))))
+
+
+def remove_lesion(image, mask, *, margin: float = REMOVAL_MARGIN) -> np.ndarray:
+    """`image` [H, W] or [H, W, C] with the mask grown by `margin` x the longer side
+    replaced by same-depth tissue from beside it (see the module docstring)."""
+    image = np.asarray(image)
+    mask = np.asarray(mask) > 0
+    region = grounding.dilate(mask[None], _margin(mask.shape, margin, 1))[0]
+    return _mirror_fill(image, region, ~region)
+
+
+def _draw_by_depth(
+    image: np.ndarray, fill: np.ndarray, source: np.ndarray, band: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A copy of `image` whose `fill` pixels are drawn at random from the `source`
+    pixels in rows within `band` of their own row (clamped to the source's rows)."""
+    out = np.array(image, copy=True)
+    ys, xs = np.nonzero(source)  # row-major: ys ascending
+    for y in np.flatnonzero(fill.any(axis=1)):
+        depth = min(max(y, ys[0]), ys[-1])
+        lo = np.searchsorted(ys, depth - band, side="left")
+        hi = np.searchsorted(ys, depth + band, side="right")
+        columns = np.flatnonzero(fill[y])
+        pick = rng.integers(lo, hi, size=len(columns))
+        out[y, columns] = image[ys[pick], xs[pick]]
+    return out
+
+
+def keep_lesion_only(image, mask, *, margin: float = CONTEXT_MARGIN, seed: int = 0) -> np.ndarray:
+    """`image` with everything farther than `margin` x the longer side from the mask
+    replaced by pixels of that margin ring (see the module docstring)."""
+    image = np.asarray(image)
+    mask = np.asarray(mask) > 0
+    if not mask.any():
+        return np.array(image, copy=True)
+    band = _margin(mask.shape, margin, 2)
+    kept = grounding.dilate(mask[None], band)[0]
+    return _draw_by_depth(image, ~kept, kept & ~mask, band, np.random.default_rng(seed))
+
+
+def probe_images(
+    images, masks, *, removal_margin: float = REMOVAL_MARGIN, context_margin: float = CONTEXT_MARGIN
+) -> dict[str, np.ndarray]:
+    """{"lesion_removed", "lesion_only": uint8 like `images` [N, H, W, C],
+    "has_lesion": bool [N]}; images with an empty mask are copied unchanged.
+    Image i's random draws are seeded with i."""
+    images = np.asarray(images)
+    masks = np.asarray(masks) > 0
+    has_lesion = masks.any(axis=(1, 2))
+    removed = images.copy()
+    only = images.copy()
+    for i in np.flatnonzero(has_lesion):
+        removed[i] = remove_lesion(images[i], masks[i], margin=removal_margin)
+        only[i] = keep_lesion_only(images[i], masks[i], margin=context_margin, seed=int(i))
+    return {"lesion_removed": removed, "lesion_only": only, "has_lesion": has_lesion}
+
+
+def _version(
+    probs: np.ndarray, labels: np.ndarray, has_lesion: np.ndarray, names: Sequence[str]
+) -> dict[str, Any]:
+    plain = bootstrap.weighted_metrics(np.ones((1, len(labels))), probs, labels)
+    correct = probs.argmax(axis=1) == labels
+
+    def finite(x):
+        return float(x) if np.isfinite(x) else None
+
+    return {
+        "accuracy": finite(plain["accuracy"][0]),
+        "auc_macro": finite(plain["auc_macro"][0]),
+        "lesion_images_accuracy": (float(correct[has_lesion].mean()) if has_lesion.any() else None),
+        "recall": {
+            name: (float(correct[labels == k].mean()) if (labels == k).any() else None)
+            for k, name in enumerate(names)
+        },
+    }
+
+
+def probe_report(
+    labels,
+    has_lesion,
+    probs: Mapping[str, Any],
+    class_names: Sequence[str],
+    *,
+    removal_margin: float = REMOVAL_MARGIN,
+    context_margin: float = CONTEXT_MARGIN,
+) -> dict[str, Any]:
+    """The probe numbers: per version ("original", "lesion_removed", "lesion_only":
+    class probabilities [N, C] of the test images in that version) its
+    accuracy, macro AUC, accuracy over lesion images and recall per class.
+
+    {"lesion_images", "removal_margin", "context_margin", "limits",
+     "versions": {version: {"accuracy", "auc_macro", "lesion_images_accuracy",
+                            "recall": {class: value}}}}
+    A model that keeps its malignant recall with the lesion removed relies on
+    something outside the lesion; read it with `limits`.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    has_lesion = np.asarray(has_lesion, bool)
+    return {
+        "lesion_images": int(has_lesion.sum()),
+        "removal_margin": removal_margin,
+        "context_margin": context_margin,
+        "limits": PROBE_LIMITS,
+        "versions": {
+            version: _version(np.asarray(p, np.float64), labels, has_lesion, list(class_names))
+            for version, p in probs.items()
+        },
+    }
