@@ -12,6 +12,7 @@ The launcher passes its own environment (XLA flags, fake CPU device count,
 persistent compilation cache), so the steps compile to the same programs as
 in the launching test process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,25 @@ DONE_MARK = "FAULT_WORKER_DONE"
 def tiny_config(data_dir, **overrides):
     """The tiny run of tests/_tiny.py on 2 devices, NUM_EPOCHS epochs."""
     from _tiny import tiny_config as shared
+
     return shared(data_dir, **{"num_epochs": NUM_EPOCHS, "num_devices": 2, **overrides})
 
-def tiny_model(config, *, dtype=None):
-    """Stands in for loop.create_model: bcjax's ResNet cut to two stages of one
+
+def tiny_model(config, *, num_classes, dtype=None):
+    """Stands in for run_setup.create_model: bcjax's ResNet cut to two stages of one
     block. Faults concern the loop and the checkpoints, not the network, and
     ResNet-18 takes several times longer to trace and compile in every process."""
     import jax.numpy as jnp
+
     from bcjax.models.resnet import BasicBlock, ResNet
-    return ResNet(stage_sizes=(1, 1), block_cls=BasicBlock, width=config.width, num_classes=3,
-                  dtype=dtype or jnp.dtype(config.dtype))
+
+    return ResNet(
+        stage_sizes=(1, 1),
+        block_cls=BasicBlock,
+        width=config.width,
+        num_classes=num_classes,
+        dtype=dtype or jnp.dtype(config.dtype),
+    )
 
 
 def _die(reason: str) -> None:
@@ -97,14 +107,19 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
-    logging.getLogger("bcjax.train.loop").setLevel(logging.INFO)  # "Resumed from ... at step N"
+    logging.getLogger("bcjax.train.run_setup").setLevel(
+        logging.INFO
+    )  # "Resumed from ... at step N"
     if args.kill:
         kind, n = args.kill.split(":")
         KILLERS[kind](int(n))
 
-    from bcjax.train import loop
-    loop.create_model = tiny_model
-    results = loop.train_and_evaluate(tiny_config(args.data, **json.loads(args.config)), args.workdir)
+    from bcjax.train import loop, run_setup
+
+    run_setup.create_model = tiny_model
+    results = loop.train_and_evaluate(
+        tiny_config(args.data, **json.loads(args.config)), args.workdir
+    )
     print(f"{DONE_MARK} " + json.dumps({"test_accuracy": results["test"]["accuracy"]}), flush=True)
 
 

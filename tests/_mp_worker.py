@@ -111,7 +111,7 @@ def build(strategy: str, mesh, model_name: str, *, bn_sync: bool = True, collect
         kw.update(augment_cfg={})  # bcjax.data.augment with its defaults
     else:
         kw.update(preprocess=simple_preprocess, normalize=simple_normalize)
-    return build_steps(strategy, mesh, make_model(model_name), None, bn_sync=bn_sync,
+    return build_steps(strategy, mesh, make_model(model_name), bn_sync=bn_sync,
                        collectives=collectives, **kw)
 
 

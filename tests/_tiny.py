@@ -3,6 +3,7 @@
 ResNet-18 at width 4 on 32 px images, global batch 8, a checkpoint every epoch:
 a few seconds per epoch on a CPU. Test files add what they need as overrides.
 """
+
 import importlib
 import pathlib
 import sys

@@ -107,7 +107,7 @@ def test_switching_off_grad_norm_and_guard_changes_no_update():
     black = dict(batch, image=np.zeros_like(batch["image"]))
     results = {}
     for guarded in (True, False):
-        steps = strategies.build_steps("jit", mesh, model, tx, donate=False, grad_norm=guarded,
+        steps = strategies.build_steps("jit", mesh, model, donate=False, grad_norm=guarded,
                                        nonfinite_guard=guarded, preprocess=nan_if_black)
         results[guarded] = [steps.train_step(steps.place_state(state), steps.shard_batch(b), rng)
                             for b in (batch, black)]

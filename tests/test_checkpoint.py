@@ -1,12 +1,12 @@
 """Orbax checkpoints: other device counts, retention, resume == straight run."""
+
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
+from _mp_worker import IMAGE_SIZE, RNG_SEED, build, initial_state_host, make_batches, run, to_host
 
-from _mp_worker import (IMAGE_SIZE, RNG_SEED, build, initial_state_host, make_batches, run,
-                        to_host)
 from bcjax.parallel.mesh import make_mesh
 from bcjax.train import checkpoint
 
@@ -15,7 +15,9 @@ MODEL = "tiny_cnn"
 
 def _assert_trees_equal(a, b):
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def _trained_state_8dev(num_steps=2):
@@ -31,8 +33,9 @@ def test_written_on_8_devices_restores_on_1_and_4(tmp_path):
         ckpt.save(int(state.step), state, {"next_index": 2}, extra={"note": "8 devices"})
         # The save is asynchronous; donating the state right away must not
         # change what is written.
-        state, _ = steps8.train_step(state, steps8.shard_batch(make_batches(3)[2]),
-                                     jax.random.key(RNG_SEED))
+        state, _ = steps8.train_step(
+            state, steps8.shard_batch(make_batches(3)[2]), jax.random.key(RNG_SEED)
+        )
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [2]
         for n in (1, 4):
@@ -49,11 +52,16 @@ def test_written_on_8_devices_restores_on_1_and_4(tmp_path):
 def test_keeps_latest_and_best_never_deletes_the_newest(tmp_path):
     state = build("shard_map", make_mesh(), MODEL).place_state(initial_state_host(MODEL))
     accuracy = {1: 0.9, 2: 0.2, 3: 0.95, 4: 0.1, 5: 0.05, 6: 0.01}  # newest are worst
-    with checkpoint.CheckpointManager(tmp_path, keep_latest=2, keep_best=2,
-                                      best_metric="accuracy") as ckpt:
+    with checkpoint.CheckpointManager(
+        tmp_path, keep_latest=2, keep_best=2, best_metric="accuracy"
+    ) as ckpt:
         for step, acc in accuracy.items():
-            ckpt.save(step, state.replace(step=state.step + step), None,
-                      metrics={"accuracy": acc, "loss": 1 - acc, "per_class": [1, 2]})
+            ckpt.save(
+                step,
+                state.replace(step=state.step + step),
+                None,
+                metrics={"accuracy": acc, "loss": 1 - acc, "per_class": [1, 2]},
+            )
         ckpt.save(7, state.replace(step=state.step + 7))  # no metrics: kept while latest
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [1, 3, 6, 7]
@@ -63,8 +71,9 @@ def test_keeps_latest_and_best_never_deletes_the_newest(tmp_path):
         ckpt.save(8, state.replace(step=state.step + 8), metrics={"accuracy": 0.5})
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [1, 3, 7, 8]
-    with checkpoint.CheckpointManager(tmp_path / "by_loss", keep_latest=1, keep_best=1,
-                                      best_metric="loss") as ckpt:  # "loss": lower is better
+    with checkpoint.CheckpointManager(
+        tmp_path / "by_loss", keep_latest=1, keep_best=1, best_metric="loss"
+    ) as ckpt:  # "loss": lower is better
         for step, loss in ((1, 0.3), (2, 0.1), (3, 0.5)):
             ckpt.save(step, state, metrics={"loss": loss})
         ckpt.wait_until_finished()
@@ -77,8 +86,11 @@ def test_stop_and_restart_equals_straight_run(tmp_path):
     from bcjax.data import pipeline
 
     rs = np.random.RandomState(3)
-    data = pipeline.ArraySet(rs.randint(0, 256, (40, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8),
-                             rs.randint(0, 3, 40).astype(np.int32), [f"x{i}" for i in range(40)])
+    data = pipeline.ArraySet(
+        rs.randint(0, 256, (40, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8),
+        rs.randint(0, 3, 40).astype(np.int32),
+        [f"x{i}" for i in range(40)],
+    )
     steps = build("shard_map", make_mesh(), MODEL)
     rng = jax.random.key(RNG_SEED)
 
@@ -87,8 +99,13 @@ def test_stop_and_restart_equals_straight_run(tmp_path):
             state, _ = steps.train_step(state, steps.shard_batch(next(it)), rng)
         return state
 
-    straight = to_host(train(steps.place_state(initial_state_host(MODEL)),
-                             pipeline.train_iterator(data, 16, seed=0, num_threads=0), 4))
+    straight = to_host(
+        train(
+            steps.place_state(initial_state_host(MODEL)),
+            pipeline.train_iterator(data, 16, seed=0, num_threads=0),
+            4,
+        )
+    )
 
     it = pipeline.train_iterator(data, 16, seed=0, num_threads=0)
     state = train(steps.place_state(initial_state_host(MODEL)), it, 2)
@@ -112,8 +129,16 @@ def test_stop_and_restart_equals_straight_run(tmp_path):
 
 def test_refuses_a_directory_of_another_model(tmp_path):
     import ml_collections
-    config = ml_collections.ConfigDict({"model": "resnet18", "width": 64, "width_multiplier": 1.0,
-                                        "learning_rate": 0.1, "class_weights": (1.0, 2.0, 3.0)})
+
+    config = ml_collections.ConfigDict(
+        {
+            "model": "resnet18",
+            "width": 64,
+            "width_multiplier": 1.0,
+            "learning_rate": 0.1,
+            "class_weights": (1.0, 2.0, 3.0),
+        }
+    )
     meta = checkpoint.run_metadata(config)
     assert meta["identity"] == {"model": "resnet18", "width": 64}
     assert meta["config"]["class_weights"] == [1.0, 2.0, 3.0]
@@ -124,7 +149,9 @@ def test_refuses_a_directory_of_another_model(tmp_path):
         assert ckpt.metadata()["identity"]["model"] == "resnet18"
     other = config.copy_and_resolve_references()
     other.model = "mobilenet_v2"
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="model: checkpoint 'resnet18' vs config"):
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError, match="model: checkpoint 'resnet18' vs config"
+    ):
         checkpoint.CheckpointManager(tmp_path, metadata=checkpoint.run_metadata(other))
 
 

@@ -16,6 +16,7 @@ The network is a two-stage ResNet (tests/_fault_worker.tiny_model): every
 process traces and compiles the step, and ResNet-18 would take most of the
 minute this file may use; faults concern the loop and checkpoints, not the model.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,14 @@ import signal
 import subprocess
 import sys
 
+import _events
 import jax
 import numpy as np
 import pytest
-
 from _fault_worker import DONE_MARK, KILLED_MARK, NUM_EPOCHS, tiny_config, tiny_model
+
 from bcjax.data import synthetic
-from bcjax.train import checkpoint, loop, writers
+from bcjax.train import checkpoint, loop, run_setup
 
 WORKER = pathlib.Path(__file__).with_name("_fault_worker.py")
 REPO = WORKER.parents[1]
@@ -43,14 +45,16 @@ TIMEOUT_S = 180
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return synthetic.generate(tmp_path_factory.mktemp("busi"), num=48, seed=0, min_size=40, max_size=56)
+    return synthetic.generate(
+        tmp_path_factory.mktemp("busi"), num=48, seed=0, min_size=40, max_size=56
+    )
 
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "create_model", tiny_model)
+        mp.setattr(run_setup, "create_model", tiny_model)
         results = loop.train_and_evaluate(tiny_config(data), workdir)
     return workdir, results
 
@@ -59,20 +63,41 @@ def _step_dirs(workdir: pathlib.Path) -> dict:
     """Finalised steps, and each uncommitted temporary step directory with its files."""
     root = workdir / "checkpoints"
     names = [p.name for p in root.iterdir()] if root.is_dir() else []
-    partial = {n: sorted(str(f.relative_to(root / n)) for f in (root / n).rglob("*"))
-               for n in names if TMP_SUFFIX in n}
+    partial = {
+        n: sorted(str(f.relative_to(root / n)) for f in (root / n).rglob("*"))
+        for n in names
+        if TMP_SUFFIX in n
+    }
     return {"final": sorted(int(n) for n in names if n.isdigit()), "partial": partial}
 
 
 def _launch(data, workdir, kill: str) -> dict:
-    proc = subprocess.run([sys.executable, str(WORKER), "--data", str(data), "--workdir", str(workdir),
-                           "--kill", kill], env=dict(os.environ), cwd=REPO, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(WORKER),
+            "--data",
+            str(data),
+            "--workdir",
+            str(workdir),
+            "--kill",
+            kill,
+        ],
+        env=dict(os.environ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     resumed = re.search(r"Resumed from \S+ at step (\d+)", proc.stderr)
-    return {"kill": kill, "returncode": proc.returncode, "after": _step_dirs(workdir),
-            "resumed_at": int(resumed.group(1)) if resumed else None,
-            "log": f"--- worker --kill={kill!r} exit {proc.returncode} ---\n{proc.stdout[-1500:]}\n"
-                   f"{proc.stderr[-3000:]}"}
+    return {
+        "kill": kill,
+        "returncode": proc.returncode,
+        "after": _step_dirs(workdir),
+        "resumed_at": int(resumed.group(1)) if resumed else None,
+        "log": f"--- worker --kill={kill!r} exit {proc.returncode} ---\n{proc.stdout[-1500:]}\n"
+        f"{proc.stderr[-3000:]}",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +107,10 @@ def killed_run(data, reference, tmp_path_factory):
     # A step of epoch 2 or 3, so that a checkpoint may still be in flight when it dies.
     kill_step = int(np.random.default_rng(SEED).integers(steps_per_epoch + 1, total))
     workdir = tmp_path_factory.mktemp("killed")
-    runs = [_launch(data, workdir, kill) for kill in ("finalize:1", f"step:{kill_step}", "finalize:1", "")]
+    runs = [
+        _launch(data, workdir, kill)
+        for kill in ("finalize:1", f"step:{kill_step}", "finalize:1", "")
+    ]
     return workdir, runs, steps_per_epoch
 
 
@@ -136,7 +164,9 @@ def test_killed_run_ends_like_the_uninterrupted_one(killed_run, reference):
 
 def test_every_epoch_is_logged_once(killed_run):
     workdir, runs, _ = killed_run
-    epochs = [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [
+        json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert epochs == list(range(1, NUM_EPOCHS + 1)), _logs(runs)
 
 
@@ -144,7 +174,7 @@ def test_tensorboard_holds_every_epoch_once(killed_run, reference):
     # A kill inside a checkpoint's finalize comes after that epoch's events
     # were written: the restart redoes the epoch and must drop the old events.
     workdir, runs, _ = killed_run
-    assert writers.logged_steps(workdir) == writers.logged_steps(reference[0]), _logs(runs)
+    assert _events.logged_steps(workdir) == _events.logged_steps(reference[0]), _logs(runs)
 
 
 def test_wall_time_counts_every_process(killed_run):
@@ -167,7 +197,7 @@ def killed_after_last_checkpoint(data, reference, tmp_path_factory):
         raise _Killed
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "create_model", tiny_model)
+        mp.setattr(run_setup, "create_model", tiny_model)
         with mp.context() as kill:
             kill.setattr(checkpoint.CheckpointManager, "best_step", killed)
             with pytest.raises(_Killed):
@@ -176,13 +206,17 @@ def killed_after_last_checkpoint(data, reference, tmp_path_factory):
         return workdir, loop.train_and_evaluate(tiny_config(data), workdir)
 
 
-def test_a_run_killed_after_its_last_checkpoint_is_evaluated_on_restart(killed_after_last_checkpoint, reference):
+def test_a_run_killed_after_its_last_checkpoint_is_evaluated_on_restart(
+    killed_after_last_checkpoint, reference
+):
     _, results = killed_after_last_checkpoint
     assert results["test"]["confusion_matrix"] == reference[1]["test"]["confusion_matrix"]
     np.testing.assert_allclose(results["test"]["loss"], reference[1]["test"]["loss"], rtol=1e-6)
 
 
-def test_a_run_killed_after_its_last_checkpoint_keeps_its_timing(killed_after_last_checkpoint, reference):
+def test_a_run_killed_after_its_last_checkpoint_keeps_its_timing(
+    killed_after_last_checkpoint, reference
+):
     workdir, results = killed_after_last_checkpoint
     # The killed process's timing (all its steps), not the re-evaluation's (none).
     timing = json.loads((workdir / "timing.json").read_text())
@@ -201,4 +235,6 @@ def test_a_run_identity_torn_by_a_kill_at_the_first_start_is_written_again(tmp_p
     with checkpoint.CheckpointManager(tmp_path, metadata=meta) as ckpt:
         assert ckpt.metadata()["identity"] == meta["identity"]
     with pytest.raises(checkpoint.CheckpointMismatchError, match="width"):  # guarded again
-        checkpoint.CheckpointManager(tmp_path, metadata=checkpoint.run_metadata(tiny_config("data", width=8)))
+        checkpoint.CheckpointManager(
+            tmp_path, metadata=checkpoint.run_metadata(tiny_config("data", width=8))
+        )

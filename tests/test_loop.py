@@ -1,4 +1,5 @@
 """The training loop end to end on a tiny config: outputs, resume, restore elsewhere."""
+
 import json
 import pathlib
 import sys
@@ -10,9 +11,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _events  # noqa: E402
 from _tiny import tiny_config  # noqa: E402
+
 from bcjax.data import synthetic  # noqa: E402
-from bcjax.train import loop, writers  # noqa: E402
+from bcjax.train import loop  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,20 +26,30 @@ def tiny_busi(tmp_path_factory):
 
 def _final_params(workdir):
     from bcjax.train import checkpoint
+
     return checkpoint.read_params(pathlib.Path(workdir) / "checkpoints")
 
 
 def test_run_writes_its_outputs(tiny_busi, tmp_path):
-    results = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2, timing_breakdown=True,
-                                                  input_on_device="yes"), tmp_path)
-    for name in ("results.json", "timing.json", "manifest.json", "metrics.jsonl",
-                 "learning_curves.png", "confusion_matrix.png"):
+    results = loop.train_and_evaluate(
+        tiny_config(tiny_busi, num_devices=2, timing_breakdown=True, input_on_device="yes"),
+        tmp_path,
+    )
+    for name in (
+        "results.json",
+        "timing.json",
+        "manifest.json",
+        "metrics.jsonl",
+        "learning_curves.png",
+        "confusion_matrix.png",
+    ):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["dataset"] == "synthetic" and "SYNTHETIC" in saved["warning"]
     assert saved["num_devices"] == 2
-    assert sum(map(sum, saved["test"]["confusion_matrix"])) == len(json.loads(
-        (tmp_path / "manifest.json").read_text())["test"])
+    assert sum(map(sum, saved["test"]["confusion_matrix"])) == len(
+        json.loads((tmp_path / "manifest.json").read_text())["test"]
+    )
     assert 0 <= results["test"]["accuracy"] <= 1
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     for part in ("val", "test"):
@@ -44,10 +57,14 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
         assert sorted(saved_probs["names"]) == sorted(manifest[part])
         np.testing.assert_allclose(saved_probs["probs"].sum(1), 1, rtol=1e-5)
     held_out = np.load(tmp_path / "test_predictions.npz")
-    assert np.mean(held_out["probs"].argmax(1) == held_out["labels"]) == pytest.approx(saved["test"]["accuracy"])
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2, 3]
-    assert list(tmp_path.glob("events.out.tfevents.*")) or list(tmp_path.glob("**/events.out.tfevents.*"))
+    assert np.mean(held_out["probs"].argmax(1) == held_out["labels"]) == pytest.approx(
+        saved["test"]["accuracy"]
+    )
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert list(tmp_path.glob("events.out.tfevents.*")) or list(
+        tmp_path.glob("**/events.out.tfevents.*")
+    )
     assert {"train/loss", "train/accuracy", "val/accuracy", "val/macro_f1", "lr"} <= set(lines[0])
 
     timing = json.loads((tmp_path / "timing.json").read_text())
@@ -57,13 +74,34 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
     assert timing["compile"]["train_step"]["compile_s"] > 0
     assert timing["steps_total"] == 3 * saved["steps_per_epoch"]
     from bcjax.timing import breakdown
+
     assert not breakdown.check(timing["breakdown"]), breakdown.check(timing["breakdown"])
+    # Every phase of the run, the process's start-up included, adds up to its wall time.
+    phases = timing["phases_s"]
+    assert set(phases) == {
+        "startup",
+        "setup",
+        "data",
+        "compile",
+        "train",
+        "eval",
+        "checkpoint",
+        "test",
+        "breakdown",
+        "outputs",
+        "unattributed",
+    }
+    assert sum(phases.values()) == pytest.approx(timing["wall_s"])
+    assert timing["wall_s"] > timing["train_wall_s_this_process"]
+    assert all(v >= 0 for v in phases.values()) and phases["unattributed"] < 1.0, phases
 
 
 def test_auto_without_busi_falls_back_loudly(tmp_path):
-    config = tiny_config(tmp_path / "nothing_here", dataset="auto", synthetic_num=24, num_epochs=1,
-                         image_size=32)
+    config = tiny_config(
+        tmp_path / "nothing_here", dataset="auto", synthetic_num=24, num_epochs=1, image_size=32
+    )
     from bcjax.data import datasets
+
     source = datasets.resolve_source(config, tmp_path)
     assert source["dataset"] == "synthetic" and "SYNTHETIC" in source["warning"]
     # The workdir's generated set of other settings: a message, not a FileExistsError.
@@ -80,30 +118,42 @@ def test_restart_resumes_to_the_same_parameters(tiny_busi, tmp_path):
     # the host every step): same batches, so the same parameters too.
     on_device = tiny_config(tiny_busi, num_devices=2, input_on_device="yes")
     with pytest.raises(loop.Interrupted):
-        loop.train_and_evaluate(on_device, interrupted, _stop_after_epoch=2)
+        loop.train_and_evaluate(on_device, interrupted, on_epoch_end=lambda r: r["epoch"] == 2)
     resumed = loop.train_and_evaluate(on_device, interrupted)
-    assert resumed["input_on_device"] and not json.loads((straight / "results.json").read_text())["input_on_device"]
+    assert (
+        resumed["input_on_device"]
+        and not json.loads((straight / "results.json").read_text())["input_on_device"]
+    )
     # The wall time counts the killed process up to its checkpoint too.
     timing = json.loads((interrupted / "timing.json").read_text())
-    assert resumed["wall_time_s"] == timing["train_wall_s"] > resumed["wall_time_s_this_process"] > 0
+    assert (
+        resumed["wall_time_s"] == timing["train_wall_s"] > resumed["wall_time_s_this_process"] > 0
+    )
     assert timing["train_wall_s_this_process"] == resumed["wall_time_s_this_process"]
     a, b = _final_params(straight), _final_params(interrupted)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
-    logged = [json.loads(l)["epoch"] for l in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line)["epoch"]
+        for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+    ]
     assert logged == [1, 2, 3]  # the resumed epochs are not logged twice
-    assert writers.logged_steps(interrupted) == writers.logged_steps(straight)  # nor in TensorBoard
+    assert _events.logged_steps(interrupted) == _events.logged_steps(straight)  # nor in TensorBoard
 
     # Running a finished workdir again re-evaluates without training or re-timing.
     timing_before = (interrupted / "timing.json").read_text()
     again = loop.train_and_evaluate(tiny_config(tiny_busi, num_devices=2), interrupted)
     assert (interrupted / "timing.json").read_text() == timing_before
-    assert again["test"]["accuracy"] == json.loads((straight / "results.json").read_text())["test"]["accuracy"]
+    assert (
+        again["test"]["accuracy"]
+        == json.loads((straight / "results.json").read_text())["test"]["accuracy"]
+    )
     assert again["wall_time_s"] == resumed["wall_time_s"]
 
 
 def test_workdir_of_another_run_is_refused_unless_forced(tiny_busi, tmp_path):
     # Another split (same shapes, so no new compile): refused, then replaced on request.
     from bcjax.train import checkpoint
+
     loop.train_and_evaluate(tiny_config(tiny_busi, num_epochs=2, warmup_epochs=1), tmp_path)
     manifest = (tmp_path / "manifest.json").read_text()
     with pytest.raises(checkpoint.CheckpointMismatchError, match="split_seed.*fresh_start"):
@@ -119,7 +169,9 @@ def test_workdir_of_another_run_is_refused_unless_forced(tiny_busi, tmp_path):
     assert json.loads((aside / "results.json").read_text())["config"]["split_seed"] == 0
     assert checkpoint.read_params(aside / "checkpoints")  # the old checkpoints are kept
     assert (tmp_path / "manifest.json").read_text() != manifest
-    logged = [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert logged == [1, 2]  # a fresh log, not appended to the old run's
     # The same command again (a restart with the flag still set) keeps this run.
     loop.train_and_evaluate(forced, tmp_path)
@@ -132,18 +184,22 @@ def test_early_stopping_on_a_planted_plateau(tiny_busi, tmp_path, monkeypatch):
     planted = iter([0.30, 0.50, 0.50, 0.45, 0.90, 0.95])
     real_evaluate = loop.evaluate
 
-    def evaluate(steps, state, data, gbs, with_arrays=False):
-        out = real_evaluate(steps, state, data, gbs, with_arrays=with_arrays)
+    def evaluate(*args, with_arrays=False, **kwargs):
+        out = real_evaluate(*args, with_arrays=with_arrays, **kwargs)
         if with_arrays:  # the final val/test scoring is not planted
             return out
         return {**out, "macro_f1": next(planted)}
 
     monkeypatch.setattr(loop, "evaluate", evaluate)
-    config = tiny_config(tiny_busi, num_epochs=6, early_stopping_patience=2, checkpoint_every_epochs=5)
+    config = tiny_config(
+        tiny_busi, num_epochs=6, early_stopping_patience=2, checkpoint_every_epochs=5
+    )
     results = loop.train_and_evaluate(config, tmp_path)
     assert results["stopped_epoch"] == 4 and results["best_epoch"] == 2
     assert "did not improve for 2" in results["stop_reason"]
-    logged = [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert logged == [1, 2, 3, 4]
     # A rerun knows the run is over: no further epochs.
     again = loop.train_and_evaluate(config, tmp_path)
@@ -155,9 +211,13 @@ def test_non_finite_steps_stop_or_are_skipped(tiny_busi, tmp_path):
     # A learning rate of 1e30 overflows the parameters after the first real update.
     diverging = dict(learning_rate=1e30, num_epochs=2, warmup_epochs=1, checkpoint_every_epochs=1)
     with pytest.raises(loop.NonFiniteError, match=r"at step \d+ .*Last good checkpoint"):
-        loop.train_and_evaluate(tiny_config(tiny_busi, nan_policy="stop", **diverging), tmp_path / "stop")
+        loop.train_and_evaluate(
+            tiny_config(tiny_busi, nan_policy="stop", **diverging), tmp_path / "stop"
+        )
 
-    results = loop.train_and_evaluate(tiny_config(tiny_busi, nan_policy="skip", **diverging), tmp_path / "skip")
+    results = loop.train_and_evaluate(
+        tiny_config(tiny_busi, nan_policy="skip", **diverging), tmp_path / "skip"
+    )
     assert results["skipped_steps"] > 0
     params = _final_params(tmp_path / "skip")
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
@@ -166,30 +226,72 @@ def test_non_finite_steps_stop_or_are_skipped(tiny_busi, tmp_path):
 def test_unusable_workdir_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(loop.WorkdirError, match="not writable"):
-        loop.check_workdir(blocker / "run")
-    with pytest.raises(loop.WorkdirError, match="MiB free"):
-        loop.check_workdir(tmp_path / "run", min_free_bytes=2**62)
+    from bcjax.train import workdir
+
+    with pytest.raises(workdir.WorkdirError, match="not writable"):
+        workdir.check_workdir(blocker / "run")
+    with pytest.raises(workdir.WorkdirError, match="MiB free"):
+        workdir.check_workdir(tmp_path / "run", min_free_bytes=2**62)
+    assert loop.WorkdirError is workdir.WorkdirError  # what bcjax.main catches
 
 
 def test_pretrained_weights_replace_the_initial_state(tmp_path):
     # A state_dict of torchvision's resnet18 names and shapes (random values);
     # the loop's start from config.pretrained must carry them into the state.
     from bcjax.step.state import TrainState
+
     keys = json.loads((ROOT / "tests" / "data" / "torchvision_keys.json").read_text())["resnet18"]
     rng = np.random.default_rng(0)
     weights = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in keys if shape}
     np.savez(tmp_path / "resnet18.npz", **weights)
     import bcjax.models
+
     model = bcjax.models.create("resnet18", num_classes=3)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    )
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-    state = TrainState(step=0, params=zeros["params"], batch_stats=zeros["batch_stats"], opt_state=(),
-                       apply_fn=None, tx=None)
+    state = TrainState(
+        step=0,
+        params=zeros["params"],
+        batch_stats=zeros["batch_stats"],
+        opt_state=(),
+        apply_fn=None,
+        tx=None,
+    )
     config = tiny_config(tmp_path, width=64, pretrained=str(tmp_path / "resnet18.npz"))
-    loaded = loop.load_pretrained(config, state)
-    np.testing.assert_array_equal(np.asarray(loaded.params["conv_init"]["kernel"]),
-                                  weights["conv1.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(np.asarray(loaded.batch_stats["layer4_1"]["bn2"]["var"]),
-                                  weights["layer4.1.bn2.running_var"])
+    from bcjax.train import run_setup
+
+    loaded = run_setup.load_pretrained(config, state, num_classes=3)
+    np.testing.assert_array_equal(
+        np.asarray(loaded.params["conv_init"]["kernel"]),
+        weights["conv1.weight"].transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(loaded.batch_stats["layer4_1"]["bn2"]["var"]),
+        weights["layer4.1.bn2.running_var"],
+    )
     assert loaded.params["fc"]["kernel"].shape == (512, 3)  # a new 3-class head
+
+
+def test_progress_resumes_from_checkpoints_of_before_and_after_the_early_stopping_state():
+    from bcjax.train.run_setup import Progress
+
+    config = tiny_config("unused", best_metric="macro_f1", early_stopping_patience=2)
+    history = [
+        {"epoch": 1, "val": {"macro_f1": 0.5}, "skipped_steps": 0},
+        {"epoch": 2, "val": {"macro_f1": 0.4}, "skipped_steps": 1},
+    ]
+    # Written before the early-stopping state was saved: rebuilt from the history.
+    old = Progress.from_extra(
+        {"history": history, "best_so_far": 0.5, "stopped": None, "wall_time_s": 12.5}, config
+    )
+    assert (old.early_stopping.best, old.early_stopping.evals_since_best) == (0.5, 1)
+    assert old.wall_before_s == 12.5 and old.skipped_steps == 1 and old.stopped is None
+    # Written now: the saved state itself, the patience of the config resuming.
+    new = Progress.from_extra(old.to_extra(20.0), config)
+    assert new.early_stopping == old.early_stopping and new.wall_before_s == 20.0
+    assert not new.early_stopping.should_stop and new.early_stopping.update(0.3).should_stop
+    # Another watched metric than the saved state's: replayed from the history.
+    config.best_metric = "loss"
+    assert Progress.from_extra(old.to_extra(20.0), config).early_stopping.best is None

@@ -224,35 +224,6 @@ def test_input_validation():
         metrics.EvalAccumulator(3, ("a", "b"))
 
 
-def test_clu_collection_in_jit_matches_host_accumulator():
-    rng = np.random.default_rng(9)
-    logits, labels = random_case(rng, 20, 3)
-    valid = rng.random(20) < 0.8
-    labels_padded = np.where(valid, labels, -1).astype(np.int32)
-
-    @jax.jit
-    def eval_step(lg, lb, mask):
-        per_example = -jnp.take_along_axis(
-            jax.nn.log_softmax(lg), jnp.maximum(lb, 0)[:, None], axis=1)[:, 0]
-        return metrics.EvalMetrics.single_from_model_output(
-            logits=lg, labels=lb, mask=mask, loss=per_example)
-
-    collection = metrics.EvalMetrics.empty()
-    host = metrics.EvalAccumulator(3, NAMES)
-    for sl in (slice(0, 8), slice(8, 16), slice(16, 20)):
-        args = (logits[sl].astype(np.float32), labels_padded[sl], valid[sl])
-        collection = collection.merge(eval_step(*args))
-        host.update(*args)
-    device = collection.compute()
-    report = host.compute()
-    assert np.asarray(device["confusion_matrix"]).tolist() == report[
-        "confusion_matrix"]
-    assert float(device["accuracy"]) == pytest.approx(report["accuracy"], 1e-6)
-    assert float(device["loss"]) == pytest.approx(report["loss"], rel=1e-5)
-    from_cm = metrics.report_from_confusion(device["confusion_matrix"], NAMES)
-    assert from_cm["macro_f1"] == pytest.approx(report["macro_f1"], abs=1e-12)
-
-
 def test_train_accumulator_averages_sums_and_per_step_values():
     acc = metrics.TrainAccumulator()
     acc.update({"loss_sum": jnp.float32(6.0), "correct": jnp.int32(3),

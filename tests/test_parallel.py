@@ -1,17 +1,26 @@
 """Strategies agree with each other and with one device; loss, optimizer and
 step details. 8 fake CPU devices (tests/conftest.py)."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _mp_worker import (
+    GLOBAL_BATCH,
+    build,
+    initial_state_host,
+    make_batches,
+    make_model,
+    run,
+    run_cached,
+)
 
-from _mp_worker import (GLOBAL_BATCH, IMAGE_SIZE, build, initial_state_host, make_batches,
-                        make_model, make_tx, run, run_cached)
 from bcjax.parallel import strategies
 from bcjax.parallel.mesh import make_mesh, request_cpu_devices
-from bcjax.step import optim, steps as step_math
+from bcjax.step import optim
+from bcjax.step import steps as step_math
 
 # fp32 on CPU: reductions in a different order (8 partial sums vs 1) differ in
 # the last bits, a few 1e-6 after three steps.
@@ -52,8 +61,9 @@ def test_strategies_match_one_device(strategy):
     np.testing.assert_allclose(got["logits"], ref["logits"], **TOL)
     assert got["logits"].shape == (GLOBAL_BATCH, 3)
     for key in ("correct", "count", "weight_sum", "grad_norm"):
-        np.testing.assert_allclose([m[key] for m in got["metrics"]],
-                                   [m[key] for m in ref["metrics"]], **TOL)
+        np.testing.assert_allclose(
+            [m[key] for m in got["metrics"]], [m[key] for m in ref["metrics"]], **TOL
+        )
     assert all(m["grads_finite"] for m in got["metrics"])
 
 
@@ -70,8 +80,11 @@ def test_per_device_batchnorm_differs_from_synced():
 
 
 def test_one_device_per_device_bn_is_synced_bn():
-    np.testing.assert_allclose(run_cached("shard_map", 1, "tiny_cnn", bn_sync=False)["losses"],
-                               run_cached("shard_map", 8, "tiny_cnn")["losses"], **TOL)
+    np.testing.assert_allclose(
+        run_cached("shard_map", 1, "tiny_cnn", bn_sync=False)["losses"],
+        run_cached("shard_map", 8, "tiny_cnn")["losses"],
+        **TOL,
+    )
 
 
 def test_collectives_off():
@@ -119,16 +132,19 @@ def _reference_loss(logits, labels, eps, class_weights):
     return (w * ce).sum() / w.sum()
 
 
-@pytest.mark.parametrize("eps,class_weights", [(0.0, None), (0.1, None), (0.0, (1.0, 0.5, 2.0)),
-                                               (0.2, (3.0, 1.0, 0.25))])
+@pytest.mark.parametrize(
+    "eps,class_weights", [(0.0, None), (0.1, None), (0.0, (1.0, 0.5, 2.0)), (0.2, (3.0, 1.0, 0.25))]
+)
 def test_loss_matches_float64_reference(eps, class_weights):
     rs = np.random.RandomState(1)
     logits = rs.randn(10, 3).astype(np.float32) * 3
     labels = rs.randint(0, 3, 10).astype(np.int32)
     loss, (loss_sum, weight_sum) = step_math.loss_fn(
-        jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps, class_weights=class_weights)
-    np.testing.assert_allclose(float(loss), _reference_loss(logits, labels, eps, class_weights),
-                               rtol=1e-6)
+        jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps, class_weights=class_weights
+    )
+    np.testing.assert_allclose(
+        float(loss), _reference_loss(logits, labels, eps, class_weights), rtol=1e-6
+    )
     np.testing.assert_allclose(float(loss_sum / weight_sum), float(loss), rtol=1e-6)
 
 
@@ -138,8 +154,9 @@ def test_loss_masks_padding():
     labels = rs.randint(0, 3, 6).astype(np.int32)
     valid = np.array([1, 1, 1, 1, 0, 0], bool)
     masked, _ = step_math.loss_fn(logits, labels, class_weights=(1.0, 2.0, 3.0), valid=valid)
-    np.testing.assert_allclose(float(masked), _reference_loss(logits[:4], labels[:4], 0.0, (1.0, 2.0, 3.0)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(masked), _reference_loss(logits[:4], labels[:4], 0.0, (1.0, 2.0, 3.0)), rtol=1e-6
+    )
 
 
 def test_class_weights_and_smoothing_reach_the_step():
@@ -152,13 +169,19 @@ def test_class_weights_and_smoothing_reach_the_step():
     state = steps.place_state(initial_state_host("tiny_cnn"))
     model = make_model("tiny_cnn")
     from _mp_worker import RNG_SEED, simple_preprocess
+
     aug_key, _ = step_math.step_keys(jax.random.key(RNG_SEED), 0)
     x = simple_preprocess(batch["image"], step_math.example_keys(aug_key, batch["index"]))
     logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-        jax.device_get(state.variables), x)
+        jax.device_get(state.variables), x
+    )
     losses, _, metrics = run(steps, state, [batch])
-    np.testing.assert_allclose(losses[0], _reference_loss(logits, batch["label"], eps, weights), rtol=2e-5)
-    np.testing.assert_allclose(metrics[0]["weight_sum"], np.asarray(weights)[batch["label"]].sum(), rtol=1e-6)
+    np.testing.assert_allclose(
+        losses[0], _reference_loss(logits, batch["label"], eps, weights), rtol=2e-5
+    )
+    np.testing.assert_allclose(
+        metrics[0]["weight_sum"], np.asarray(weights)[batch["label"]].sum(), rtol=1e-6
+    )
 
 
 def test_weight_decay_mask_spares_batchnorm_and_biases():
@@ -172,28 +195,37 @@ def test_weight_decay_mask_spares_batchnorm_and_biases():
     assert sum(flat.values()) == sum(1 for k in flat if k.endswith("['kernel']"))
     # With zero gradients, only decayed leaves move.
     for name in ("sgd", "adamw"):
-        tx, _ = optim.make_optimizer(steps_per_epoch=1, num_epochs=1, optimizer=name,
-                                     learning_rate=0.1, weight_decay=0.1)
-        moved = jax.jit(lambda p: jax.tree.map(
-            lambda u: jnp.any(u != 0), tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0]))
+        tx, _ = optim.make_optimizer(
+            steps_per_epoch=1, num_epochs=1, optimizer=name, learning_rate=0.1, weight_decay=0.1
+        )
+        moved = jax.jit(
+            lambda p, tx=tx: jax.tree.map(
+                lambda u: jnp.any(u != 0),
+                tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0],
+            )
+        )
         assert jax.tree.map(bool, moved(params)) == mask, name
 
 
 def test_schedule_warmup_then_cosine():
-    tx, schedule = optim.make_optimizer(steps_per_epoch=10, num_epochs=5, learning_rate=0.4,
-                                        warmup_epochs=1)
+    tx, schedule = optim.make_optimizer(
+        steps_per_epoch=10, num_epochs=5, learning_rate=0.4, warmup_epochs=1
+    )
     lrs = np.asarray([schedule(s) for s in range(51)])
     np.testing.assert_allclose(lrs[[0, 5, 10]], [0.0, 0.2, 0.4], rtol=1e-6)
     assert np.all(np.diff(lrs[10:]) <= 1e-9) and lrs[50] == pytest.approx(0.0, abs=1e-7)
     np.testing.assert_allclose(lrs[30], 0.2, rtol=1e-5)  # cosine half-way
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(learning_rate=-0.1), "learning_rate must be >= 0"),
-    (dict(optimizer="adam"), "allowed: sgd, adamw"),
-    (dict(momentum=1.5), "momentum"),
-    (dict(clip_norm=-1.0), "clip_norm"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(learning_rate=-0.1), "learning_rate must be >= 0"),
+        (dict(optimizer="adam"), "allowed: sgd, adamw"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(clip_norm=-1.0), "clip_norm"),
+    ],
+)
 def test_optimizer_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         optim.make_optimizer(steps_per_epoch=10, num_epochs=1, **kwargs)
@@ -202,8 +234,9 @@ def test_optimizer_rejects_bad_values(kwargs, match):
 
 
 def test_clipping_bounds_the_update():
-    tx, _ = optim.make_optimizer(steps_per_epoch=1, num_epochs=1, learning_rate=1.0, momentum=0.0,
-                                 clip_norm=0.5)
+    tx, _ = optim.make_optimizer(
+        steps_per_epoch=1, num_epochs=1, learning_rate=1.0, momentum=0.0, clip_norm=0.5
+    )
     params = {"w": jnp.ones((2, 2))}
     updates, _ = tx.update({"w": jnp.full((2, 2), 10.0)}, tx.init(params), params)
     assert float(step_math.global_norm(updates)) == pytest.approx(0.5, rel=1e-5)
@@ -212,9 +245,14 @@ def test_clipping_bounds_the_update():
 def test_bf16_compute_keeps_fp32_state_and_flags_nans():
     mesh = make_mesh()
     model = make_model("tiny_cnn").clone(dtype=jnp.bfloat16)
-    steps = strategies.build_steps("shard_map", mesh, model, bn_sync=True,
-                                   preprocess=lambda im, k: im.astype(jnp.float32) / 255.0,
-                                   normalize=lambda im: im.astype(jnp.float32) / 255.0)
+    steps = strategies.build_steps(
+        "shard_map",
+        mesh,
+        model,
+        bn_sync=True,
+        preprocess=lambda im, k: im.astype(jnp.float32) / 255.0,
+        normalize=lambda im: im.astype(jnp.float32) / 255.0,
+    )
     state = steps.place_state(initial_state_host("tiny_cnn"))  # fp32 parameters
     batch = make_batches(1)[0]
     state, metrics = steps.train_step(state, steps.shard_batch(batch), jax.random.key(0))
@@ -222,15 +260,23 @@ def test_bf16_compute_keeps_fp32_state_and_flags_nans():
     assert bool(metrics["grads_finite"]) and np.isfinite(float(metrics["loss"]))
     assert steps.eval_step(state, steps.shard_batch(batch))["logits"].dtype == jnp.float32
 
-    nan_steps = strategies.build_steps("shard_map", mesh, model, bn_sync=True,
-                                       preprocess=lambda im, k: im.astype(jnp.float32) * jnp.nan,
-                                       normalize=lambda im: im.astype(jnp.float32))
+    nan_steps = strategies.build_steps(
+        "shard_map",
+        mesh,
+        model,
+        bn_sync=True,
+        preprocess=lambda im, k: im.astype(jnp.float32) * jnp.nan,
+        normalize=lambda im: im.astype(jnp.float32),
+    )
     before = jax.tree.map(np.asarray, (state.params, state.batch_stats, state.opt_state))
     after, metrics = nan_steps.train_step(state, nan_steps.shard_batch(batch), jax.random.key(0))
     assert not bool(metrics["grads_finite"])
     # The non-finite update was not applied: the state is the last good one.
-    jax.tree.map(np.testing.assert_array_equal, before,
-                 jax.tree.map(np.asarray, (after.params, after.batch_stats, after.opt_state)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        before,
+        jax.tree.map(np.asarray, (after.params, after.batch_stats, after.opt_state)),
+    )
 
 
 def test_state_is_donated_and_replicated():
@@ -248,16 +294,21 @@ def test_state_is_donated_and_replicated():
 @pytest.mark.parametrize("strategy", ["shard_map", "pmap", "jit"])
 def test_images_kept_on_device_arrive_as_the_host_would_send_them(strategy):
     mesh = make_mesh(8)
-    steps = strategies.build_steps(strategy, mesh, make_model("tiny_resnet"))  # never run: only shard_batch
+    steps = strategies.build_steps(
+        strategy, mesh, make_model("tiny_resnet")
+    )  # never run: only shard_batch
     rs = np.random.default_rng(0)
     table = rs.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     index = rs.permutation(40)[:16].astype(np.int32)
     host = {"image": table[index], "label": np.zeros(16, np.int32), "index": index}
     sent = steps.shard_batch(host)
     gathered = strategies.on_device_images(table, mesh)(
-        steps.shard_batch({k: v for k, v in host.items() if k != "image"}))
+        steps.shard_batch({k: v for k, v in host.items() if k != "image"})
+    )
     assert gathered["image"].shape == sent["image"].shape
     assert gathered["image"].sharding.is_equivalent_to(sent["image"].sharding, sent["image"].ndim)
     np.testing.assert_array_equal(np.asarray(gathered["image"]), np.asarray(sent["image"]))
     for shard in gathered["image"].addressable_shards:  # each device holds its own rows
-        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(sent["image"])[shard.index])
+        np.testing.assert_array_equal(
+            np.asarray(shard.data), np.asarray(sent["image"])[shard.index]
+        )

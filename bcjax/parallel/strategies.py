@@ -2,7 +2,7 @@
 
 Whatever the strategy, the caller sees one contract:
 
-    steps = build_steps("shard_map", mesh, model, tx, bn_sync=True, augment_cfg=cfg)
+    steps = build_steps("shard_map", mesh, model, bn_sync=True, augment_cfg=cfg)
     state = steps.place_state(state)                  # replicated on the mesh
     batch = steps.shard_batch(numpy_batch_of_this_process)
     state, metrics = steps.train_step(state, batch, rng)   # state donated
@@ -12,15 +12,19 @@ The state is always a replicated global ``jax.Array`` tree (checkpointable as
 is); metrics are replicated scalars; eval outputs are gathered so every
 process holds the whole global batch's predictions.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bcjax.parallel.mesh import DATA_AXIS
 from bcjax.step import steps as step_math
@@ -54,14 +58,17 @@ def per_device_batch(global_batch_size: int, num_devices: int) -> int:
         raise ValueError(
             f"Global batch size {global_batch_size} is not divisible by the number of "
             f"devices {num_devices}; use a multiple of {num_devices} (e.g. "
-            f"{max(num_devices, global_batch_size // num_devices * num_devices)}).")
+            f"{max(num_devices, global_batch_size // num_devices * num_devices)})."
+        )
     return global_batch_size // num_devices
 
 
-def _with_bn_axis(model, axis_name: Optional[str]):
+def _with_bn_axis(model, axis_name: str | None):
     if not hasattr(model, "bn_axis_name"):
-        raise TypeError(f"{type(model).__name__} has no 'bn_axis_name' field; build_steps "
-                        "sets it per strategy (see bcjax.models.create).")
+        raise TypeError(
+            f"{type(model).__name__} has no 'bn_axis_name' field; build_steps "
+            "sets it per strategy (see bcjax.models.create)."
+        )
     return model.clone(bn_axis_name=axis_name)
 
 
@@ -71,8 +78,10 @@ def _default_preprocess(augment_cfg):
 
     if augment_cfg is None:
         return lambda images, keys: augment.normalize(images), augment.normalize
-    return (lambda images, keys: augment.augment_batch(images, keys, augment_cfg),
-            augment.normalize)
+    return (
+        lambda images, keys: augment.augment_batch(images, keys, augment_cfg),
+        augment.normalize,
+    )
 
 
 def _replicate_tree(tree, mesh: Mesh):
@@ -82,8 +91,9 @@ def _replicate_tree(tree, mesh: Mesh):
     def place(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
-        if jax.process_count() > 1 and not (isinstance(x, jax.Array)
-                                            and not x.is_fully_addressable):
+        if jax.process_count() > 1 and not (
+            isinstance(x, jax.Array) and not x.is_fully_addressable
+        ):
             host = np.asarray(x)  # every process holds the same full value
             return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
         return jax.device_put(x, sharding)
@@ -106,25 +116,30 @@ def _global_from_host_local(tree, mesh: Mesh):
     return jax.tree.map(rewrap, tree)
 
 
-def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
-                bn_sync: bool = True,
-                augment_cfg: Any = None,
-                label_smoothing: float = 0.0,
-                class_weights: Optional[Sequence[float]] = None,
-                donate: bool = True,
-                collectives: bool = True,
-                preprocess: Optional[Callable] = None,
-                normalize: Optional[Callable] = None,
-                grad_norm: bool = True,
-                nonfinite_guard: bool = True) -> Steps:
-    """Build the jitted steps of ``strategy`` on ``mesh``.
+def build_steps(
+    strategy: str,
+    mesh: Mesh,
+    model,
+    *,
+    bn_sync: bool = True,
+    augment_cfg: Any = None,
+    label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | None = None,
+    donate: bool = True,
+    collectives: bool = True,
+    preprocess: Callable | None = None,
+    normalize: Callable | None = None,
+    grad_norm: bool = True,
+    nonfinite_guard: bool = True,
+    max_traces: int | None = None,
+) -> Steps:
+    """Build the jitted steps of ``strategy`` on ``mesh``; the optimizer comes with the state.
 
     Args:
       strategy: "shard_map" (default choice), "pmap" or "jit".
       mesh: 1-axis "data" mesh (``bcjax.parallel.mesh.make_mesh``).
       model: a flax module with a ``bn_axis_name`` field (``bcjax.models.create``);
         it is cloned with the axis each strategy needs, so its own value is ignored.
-      tx: unused (the update uses ``state.tx``); kept so calls read naturally.
       bn_sync: BatchNorm statistics over the global batch (True) or per device.
         ``jit`` only supports True: the batch is one logical array there, so
         its statistics are global by construction.
@@ -142,6 +157,10 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
         -> float32`` and the eval ``normalize(images_uint8)`` (tests, ablations).
       grad_norm, nonfinite_guard: see ``bcjax.step.steps.train_step_local``;
         only the step-cost ablation (``bcjax.timing.ablation``) turns them off.
+      max_traces: when set, tracing the train or the eval step more often than
+        this raises an AssertionError (``chex.assert_max_traces``), counted
+        from this build on. A retrace is a silent recompile (10-80 s on a GPU),
+        usually of an input whose shape, dtype or sharding changed.
 
     Results do not depend on the device count (fp32, synced BatchNorm), with
     one exception: dropout draws one key per device (``jit``: one for the
@@ -155,36 +174,50 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
         raise ValueError(
             "strategy='jit' computes BatchNorm statistics over the whole global batch "
             "(it is one logical array), so per-device BatchNorm (bn_sync=False) cannot "
-            "be expressed; use strategy='shard_map' or 'pmap' for per-device statistics.")
-    del tx
+            "be expressed; use strategy='shard_map' or 'pmap' for per-device statistics."
+        )
     if preprocess is None or normalize is None:
         default_pre, default_norm = _default_preprocess(augment_cfg)
         preprocess = preprocess or default_pre
         normalize = normalize or default_norm
 
-    loss_kw = dict(label_smoothing=label_smoothing,
-                   class_weights=None if class_weights is None else tuple(class_weights),
-                   grad_norm=grad_norm, nonfinite_guard=nonfinite_guard)
+    loss_kw = dict(
+        label_smoothing=label_smoothing,
+        class_weights=None if class_weights is None else tuple(class_weights),
+        grad_norm=grad_norm,
+        nonfinite_guard=nonfinite_guard,
+    )
     donate_argnums = (0,) if donate else ()
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P(DATA_AXIS))
     eval_model = _with_bn_axis(model, None)  # eval uses running statistics
-    eval_local = functools.partial(step_math.eval_step_local, model=eval_model,
-                                   normalize=normalize)
+    eval_local = functools.partial(step_math.eval_step_local, model=eval_model, normalize=normalize)
 
     if not collectives:
         train_local = functools.partial(
-            step_math.train_step_local, model=_with_bn_axis(model, None), axis_name=None,
-            psum_grads=False, sync_batch_stats=False, preprocess=preprocess, **loss_kw)
+            step_math.train_step_local,
+            model=_with_bn_axis(model, None),
+            axis_name=None,
+            psum_grads=False,
+            sync_batch_stats=False,
+            preprocess=preprocess,
+            **loss_kw,
+        )
     else:
         # Under plain jit the batch is one logical array: no named axis exists
         # and BatchNorm statistics are global by construction.
         bn_axis = DATA_AXIS if bn_sync and strategy != "jit" else None
         train_local = functools.partial(
-            step_math.train_step_local, model=_with_bn_axis(model, bn_axis),
+            step_math.train_step_local,
+            model=_with_bn_axis(model, bn_axis),
             axis_name=DATA_AXIS if strategy != "jit" else None,
-            psum_grads=strategy == "pmap", sync_batch_stats=not bn_sync,
-            preprocess=preprocess, **loss_kw)
+            psum_grads=strategy == "pmap",
+            sync_batch_stats=not bn_sync,
+            preprocess=preprocess,
+            **loss_kw,
+        )
+    if max_traces is not None:
+        train_local, eval_local = _trace_guarded(train_local, eval_local, max_traces)
 
     if strategy == "pmap":
         return _build_pmap(mesh, train_local, eval_local, donate_argnums, strategy)
@@ -193,25 +226,60 @@ def build_steps(strategy: str, mesh: Mesh, model, tx=None, *,
         return {k: _global_batch_array(v, data_sharding) for k, v in batch.items()}
 
     if strategy == "jit" and collectives:
-        train_step = jax.jit(train_local, in_shardings=(replicated, data_sharding, replicated),
-                             out_shardings=(replicated, replicated),
-                             donate_argnums=donate_argnums)
-        eval_step = jax.jit(eval_local, in_shardings=(replicated, data_sharding),
-                            out_shardings=replicated)
+        train_step = jax.jit(
+            train_local,
+            in_shardings=(replicated, data_sharding, replicated),
+            out_shardings=(replicated, replicated),
+            donate_argnums=donate_argnums,
+        )
+        eval_step = jax.jit(
+            eval_local, in_shardings=(replicated, data_sharding), out_shardings=replicated
+        )
     else:
         train_step = jax.jit(
-            jax.shard_map(train_local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
-                          out_specs=(P(), P()), check_vma=collectives),
-            donate_argnums=donate_argnums)
+            jax.shard_map(
+                train_local,
+                mesh=mesh,
+                in_specs=(P(), P(DATA_AXIS), P()),
+                out_specs=(P(), P()),
+                check_vma=collectives,
+            ),
+            donate_argnums=donate_argnums,
+        )
         # Gathering to every device (out_shardings) lets every process read all
         # predictions of the global batch; eval batches are small.
         eval_step = jax.jit(
-            jax.shard_map(eval_local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                          out_specs=P(DATA_AXIS)),
-            out_shardings=replicated)
-    return Steps(train_step=train_step, eval_step=eval_step, shard_batch=shard_batch,
-                 place_state=functools.partial(_replicate_tree, mesh=mesh),
-                 mesh=mesh, strategy=strategy)
+            jax.shard_map(
+                eval_local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS)
+            ),
+            out_shardings=replicated,
+        )
+    return Steps(
+        train_step=train_step,
+        eval_step=eval_step,
+        shard_batch=shard_batch,
+        place_state=functools.partial(_replicate_tree, mesh=mesh),
+        mesh=mesh,
+        strategy=strategy,
+    )
+
+
+def _trace_guarded(train_local: Callable, eval_local: Callable, max_traces: int):
+    """The two step bodies behind ``chex.assert_max_traces`` (see ``build_steps``)."""
+    # chex counts per place of definition, process-wide: a new build (the next
+    # run, the next fold) starts its own count.
+    chex.clear_trace_counter()
+
+    def train_step(state, batch, rng):
+        return train_local(state, batch, rng)
+
+    def eval_step(state, batch):
+        return eval_local(state, batch)
+
+    return (
+        chex.assert_max_traces(train_step, max_traces),
+        chex.assert_max_traces(eval_step, max_traces),
+    )
 
 
 def on_device_images(images: np.ndarray, mesh: Mesh) -> Callable[[Mapping[str, jax.Array]], dict]:
@@ -225,8 +293,10 @@ def on_device_images(images: np.ndarray, mesh: Mesh) -> Callable[[Mapping[str, j
     """
     table = _replicate_tree(np.asarray(images), mesh)
     # Indices come from the data pipeline, always in range: "clip" spares the fill mask.
-    take = jax.jit(lambda t, idx: jnp.take(t, idx, axis=0, mode="clip"),
-                   out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
+    take = jax.jit(
+        lambda t, idx: jnp.take(t, idx, axis=0, mode="clip"),
+        out_shardings=NamedSharding(mesh, P(DATA_AXIS)),
+    )
 
     def add_images(batch: Mapping[str, jax.Array]) -> dict:
         return {**batch, "image": take(table, batch["index"])}
@@ -239,8 +309,7 @@ def _global_batch_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array
     local = np.asarray(local)
     global_rows = local.shape[0] * jax.process_count()
     per_device_batch(global_rows, sharding.mesh.size)
-    return jax.make_array_from_process_local_data(
-        sharding, local, (global_rows,) + local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, (global_rows,) + local.shape[1:])
 
 
 class _PmapStep:
@@ -304,7 +373,8 @@ def _globalize_local(tree, mesh: Mesh):
             data = np.asarray(jax.random.key_data(x))
             return jax.random.wrap_key_data(
                 jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx]),
-                impl=jax.random.key_impl(x))
+                impl=jax.random.key_impl(x),
+            )
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
@@ -319,11 +389,17 @@ def _build_pmap(mesh: Mesh, train_local, eval_local, donate_argnums, strategy) -
 
     # The state is broadcast (in_axes=None) and comes back as one value
     # (out_axes=None): the caller's state stays a replicated global array.
-    p_train = jax.pmap(train_local, axis_name=DATA_AXIS, in_axes=(None, 0, None),
-                       out_axes=(None, None), donate_argnums=donate_argnums,
-                       devices=devices)
-    p_eval = jax.pmap(eval_local, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=0,
-                      devices=devices)
+    p_train = jax.pmap(
+        train_local,
+        axis_name=DATA_AXIS,
+        in_axes=(None, 0, None),
+        out_axes=(None, None),
+        donate_argnums=donate_argnums,
+        devices=devices,
+    )
+    p_eval = jax.pmap(
+        eval_local, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=0, devices=devices
+    )
 
     def shard_batch(batch):
         """[B_local, ...] per process -> global [num_devices, B/num_devices, ...]."""
@@ -332,8 +408,10 @@ def _build_pmap(mesh: Mesh, train_local, eval_local, donate_argnums, strategy) -
             v = np.asarray(v)
             per_dev = per_device_batch(v.shape[0] * jax.process_count(), mesh.size)
             out[k] = jax.make_array_from_process_local_data(
-                stacked, v.reshape((n_local, per_dev) + v.shape[1:]),
-                (mesh.size, per_dev) + v.shape[1:])
+                stacked,
+                v.reshape((n_local, per_dev) + v.shape[1:]),
+                (mesh.size, per_dev) + v.shape[1:],
+            )
         return out
 
     eval_pmapped = _PmapStep(p_eval, mesh)
@@ -342,11 +420,16 @@ def _build_pmap(mesh: Mesh, train_local, eval_local, donate_argnums, strategy) -
         out = p_eval(*eval_pmapped._args((state, batch)))
         if multi_process:
             from jax.experimental import multihost_utils
+
             # Host-local [n_local, b] per process -> [n_devices, b] everywhere.
             out = multihost_utils.process_allgather(out, tiled=True)
         return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
 
-    return Steps(train_step=_PmapStep(p_train, mesh), eval_step=eval_step,
-                 shard_batch=shard_batch,
-                 place_state=functools.partial(_replicate_tree, mesh=mesh),
-                 mesh=mesh, strategy=strategy)
+    return Steps(
+        train_step=_PmapStep(p_train, mesh),
+        eval_step=eval_step,
+        shard_batch=shard_batch,
+        place_state=functools.partial(_replicate_tree, mesh=mesh),
+        mesh=mesh,
+        strategy=strategy,
+    )

@@ -121,7 +121,7 @@ def ladder(model, state, batch: dict, rng, *, warmup: int = 3, iters: int = 20) 
         (jax.device_put(jnp.asarray(float_batch["image"])), labels), lambda out: out)
 
     def bcjax_rung(name, strategy, host_batch, **options):
-        steps = strategies.build_steps(strategy, mesh, model, state.tx, **options)
+        steps = strategies.build_steps(strategy, mesh, model, **options)
         placed = steps.place_state(state)
         add(name, steps.train_step, placed, (steps.shard_batch(host_batch), rng), lambda out: out["loss"])
 

@@ -17,18 +17,22 @@ CURRENT shardings, so a checkpoint written on 8 devices restores onto 1 or 4.
 Multi-process: every process must call ``save`` and ``restore``; Orbax writes
 each array once and the JSON items from process 0 only.
 """
+
 from __future__ import annotations
 
 import base64
 import json
 import logging
 import pathlib
-from typing import Any, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from bcjax.train.early_stopping import minimised
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +40,22 @@ log = logging.getLogger(__name__)
 # checkpoints disagree on any of them belongs to another model.
 # What a resumed run must share with the checkpoint: the model, and what a step
 # number means (batch size, image size, data).
-IDENTITY_FIELDS = ("model", "width", "width_multiplier", "global_batch_size", "image_size", "dataset",
-                   "data_dir", "split_seed", "split_fractions", "exclude_conflicts", "synthetic_num",
-                   "synthetic_seed", "cv", "pretrained")
+IDENTITY_FIELDS = (
+    "model",
+    "width",
+    "width_multiplier",
+    "global_batch_size",
+    "image_size",
+    "dataset",
+    "data_dir",
+    "split_seed",
+    "split_fractions",
+    "exclude_conflicts",
+    "synthetic_num",
+    "synthetic_seed",
+    "cv",
+    "pretrained",
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -46,7 +63,9 @@ class CheckpointMismatchError(ValueError):
 
 
 def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(
+        json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
 
 
 def run_metadata(config) -> dict:
@@ -63,16 +82,19 @@ def run_metadata(config) -> dict:
     return {"identity": identity, "config": cfg}
 
 
-def check_identity(saved: Optional[Mapping], current: Optional[Mapping]) -> None:
+def check_identity(saved: Mapping | None, current: Mapping | None) -> None:
     """Raise CheckpointMismatchError when two metadata identities differ."""
     a = (saved or {}).get("identity") or {}
     b = (current or {}).get("identity") or {}
     diff = {k: (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]}
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {v[0]!r} vs config {v[1]!r}" for k, v in sorted(diff.items()))
+        detail = ", ".join(
+            f"{k}: checkpoint {v[0]!r} vs config {v[1]!r}" for k, v in sorted(diff.items())
+        )
         raise CheckpointMismatchError(
             f"The checkpoints belong to another run ({detail}); use another workdir, "
-            "or pass --config.fresh_start=True to move the old run aside and start afresh.")
+            "or pass --config.fresh_start=True to move the old run aside and start afresh."
+        )
 
 
 def _encode_iter_state(state: Any) -> dict:
@@ -97,17 +119,20 @@ def _decode_iter_state(payload: Mapping) -> Any:
 def _abstract(target: Any) -> Any:
     """ShapeDtypeStructs with the target's shardings: restore places every
     array straight onto the current mesh."""
+
     def leaf(x):
         sharding = getattr(x, "sharding", None)
         if sharding is None:
-            raise ValueError("restore target leaves need a sharding: pass a state created "
-                             "on the current mesh (create_train_state / place_state).")
+            raise ValueError(
+                "restore target leaves need a sharding: pass a state created "
+                "on the current mesh (create_train_state / place_state)."
+            )
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(leaf, target)
 
 
-def _metric_value(metrics: Optional[Mapping], name: str) -> Optional[float]:
+def _metric_value(metrics: Mapping | None, name: str) -> float | None:
     if not metrics or metrics.get(name) is None:
         return None
     value = float(np.asarray(metrics[name]))
@@ -130,12 +155,15 @@ def _drop_torn_root_metadata(directory: pathlib.Path) -> None:
         return
     except ValueError:  # JSONDecodeError, UnicodeDecodeError
         pass
-    log.warning("The run identity %s is unreadable (the first start was interrupted while writing it); "
-                "writing it again from the current config.", path)
+    log.warning(
+        "The run identity %s is unreadable (the first start was interrupted while writing it); "
+        "writing it again from the current config.",
+        path,
+    )
     path.unlink()
 
 
-def saved_metadata(directory) -> Optional[dict]:
+def saved_metadata(directory) -> dict | None:
     """The run metadata written at a checkpoint directory's root, read without
     Orbax (None when absent or unreadable), e.g. to decide on fresh_start
     before anything of the old run is loaded."""
@@ -156,22 +184,32 @@ class CheckpointManager:
       keep_latest: newest checkpoints always kept (>= 1).
       keep_best: best checkpoints by ``best_metric`` also kept (0: none).
       best_metric: key of the ``metrics`` dict given to ``save``.
-      best_mode: "max" or "min"; default "min" for names containing "loss".
+      best_mode: "max" or "min"; default as early stopping decides (``minimised``).
       metadata: JSON-able dict (``run_metadata(config)``); written once at the
         directory root and compared (``check_identity``) with what is there.
       async_save: write in a background thread.
     Raises CheckpointMismatchError when the directory holds another model.
     """
 
-    def __init__(self, directory, *, keep_latest: int = 2, keep_best: int = 1,
-                 best_metric: str = "accuracy", best_mode: Optional[str] = None,
-                 metadata: Optional[Mapping] = None, async_save: bool = True):
+    def __init__(
+        self,
+        directory,
+        *,
+        keep_latest: int = 2,
+        keep_best: int = 1,
+        best_metric: str = "accuracy",
+        best_mode: str | None = None,
+        metadata: Mapping | None = None,
+        async_save: bool = True,
+    ):
         if keep_latest < 1:
-            raise ValueError(f"keep_latest must be >= 1 (a restart needs the newest), got {keep_latest}.")
+            raise ValueError(
+                f"keep_latest must be >= 1 (a restart needs the newest), got {keep_latest}."
+            )
         if keep_best < 0:
             raise ValueError(f"keep_best must be >= 0, got {keep_best}.")
         if best_mode is None:
-            best_mode = "min" if "loss" in best_metric else "max"
+            best_mode = "min" if minimised(best_metric) else "max"
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
         self.directory = pathlib.Path(directory).expanduser().resolve()
@@ -180,23 +218,34 @@ class CheckpointManager:
             _drop_torn_root_metadata(self.directory)
         policies = [pp.LatestN(n=keep_latest)]
         if keep_best:
-            policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric],
-                                     reverse=best_mode == "min", n=keep_best,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             # best_fn makes Orbax store the metrics and answer best_step();
             # deletion is decided by the preservation policy alone.
-            best_fn=lambda m: m[best_metric], best_mode=best_mode,
+            best_fn=lambda m: m[best_metric],
+            best_mode=best_mode,
             preservation_policy=pp.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data_iter", "extra"),
-            metadata=_json_safe(dict(metadata)) if metadata is not None else None)
+            self.directory,
+            options=options,
+            item_names=("state", "data_iter", "extra"),
+            metadata=_json_safe(dict(metadata)) if metadata is not None else None,
+        )
         if metadata is not None:
             check_identity(self.metadata(), metadata)
 
     # -- queries ------------------------------------------------------------------
-    def metadata(self) -> Optional[dict]:
+    def metadata(self) -> dict | None:
         """The run metadata at the directory root (None when absent)."""
         root = self._manager.metadata()
         custom = getattr(root, "custom_metadata", None)
@@ -205,19 +254,26 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def best_step(self) -> Optional[int]:
+    def best_step(self) -> int | None:
         """Step with the best saved metric; the latest when none has one
         (e.g. an empty validation split or NaN metrics)."""
         best = self._manager.best_step()
         return self.latest_step() if best is None else best
 
     # -- save / restore -----------------------------------------------------------
-    def save(self, step: int, state, data_iter_state: Any = None, *,
-             metrics: Optional[Mapping] = None, extra: Optional[Mapping] = None,
-             force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state,
+        data_iter_state: Any = None,
+        *,
+        metrics: Mapping | None = None,
+        extra: Mapping | None = None,
+        force: bool = False,
+    ) -> bool:
         """Save ``state`` (+ iterator state, + JSON-able ``extra``) at ``step``.
 
         ``metrics``: any dict containing ``best_metric`` (e.g. the validation
@@ -231,30 +287,42 @@ class CheckpointManager:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=ocp.args.JsonSave(_encode_iter_state(data_iter_state)),
-            extra=ocp.args.JsonSave(_json_safe(dict(extra or {}))))
-        return self._manager.save(int(step), args=args, force=force,
-                                  metrics=None if value is None else {self.best_metric: value})
+            extra=ocp.args.JsonSave(_json_safe(dict(extra or {}))),
+        )
+        return self._manager.save(
+            int(step),
+            args=args,
+            force=force,
+            metrics=None if value is None else {self.best_metric: value},
+        )
 
-    def restore(self, step: int, target) -> Tuple[Any, Any, dict]:
+    def restore(self, step: int, target) -> tuple[Any, Any, dict]:
         """``(state, data_iter_state, extra)`` of ``step``, placed like ``target``.
 
         ``target``: a state on the current mesh (e.g. a fresh
         ``create_train_state``), or its abstract version with shardings.
         """
         self._manager.wait_until_finished()  # a pending write of the same step
-        restored = self._manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(target)),
-            data_iter=ocp.args.JsonRestore(),
-            extra=ocp.args.JsonRestore()))
-        return (restored["state"], _decode_iter_state(restored["data_iter"] or {}),
-                dict(restored["extra"] or {}))
+        restored = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(target)),
+                data_iter=ocp.args.JsonRestore(),
+                extra=ocp.args.JsonRestore(),
+            ),
+        )
+        return (
+            restored["state"],
+            _decode_iter_state(restored["data_iter"] or {}),
+            dict(restored["extra"] or {}),
+        )
 
-    def restore_latest(self, target) -> Optional[Tuple[Any, Any, dict]]:
+    def restore_latest(self, target) -> tuple[Any, Any, dict] | None:
         """``restore`` of the latest step; None when there is none."""
         step = self.latest_step()
         return None if step is None else self.restore(step, target)
 
-    def restore_best(self, target) -> Optional[Tuple[Any, Any, dict]]:
+    def restore_best(self, target) -> tuple[Any, Any, dict] | None:
         """``restore`` of the best step; None when there is none."""
         step = self.best_step()
         return None if step is None else self.restore(step, target)
@@ -272,12 +340,14 @@ class CheckpointManager:
         self.close()
 
 
-def read_params(directory, step: Optional[int] = None) -> Any:
+def read_params(directory, step: int | None = None) -> Any:
     """The params of a checkpoint as host numpy arrays, without a target
     (for tests and inspection); ``step`` None: the latest."""
-    manager = ocp.CheckpointManager(pathlib.Path(directory).expanduser().resolve(),
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        pathlib.Path(directory).expanduser().resolve(),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -285,18 +355,26 @@ def read_params(directory, step: Optional[int] = None) -> Any:
         meta = manager.item_metadata(step)["state"]
         # numpy leaves: restored as host arrays, whatever devices wrote them.
         abstract = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta["params"])
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={"params": abstract},
-                restore_args={"params": jax.tree.map(
-                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)},
-                partial_restore=True)))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract},
+                    restore_args={
+                        "params": jax.tree.map(
+                            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract
+                        )
+                    },
+                    partial_restore=True,
+                )
+            ),
+        )
         return restored["state"]["params"]
     finally:
         manager.close()
 
 
-def read_variables(directory, step: Optional[int] = None) -> dict:
+def read_variables(directory, step: int | None = None) -> dict:
     """``{"params", "batch_stats"}`` of a checkpoint as host numpy arrays, what
     ``model.apply`` needs for inference, without a target or a mesh; ``step``
     None: the latest. FileNotFoundError when there is no such checkpoint."""
@@ -304,27 +382,40 @@ def read_variables(directory, step: Optional[int] = None) -> dict:
     if not directory.is_dir():
         raise FileNotFoundError(f"No checkpoint directory {directory}.")
     # Handlers for every item, so Orbax does not warn about the ones left unread.
-    manager = ocp.CheckpointManager(directory,
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                   "data_iter": ocp.JsonCheckpointHandler(),
-                                                   "extra": ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(),
+            "data_iter": ocp.JsonCheckpointHandler(),
+            "extra": ocp.JsonCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     try:
         steps = sorted(manager.all_steps())
         if not steps:
             raise FileNotFoundError(f"No checkpoint in {directory}.")
         step = steps[-1] if step is None else int(step)
         if step not in steps:
-            raise FileNotFoundError(f"No checkpoint of step {step} in {directory}; it holds steps {steps}.")
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {directory}; it holds steps {steps}."
+            )
         meta = manager.item_metadata(step)["state"]
         # A model without BatchNorm saves no batch_stats entry (or an empty one).
         names = [k for k in ("params", "batch_stats") if k in meta and jax.tree.leaves(meta[k])]
         abstract = {k: jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta[k]) for k in names}
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=abstract,
-                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
-                partial_restore=True)))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract,
+                    restore_args=jax.tree.map(
+                        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract
+                    ),
+                    partial_restore=True,
+                )
+            ),
+        )
         variables = {k: restored["state"][k] for k in names}
         variables.setdefault("batch_stats", {})
         return variables

@@ -3,185 +3,244 @@
 Steps are pure jitted functions (bcjax.parallel.strategies); this module feeds
 them, keeps the time, evaluates, logs, checkpoints and writes the summary.
 Only process 0 writes files; every process runs the same steps.
+
+`train_and_evaluate` reads top down through its phases:
+
+    set_up          workdir, data, mesh, steps, state (restored when resuming): run_setup.py
+    train_epochs    compile, then per epoch: steps, evaluation, log, early stop, checkpoint
+    evaluate_best   the best checkpoint on the test and validation parts
+    outputs         predictions, plots, timing.json and, last, results.json: outputs.py
+
+A finished run (every epoch trained, or stopped early) skips training: `re_evaluate`.
 """
+
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import os
-import pathlib
-import shutil
-import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from bcjax import config_check
-from bcjax.data import pipeline, splits
-from bcjax.parallel import mesh as mesh_lib
+from bcjax import report
+from bcjax.data import pipeline
 from bcjax.parallel import strategies
-from bcjax.timing import breakdown, chrono as chrono_lib
-from bcjax.data import datasets
-from bcjax.step import optim, state as state_lib
-from bcjax.train import checkpoint, metrics as metrics_lib, plots
-from bcjax.train.writers import MetricWriter, read_jsonl
-import bcjax.models
+from bcjax.timing import breakdown
+from bcjax.timing import chrono as chrono_lib
+from bcjax.train import metrics as metrics_lib
+from bcjax.train import outputs
+from bcjax.train.periodic import itstime
+
+# Also reached through this module (bcjax.main's error messages, bcjax.predict's model).
+from bcjax.train.run_setup import (
+    Run,
+    create_model,  # noqa: F401
+    set_up,
+)
+from bcjax.train.workdir import WorkdirError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
+# on_epoch_end(record) -> True stops the run as a kill would (see train_and_evaluate).
+OnEpochEnd = Callable[[dict], Any]
+
 
 class Interrupted(RuntimeError):
-    """Raised by the `_stop_after_epoch` test hook, standing in for a killed process."""
+    """A run (or a cross-validation) stopped on its caller's request, as a kill would stop it."""
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or gradients became NaN/Inf and config.nan_policy is "stop"."""
 
 
-class WorkdirError(OSError):
-    """The workdir cannot hold this run."""
-
-
-def check_workdir(workdir: pathlib.Path, min_free_bytes: int = 50 * 2**20) -> None:
-    """Fails before any compiling when the workdir is unwritable or full."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise WorkdirError(f"The workdir {workdir} is not writable: {e.strerror or e}.") from e
-    free = _free_bytes(workdir)
-    if free < min_free_bytes:
-        raise WorkdirError(f"The workdir {workdir} has only {free / 2**20:.1f} MiB free; "
-                           f"a run needs at least {min_free_bytes / 2**20:.0f} MiB for checkpoints and logs.")
-
-
-def _free_bytes(path: pathlib.Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def create_model(config, *, dtype=None):
-    """The config's model; width knobs only for the family that has them."""
-    kwargs = {}
-    if config.model.startswith("resnet"):
-        kwargs["width"] = config.width
-    else:
-        kwargs["width_multiplier"] = config.width_multiplier
-        kwargs["dropout_rate"] = config.dropout_rate
-    return bcjax.models.create(config.model, num_classes=3,
-                               dtype=dtype or jax.numpy.dtype(config.dtype), **kwargs)
-
-
-def make_optimizer(config, steps_per_epoch: int):
-    return optim.make_optimizer(
-        steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs, optimizer=config.optimizer,
-        learning_rate=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
-        clip_norm=config.clip_norm or None)
-
-
-# "auto" keeps the training images on the devices up to this size (per device).
-INPUT_ON_DEVICE_MAX_BYTES = 2**30
-
-
-def input_on_device(config, images: np.ndarray) -> bool:
-    """Whether the training images live on the devices (config.input_on_device).
-
-    On an accelerator the per-step host-to-device copy of a batch's images is
-    what the host spends most of a small step on; on a CPU the "device" is
-    host memory, so "auto" keeps the host path there.
-    """
-    if config.input_on_device != "auto":
-        return config.input_on_device == "yes"
-    return jax.devices()[0].platform != "cpu" and images.nbytes <= INPUT_ON_DEVICE_MAX_BYTES
-
-
-def evaluate(steps, state, data: pipeline.ArraySet, global_batch_size: int, *, with_arrays: bool = False):
+def evaluate(
+    steps,
+    state,
+    data: pipeline.ArraySet,
+    global_batch_size: int,
+    class_names,
+    *,
+    with_arrays: bool = False,
+):
     """Every example exactly once (padding masked out); a report dict.
 
     with_arrays: also {"names", "labels", "probs"} in the order of `data`.
     """
-    acc = metrics_lib.EvalAccumulator(3, list(datasets.busi.CLASSES))
-    for batch in pipeline.eval_batches(data, global_batch_size, jax.process_index(), jax.process_count()):
+    accumulator = metrics_lib.EvalAccumulator(len(class_names), list(class_names))
+    for batch in pipeline.eval_batches(
+        data, global_batch_size, jax.process_index(), jax.process_count()
+    ):
         out = steps.eval_step(state, steps.shard_batch(batch))
-        acc.update(out["logits"], out["label"], out["valid"], loss=out["loss"])
+        accumulator.update(out["logits"], out["label"], out["valid"], loss=out["loss"])
     if not with_arrays:
-        return acc.compute()
-    arrays = acc.arrays()
-    return acc.compute(), {"names": np.asarray(data.names), "labels": np.asarray(arrays["labels"]),
-                           "probs": np.asarray(arrays["probs"])}
+        return accumulator.compute()
+    arrays = accumulator.arrays()
+    return accumulator.compute(), {
+        "names": np.asarray(data.names),
+        "labels": np.asarray(arrays["labels"]),
+        "probs": np.asarray(arrays["probs"]),
+    }
 
 
-# What a run writes into its workdir; fresh_start moves all of it aside.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "results.json", "timing.json", "manifest.json",
-             "learning_curves.png", "confusion_matrix.png", "val_predictions.npz", "test_predictions.npz",
-             "tensorboard", "synthetic")
+# ------------------------------------------------------------------ the run
 
 
-def is_same_run(workdir: pathlib.Path, config) -> bool:
-    """Whether the checkpoints in workdir were written by a run of this identity."""
-    saved = checkpoint.saved_metadata(workdir / "checkpoints")
-    if saved is None:
-        return False
+def train_and_evaluate(config, workdir, *, on_epoch_end: OnEpochEnd | None = None) -> dict:
+    """Trains per `config`, resuming from `workdir` when it holds a run; returns results.json.
+
+    on_epoch_end(record): called after every epoch once its checkpoint (if any)
+    is saved, with the epoch's record ({"epoch", "train", "val"?, ...}). When it
+    returns True the run stops as a kill would: the checkpoint writes are
+    awaited, Interrupted is raised, and no summary is written (tests use it to
+    interrupt and resume).
+    """
+    chrono = chrono_lib.Chrono(startup_s=chrono_lib.claim_startup_s())
+    with chrono.phase("setup"):
+        run = set_up(config, workdir, chrono)
     try:
-        checkpoint.check_identity(saved, checkpoint.run_metadata(config))
-    except checkpoint.CheckpointMismatchError:
-        return False
-    return True
+        if run.is_complete:
+            log.info(
+                "The run in %s is complete; evaluating its best checkpoint again.", run.workdir
+            )
+            return re_evaluate(run)
+        train_epochs(run, on_epoch_end)
+        # A resumed run adds the time its earlier processes took to reach the
+        # checkpoint it resumed from (work they did after it is redone, not counted twice).
+        walls = {
+            "train_wall_s": run.progress.wall_before_s + chrono.elapsed_s(),
+            "train_wall_s_this_process": chrono.elapsed_s(),
+        }
+        # Now too, so that a kill in the test or the breakdown loses no timing.
+        outputs.write_timing(run, {**chrono.summary(), **walls})
+        with chrono.phase("test"):
+            best = evaluate_best(run)
+        if config.timing_breakdown:  # after the test, so wall_time_s is the run's own
+            with chrono.phase("breakdown"):
+                measure_breakdown(run)
+        results = outputs.summarize(
+            run, best, walls["train_wall_s"], walls["train_wall_s_this_process"]
+        )
+        with chrono.phase("outputs"):
+            outputs.write_outputs(run, best)
+        outputs.write_timing(run, {**chrono.summary(), **walls})
+        outputs.write_results(run, results)  # last: its presence means the run is complete
+        return results
+    finally:
+        run.close()
 
 
-def move_old_run_aside(workdir: pathlib.Path) -> pathlib.Path | None:
-    """fresh_start: the previous run's files go to workdir/replaced-<time>/, never deleted."""
-    present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
-    if not present:
-        return None
-    stamp, n = time.strftime("replaced-%Y%m%d-%H%M%S"), 0
-    while True:
-        dest = workdir / (stamp if n == 0 else f"{stamp}-{n}")
-        try:
-            dest.mkdir()
-            break
-        except FileExistsError:
-            n += 1
-    for path in present:
-        shutil.move(str(path), str(dest / path.name))
-    log.warning("config.fresh_start: moved the previous run in %s to %s; starting afresh.", workdir, dest)
-    return dest
+def re_evaluate(run: Run) -> dict:
+    """A finished run's best checkpoint scored again; the trained process's timing is kept."""
+    best = evaluate_best(run)
+    walls = outputs.previous_walls(run.workdir)
+    results = outputs.summarize(
+        run,
+        best,
+        walls.get("wall_time_s", run.progress.wall_before_s + run.chrono.elapsed_s()),
+        walls.get("wall_time_s_this_process", run.chrono.elapsed_s()),
+    )
+    outputs.write_outputs(run, best)
+    outputs.write_results(run, results)
+    return results
 
 
-def evals_since_best(history: list, metric: str) -> int:
-    """Evaluations after the best one (ties are not improvements, as for checkpoints)."""
-    best, since = None, 0
-    for record in history:
-        if "val" not in record:
-            continue
-        if _improves(record["val"], metric, best):
-            best, since = record["val"][metric], 0
-        else:
-            since += 1
-    return since
+# ------------------------------------------------------------------ training
 
 
-def load_pretrained(config, state):
-    """The torchvision weights of config.pretrained in place of the initial params."""
-    from bcjax.models import convert  # only runs that ask for it pay for the converter
-    try:
-        variables = convert.load_pretrained(config.model, config.pretrained, 3, state.variables)
-    except (ValueError, ImportError) as e:  # weights of another model; a .pth without torch
-        raise config_check.ConfigError(f"config.pretrained={config.pretrained!r}: {e}") from e
-    log.info("Fine-tuning from the torchvision weights in %s (new %d-class head).", config.pretrained, 3)
-    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+def train_epochs(run: Run, on_epoch_end: OnEpochEnd | None = None) -> None:
+    """Compiles the train step, then trains from the resumed epoch to the last or an early stop."""
+    config, chrono = run.config, run.chrono
+    rng = jax.random.key(config.seed)
+    with chrono.phase("data"):
+        to_device = _batch_to_device(run)
+    with chrono.phase("compile"):  # apart from the steps, so that no step time includes it
+        run.first_host_batch = next(run.train_iter)
+        batch = to_device(run.first_host_batch)
+        train_step = chrono.compile("train_step", run.steps.train_step, run.state, batch, rng)
+    started = (time.perf_counter(), run.step)
+    with chrono.phase("train"):
+        for epoch in range(run.step // run.steps_per_epoch + 1, config.num_epochs + 1):
+            epoch_start = time.perf_counter()
+            train_metrics, skipped = _train_one_epoch(
+                run, train_step, to_device, batch, rng, epoch, started
+            )
+            batch = None  # the first batch is the first epoch's
+            record = {
+                "epoch": epoch,
+                "lr": float(run.schedule(run.step)),
+                "epoch_time_s": time.perf_counter() - epoch_start,
+                "train": train_metrics,
+                "skipped_steps": run.progress.skipped_steps + skipped,
+            }
+            if itstime(epoch, config.eval_every_epochs, config.num_epochs):
+                with chrono.phase("eval"):
+                    record["val"] = evaluate(
+                        run.steps,
+                        run.state,
+                        run.data.val,
+                        config.global_batch_size,
+                        run.data.class_names,
+                    )
+                _log_epoch(record)
+            _end_epoch(run, record)
+            if on_epoch_end is not None and on_epoch_end(record):
+                run.ckpt.wait_until_finished()
+                raise Interrupted(f"stopped after epoch {epoch} (on_epoch_end)")
+            if run.progress.stopped:
+                break
+    with chrono.phase("checkpoint"):
+        run.ckpt.wait_until_finished()
+    chrono.record("checkpoints_saved", run.checkpoints_saved)
 
 
-def _drop_logged_after(path: pathlib.Path, step: int) -> None:
-    """A resumed run redoes the epochs after its checkpoint: drop their old log lines."""
-    if path.exists():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+def _batch_to_device(run: Run) -> Callable[[dict], dict]:
+    """Host batch -> the train step's input; with the images on the devices, only indices cross."""
+    if not run.images_on_device:
+        return run.steps.shard_batch
+    add_images = strategies.on_device_images(run.data.train.images, run.mesh)
+    return lambda host_batch: add_images(run.steps.shard_batch(host_batch))
+
+
+def _train_one_epoch(
+    run: Run, train_step, to_device, batch, rng, epoch: int, started: tuple[float, int]
+) -> tuple[dict, int]:
+    """The epoch's steps: its train metrics and how many steps were skipped for NaN/Inf.
+
+    batch: the first step's input when already on the devices, else None.
+    started: (time, step) when this process began training, for the rate and the ETA.
+    """
+    config, chrono = run.config, run.chrono
+    accumulator = metrics_lib.TrainAccumulator()
+    skipped, pending_check = 0, None
+    for _ in range(run.steps_per_epoch):
+        if batch is None:
+            with chrono.input_wait():
+                batch = to_device(next(run.train_iter))
+        run.state, step_metrics = train_step(run.state, batch, rng)
+        batch = None
+        accumulator.update(step_metrics)
+        run.step += 1
+        chrono.step_dispatched()
+        # Read one step late, so the check never waits for the step just dispatched.
+        skipped += _check_finite(pending_check, config.nan_policy, run.ckpt)
+        pending_check = (run.step, step_metrics["grads_finite"])
+        if run.is_main and itstime(run.step, config.log_every_steps, run.total_steps):
+            rate = (run.step - started[1]) / max(time.perf_counter() - started[0], 1e-9)
+            log.info(
+                "epoch %d/%d step %d/%d  %.1f steps/s  ETA %s",
+                epoch,
+                config.num_epochs,
+                run.step,
+                run.total_steps,
+                rate,
+                report.duration((run.total_steps - run.step) / max(rate, 1e-9)),
+            )
+    chrono.pause()
+    skipped += _check_finite(pending_check, config.nan_policy, run.ckpt)
+    return accumulator.compute(), skipped
 
 
 def _check_finite(pending, policy: str, ckpt) -> int:
@@ -197,287 +256,108 @@ def _check_finite(pending, policy: str, ckpt) -> int:
         ckpt.wait_until_finished()
         last = ckpt.latest_step()
         where = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
-        raise NonFiniteError(f"NaN or Inf in the loss or gradients at step {step} (the update was not applied). "
-                             f"Last good checkpoint: {where}. Lower the learning rate, set config.clip_norm, "
-                             "or set config.nan_policy='skip' to skip such steps.")
+        raise NonFiniteError(
+            f"NaN or Inf in the loss or gradients at step {step} (the update was not applied). "
+            f"Last good checkpoint: {where}. Lower the learning rate, set config.clip_norm, "
+            "or set config.nan_policy='skip' to skip such steps."
+        )
     log.warning("Step %d: NaN or Inf in the loss or gradients; update skipped.", step)
     return 1
 
 
-def _improves(val: dict, metric: str, best) -> bool:
-    value = val.get(metric)
-    if value is None:
-        return False
-    return best is None or (value < best if "loss" in metric else value > best)
+def _log_epoch(record: dict) -> None:
+    # A metric is None when undefined (e.g. every step of the epoch skipped for NaN).
+    train, val = record["train"], record["val"]
+    log.info(
+        "epoch %d: train loss %s acc %s | val loss %s acc %s macro-F1 %s (%.1f s)",
+        record["epoch"],
+        report.number(train["loss"], 4),
+        report.number(train["accuracy"]),
+        report.number(val["loss"], 4),
+        report.number(val["accuracy"]),
+        report.number(val["macro_f1"]),
+        record["epoch_time_s"],
+    )
 
 
-def _num(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def train_and_evaluate(config, workdir, *, _stop_after_epoch: int | None = None) -> dict:
-    """Trains per `config`, resuming from `workdir` when it holds a run; returns results.json's dict.
-
-    `_stop_after_epoch` (tests only) stops the run as a kill would, right after
-    that epoch's checkpoint is complete.
-    """
-    workdir = pathlib.Path(workdir).expanduser().resolve()
-    is_main = jax.process_index() == 0
-    check_workdir(workdir)
-    # fresh_start replaces another run; a run of this same identity (say, this
-    # command restarted after a kill with the flag still set) is resumed.
-    if config.fresh_start and not is_same_run(workdir, config):
-        if is_main:
-            move_old_run_aside(workdir)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("bcjax fresh_start")
-    wall = time.perf_counter()
-    chrono = chrono_lib.Chrono()
-
-    with chrono.phase("data"):
-        data = datasets.prepare(config, workdir, manifest_path=workdir / "manifest.json")
-
-    mesh = mesh_lib.make_mesh(config.num_devices or None)
-    num_devices = mesh.devices.size
-    gbs = config.global_batch_size
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train.labels), gbs)
-    if steps_per_epoch < 1:
-        raise config_check.ConfigError(f"The training split has {len(data.train.labels)} images, fewer than one global "
-                         f"batch of {gbs}; lower config.global_batch_size.")
-    total_steps = steps_per_epoch * config.num_epochs
-
-    model = create_model(config)
-    tx, schedule = make_optimizer(config, steps_per_epoch)
-    steps = strategies.build_steps(
-        config.strategy, mesh, model, tx, bn_sync=config.bn_sync,
-        augment_cfg=config.augment if config.augment.enabled else None,
-        label_smoothing=config.label_smoothing,
-        class_weights=tuple(config.class_weights) or None)
-    state = state_lib.create_train_state(model, tx, config.seed, config.image_size, mesh)
-    on_device = input_on_device(config, data.train.images)
-    chrono.record("input_on_device", on_device)
-    train_iter = pipeline.train_iterator(data.train, gbs, config.seed, jax.process_index(),
-                                         jax.process_count(), balanced=config.balanced_sampling,
-                                         with_images=not on_device)
-
-    meta = checkpoint.run_metadata(config)
-    ckpt = checkpoint.CheckpointManager(workdir / "checkpoints", keep_latest=config.keep_latest,
-                                        keep_best=config.keep_best, best_metric=config.best_metric,
-                                        metadata=meta)  # refuses another run's workdir
-    if is_main:
-        splits.save_manifest(data.manifest, workdir / "manifest.json")
-    history = []
-    best_so_far = None
-    stopped = None  # {"epoch", "reason"} once early stopping ended the run
-    start_step = 0
-    wall_before = 0.0  # training time of earlier processes of this run, up to the checkpoint resumed
-    if ckpt.latest_step() is not None:
-        state, iter_state, extra = ckpt.restore_latest(state)
-        train_iter.set_state(iter_state)
-        history = extra.get("history", [])
-        best_so_far = extra.get("best_so_far")
-        stopped = extra.get("stopped")
-        wall_before = float(extra.get("wall_time_s", 0.0))
-        start_step = int(state.step)
-        log.info("Resumed from %s at step %d (epoch %d).", ckpt.directory, start_step,
-                 start_step // steps_per_epoch)
-    elif config.pretrained:
-        state = load_pretrained(config, state)
-    state = steps.place_state(state)
-    rng = jax.random.key(config.seed)
-
-    if is_main:
-        # Also at step 0: a run killed before its first checkpoint may have logged epochs.
-        _drop_logged_after(workdir / "metrics.jsonl", start_step)
-    # Also drops TensorBoard events of the epochs this run redoes.
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
-    log.info("%s on %d %s device(s), strategy %s, global batch %d (%d per device), %d steps per epoch; "
-             "training images %s.", config.model, num_devices, jax.devices()[0].platform, config.strategy, gbs,
-             gbs // num_devices, steps_per_epoch,
-             f"kept on the devices ({data.train.images.nbytes / 2**20:.0f} MiB each)" if on_device
-             else "sent from the host every step")
-
-    finished = start_step >= total_steps or stopped is not None
-    if finished:
-        log.info("The run in %s is complete; evaluating its best checkpoint again.", workdir)
-    else:
-        # Compile apart from the steps, so step times never include it.
-        if on_device:  # only for training: a finished run's re-evaluation needs no copy
-            add_images = strategies.on_device_images(data.train.images, mesh)
-            to_device = lambda host_batch: add_images(steps.shard_batch(host_batch))  # noqa: E731
-        else:
-            to_device = steps.shard_batch
-        first = next(train_iter)
-        batch = to_device(first)
-        if config.timing_breakdown and "image" not in first:  # the breakdown times a host batch
-            first = {**first, "image": np.take(data.train.images, first["index"], axis=0)}
-        train_step = chrono.compile("train_step", steps.train_step, state, batch, rng)
-    train_acc = metrics_lib.TrainAccumulator()
-    step = start_step
-    skipped = history[-1].get("skipped_steps", 0) if history else 0
-    pending_check = None
-    saves = 0
-    loop_start, loop_step0 = time.perf_counter(), step
-    first_epoch = config.num_epochs if finished else start_step // steps_per_epoch
-    for epoch in range(first_epoch, config.num_epochs):
-        epoch_start = time.perf_counter()
-        for _ in range(steps_per_epoch):
-            if batch is None:
-                with chrono.input_wait():
-                    batch = to_device(next(train_iter))
-            state, step_metrics = train_step(state, batch, rng)
-            batch = None
-            train_acc.update(step_metrics)
-            step += 1
-            chrono.step_dispatched()
-            # Read one step late, so the check never waits for the step just dispatched.
-            skipped += _check_finite(pending_check, config.nan_policy, ckpt)
-            pending_check = (step, step_metrics["grads_finite"])
-            if is_main and (step % config.log_every_steps == 0 or step == total_steps):
-                rate = (step - loop_step0) / max(time.perf_counter() - loop_start, 1e-9)
-                log.info("epoch %d/%d step %d/%d  %.1f steps/s  ETA %s", epoch + 1, config.num_epochs, step,
-                         total_steps, rate, _eta((total_steps - step) / max(rate, 1e-9)))
-        chrono.pause()
-        skipped += _check_finite(pending_check, config.nan_policy, ckpt)
-        pending_check = None
-        train_metrics = train_acc.compute()
-        train_acc.reset()
-        epoch_time = time.perf_counter() - epoch_start
-        record = {"epoch": epoch + 1, "lr": float(schedule(step)), "epoch_time_s": epoch_time,
-                  "train": train_metrics, "skipped_steps": skipped}
-        last = epoch + 1 == config.num_epochs
-        if (epoch + 1) % config.eval_every_epochs == 0 or last:
-            with chrono.phase("eval"):
-                val = evaluate(steps, state, data.val, gbs)
-            record["val"] = val
-            # A metric is None when undefined (e.g. every step of the epoch skipped for NaN).
-            log.info("epoch %d: train loss %s acc %s | val loss %s acc %s macro-F1 %s (%.1f s)", epoch + 1,
-                     _num(train_metrics["loss"], 4), _num(train_metrics["accuracy"]), _num(val["loss"], 4),
-                     _num(val["accuracy"]), _num(val["macro_f1"]), epoch_time)
-        history.append(record)
-        scalars = {"lr": record["lr"], "epoch_time_s": epoch_time,
-                   **metrics_lib.flatten_scalars(train_metrics, "train/")}
-        if "val" in record:
-            scalars.update(metrics_lib.flatten_scalars(record["val"], "val/"))
-        writer.write_scalars(step, scalars, epoch=epoch + 1)
-        improved = "val" in record and _improves(record["val"], config.best_metric, best_so_far)
-        if improved:
-            best_so_far = record["val"][config.best_metric]
-        patience = config.early_stopping_patience
-        if "val" in record and patience and evals_since_best(history, config.best_metric) >= patience:
-            best_text = "none" if best_so_far is None else f"{best_so_far:.4f}"
-            stopped = {"epoch": epoch + 1,
-                       "reason": f"val {config.best_metric} did not improve for {patience} evaluation(s) "
-                                 f"after {best_text}"}
-            log.info("Early stop after epoch %d: %s.", epoch + 1, stopped["reason"])
-        # A new best is always saved, so the best checkpoint is the best epoch;
-        # an early stop is saved so that a rerun knows the run is over.
-        if "val" in record and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last or improved
-                                or stopped):
-            # Asynchronous: the phase holds what the loop waits for (the copy off the device).
-            with chrono.phase("checkpoint"):
-                ckpt.save(step, state, train_iter.get_state(), metrics=record["val"],
-                          extra={"history": history, "best_so_far": best_so_far, "stopped": stopped,
-                                 "wall_time_s": wall_before + time.perf_counter() - wall})
-                saves += 1
-        if _stop_after_epoch == epoch + 1:
-            ckpt.wait_until_finished()
-            raise Interrupted(f"stopped after epoch {epoch + 1} (test hook)")
-        if stopped:
-            break
-    with chrono.phase("checkpoint"):
-        ckpt.wait_until_finished()
-    chrono.record("checkpoints_saved", saves)
-    process_wall = time.perf_counter() - wall
-    # A resumed run adds the time its earlier processes took to reach the
-    # checkpoint it resumed from (work they did after it is redone, not counted twice).
-    train_wall = wall_before + process_wall
-    wall_fields = {"train_wall_s": train_wall, "train_wall_s_this_process": process_wall}
-    timing_path = workdir / "timing.json"
-    if is_main and not finished:
-        # Written now too, so that a kill during the test or the breakdown loses no timing.
-        files.write_json({**chrono.summary(), **wall_fields}, timing_path, default=str)
-
-    best_step = ckpt.best_step()
-    best_state, _, _ = ckpt.restore(best_step, state)
-    best_state = steps.place_state(best_state)
-    test, test_arrays = evaluate(steps, best_state, data.test, gbs, with_arrays=True)
-    _, val_arrays = evaluate(steps, best_state, data.val, gbs, with_arrays=True)
-    best_epoch = best_step // steps_per_epoch
-    log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
-
-    if config.timing_breakdown and not finished:
-        # After the test, so wall_time_s is the run's own; on a fresh copy of the state.
-        with chrono.phase("breakdown"):
-            timing_breakdown = breakdown.measure(
-                lambda collectives: strategies.build_steps(
-                    config.strategy, mesh, model, tx, bn_sync=config.bn_sync,
-                    augment_cfg=config.augment if config.augment.enabled else None,
-                    label_smoothing=config.label_smoothing,
-                    class_weights=tuple(config.class_weights) or None, collectives=collectives),
-                state, first, rng, warmup=2, iters=10, dtype=config.dtype)
-        chrono.record("breakdown", timing_breakdown)
-        log.info("Timing breakdown:\n%s", breakdown.format_summary(timing_breakdown))
-
-    results = {
-        "model": config.model, "strategy": config.strategy, "num_devices": num_devices,
-        "num_processes": jax.process_count(), "platform": jax.devices()[0].platform,
-        "global_batch_size": gbs, "num_epochs": config.num_epochs, "steps_per_epoch": steps_per_epoch,
-        "input_on_device": on_device,
-        "dataset": data.source["dataset"], "data_path": data.source["path"],
-        "warning": data.source["warning"],
-        "best_epoch": best_epoch, "best_metric": config.best_metric,
-        "epochs_trained": history[-1]["epoch"] if history else 0,
-        "stopped_epoch": stopped["epoch"] if stopped else None,
-        "stop_reason": stopped["reason"] if stopped else None,
-        "pretrained": config.pretrained or None,
-        "cv_fold": config.cv.fold if config.cv.folds >= 2 else None,
-        "val_best": next((h["val"] for h in history if h["epoch"] == best_epoch and "val" in h), None),
-        "test": test, "wall_time_s": train_wall, "wall_time_s_this_process": process_wall,
-        "skipped_steps": history[-1].get("skipped_steps", 0) if history else 0,
-        "config": config.to_dict(),
+def _end_epoch(run: Run, record: dict) -> None:
+    """Logs the epoch; after an evaluation, updates early stopping and saves when due."""
+    config, progress, epoch = run.config, run.progress, record["epoch"]
+    progress.history.append(record)
+    scalars = {
+        "lr": record["lr"],
+        "epoch_time_s": record["epoch_time_s"],
+        **metrics_lib.flatten_scalars(record["train"], "train/"),
     }
-    if is_main:
-        if finished:
-            # Keep the timing of the run that trained, not of this re-evaluation.
-            if (workdir / "results.json").exists():
-                previous = json.loads((workdir / "results.json").read_text())
-            elif timing_path.exists():
-                previous = json.loads(timing_path.read_text())
-                previous = {"wall_time_s": previous.get("train_wall_s"),
-                            "wall_time_s_this_process": previous.get("train_wall_s_this_process")}
-            else:
-                previous = {}
-            for key in ("wall_time_s", "wall_time_s_this_process"):
-                if previous.get(key) is not None:
-                    results[key] = previous[key]
-        np.savez(workdir / "test_predictions.npz", **test_arrays)
-        np.savez(workdir / "val_predictions.npz", **val_arrays)
-        # results.json last: its presence means the run is complete (bcjax.cv relies on it).
-        _write_outputs(workdir, results, history, test,
-                       None if finished else {**chrono.summary(), **wall_fields}, best_epoch, stopped)
-    writer.close()
-    ckpt.close()
-    if data.source["warning"]:
-        log.warning(data.source["warning"])
-    return results
+    if "val" in record:
+        scalars.update(metrics_lib.flatten_scalars(record["val"], "val/"))
+    run.writer.write_scalars(run.step, scalars, epoch=epoch)
+    if "val" not in record:
+        return  # a checkpoint carries its validation metrics (the best one is chosen by them)
+    progress.early_stopping = progress.early_stopping.update(record["val"].get(config.best_metric))
+    if progress.early_stopping.should_stop:
+        progress.stopped = {"epoch": epoch, "reason": progress.early_stopping.reason()}
+        log.info("Early stop after epoch %d: %s.", epoch, progress.stopped["reason"])
+    # A new best is always saved, so the best checkpoint is the best epoch;
+    # an early stop is saved so that a rerun knows the run is over.
+    if (
+        itstime(epoch, config.checkpoint_every_epochs, config.num_epochs)
+        or progress.early_stopping.improved
+        or progress.stopped
+    ):
+        # Asynchronous: the phase holds what the loop waits for (the copy off the device).
+        with run.chrono.phase("checkpoint"):
+            wall_time_s = progress.wall_before_s + run.chrono.elapsed_s()
+            run.ckpt.save(
+                run.step,
+                run.state,
+                run.train_iter.get_state(),
+                metrics=record["val"],
+                extra=progress.to_extra(wall_time_s),
+            )
+        run.checkpoints_saved += 1
 
 
-def _write_outputs(workdir, results, history, test, timing, best_epoch, stopped) -> None:
-    if timing is not None:
-        files.write_json(timing, workdir / "timing.json", default=str)
-    curves = [{"epoch": h["epoch"], "train": h["train"], **({"val": h["val"]} if "val" in h else {})}
-              for h in history]
-    plots.plot_learning_curves(curves, workdir / "learning_curves.png", best_epoch=best_epoch,
-                               stop_epoch=stopped["epoch"] if stopped else None,
-                               title=f"early stop: {stopped['reason']}" if stopped else None)
-    plots.plot_confusion_matrix(np.asarray(test["confusion_matrix"]), test["class_names"],
-                                workdir / "confusion_matrix.png")
-    files.write_json(results, workdir / "results.json", default=str)
+# ------------------------------------------------------------------ after training
 
+
+def evaluate_best(run: Run) -> dict:
+    """The best checkpoint: {"epoch", "test" (report), "predictions" {"test", "val"}}."""
+    best_step = run.ckpt.best_step()
+    state, _, _ = run.ckpt.restore(best_step, run.state)
+    state = run.steps.place_state(state)
+    score = functools.partial(
+        evaluate,
+        run.steps,
+        state,
+        global_batch_size=run.config.global_batch_size,
+        class_names=run.data.class_names,
+        with_arrays=True,
+    )
+    test, test_predictions = score(run.data.test)
+    _, val_predictions = score(run.data.val)
+    best_epoch = best_step // run.steps_per_epoch
+    log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
+    return {
+        "epoch": best_epoch,
+        "test": test,
+        "predictions": {"test": test_predictions, "val": val_predictions},
+    }
+
+
+def measure_breakdown(run: Run) -> None:
+    """The step's compute vs collective time (bcjax.timing.breakdown) into timing.json."""
+    batch = run.first_host_batch
+    if "image" not in batch:  # the images stayed on the devices; the breakdown times a host batch
+        batch = {**batch, "image": np.take(run.data.train.images, batch["index"], axis=0)}
+    result = breakdown.measure(
+        lambda collectives: run.build_steps(collectives=collectives),
+        run.state,
+        batch,
+        jax.random.key(run.config.seed),
+        warmup=2,
+        iters=10,
+        dtype=run.config.dtype,
+    )
+    run.chrono.record("breakdown", result)
+    log.info("Timing breakdown:\n%s", breakdown.format_summary(result))

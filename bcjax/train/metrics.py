@@ -1,13 +1,8 @@
 """Classification metrics: clu.metrics accumulation and a JSON-ready report.
 
-Two ways in:
-
-* Inside a jitted eval step, `EvalMetrics.single_from_model_output(logits=...,
-  labels=..., mask=valid, loss=per_example_loss)` gives a clu `Collection`
-  (mean loss, accuracy, confusion matrix) that merges across batches on device.
-* On the host, `EvalAccumulator` takes each eval batch's logits (or
-  probabilities), labels and `valid` mask and keeps what one-vs-rest AUC needs:
-  every score. `compute()` returns the full report as plain Python types.
+On the host, `EvalAccumulator` takes each eval batch's logits (or
+probabilities), labels and `valid` mask and keeps what one-vs-rest AUC needs:
+every score. `compute()` returns the full report as plain Python types.
 
 `classification_report(probs, labels, ...)` is the same report as a pure
 function of whole arrays; `format_report(report)` renders it for the console.
@@ -36,7 +31,6 @@ import numpy as np
 
 __all__ = [
     "ConfusionMatrix",
-    "EvalMetrics",
     "EvalAccumulator",
     "TrainAccumulator",
     "classification_report",
@@ -89,16 +83,6 @@ class ConfusionMatrix(clu_metrics.Metric):
 
     def compute(self) -> jnp.ndarray:
         return self.counts
-
-
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-    """On-device eval metrics: model outputs logits [B,C], labels int32 [B],
-    loss [B] (per example) and mask bool [B] (False for padding)."""
-
-    loss: clu_metrics.Average.from_output("loss")
-    accuracy: clu_metrics.Accuracy
-    confusion_matrix: ConfusionMatrix
 
 
 @flax.struct.dataclass
