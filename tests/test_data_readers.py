@@ -398,3 +398,18 @@ def test_a_mark_asked_for_real_busi_is_refused(tmp_path, monkeypatch):
         busi.BusiError, match="synthetic_mark='calliper' plants a mark.*BUSI was found"
     ):
         datasets.resolve_source(config, tmp_path / "work")
+
+
+def test_detect_tells_busi_from_class_folders_named_like_some_of_its_classes(tmp_path):
+    from bcjax.data import readers
+
+    busi_like = tmp_path / "busi"
+    for c in ("normal", "benign", "malignant"):
+        (busi_like / c).mkdir(parents=True)
+    two_class = tmp_path / "two"
+    for c in ("benign", "malignant"):
+        (two_class / c).mkdir(parents=True)
+    (tmp_path / "set.csv").write_text("image,label\n")
+    assert readers.detect(busi_like) == "busi"
+    assert readers.detect(two_class) == "folder"
+    assert readers.detect(tmp_path / "set.csv") == "csv"

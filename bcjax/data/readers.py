@@ -273,9 +273,17 @@ def detect(path) -> str:
     path = pathlib.Path(path).expanduser()
     if path.is_file() and path.suffix.lower() == ".csv":
         return "csv"
-    if busi.find_busi(path) is not None:
+    found = busi.find_busi(path)
+    if found is not None and (found.is_file() or _holds_busi_classes(found)):
         return "busi"
+    # Class folders named like some of BUSI's (benign/malignant only, say) are
+    # another labelled set, not an incomplete BUSI.
     return "folder"
+
+
+def _holds_busi_classes(folder: pathlib.Path) -> bool:
+    names = {c.name.lower() for c in folder.iterdir() if c.is_dir()}
+    return set(busi.CLASSES) <= names
 
 
 def read(kind: str, path, *, class_names: Sequence[str] = (), verify: bool = True) -> LabelledSet:
