@@ -230,3 +230,14 @@ def _check_pretrained(c) -> None:
         knob = f"width={c.width}" if c.model.startswith("resnet") else f"width_multiplier={c.width_multiplier}"
         raise ConfigError(f"config.pretrained needs torchvision's full-width {c.model}; config.{knob} "
                           "changes the layer shapes.")
+
+
+def unknown_field_message(error: AttributeError) -> str:
+    """The message for an override of a field the locked config does not have."""
+    # config_flags wraps a KeyError in the AttributeError, and str() of a KeyError
+    # is its repr (quotes and "\n" escapes): take the message itself.
+    text = error
+    while isinstance(text, BaseException) and text.args:
+        text = text.args[0]
+    name, *hint = str(text).splitlines() or [repr(text)]
+    return f"unknown config field {name}." + (f" {' '.join(hint)}" if hint else "")

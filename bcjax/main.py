@@ -72,17 +72,9 @@ def run():
         # config does not have. Later AttributeErrors are real bugs.
         if _FLAGS_PARSED:
             raise
-        sys.exit(f"error: {_unknown_field_message(e)}")
+        from bcjax import config_check
 
-
-def _unknown_field_message(error: AttributeError) -> str:
-    # config_flags wraps a KeyError in the AttributeError, and str() of a KeyError
-    # is its repr (quotes and "\\n" escapes): take the message itself.
-    text = error
-    while isinstance(text, BaseException) and text.args:
-        text = text.args[0]
-    name, *hint = str(text).splitlines() or [repr(text)]
-    return f"unknown config field {name}." + (f" {' '.join(hint)}" if hint else "")
+        sys.exit(f"error: {config_check.unknown_field_message(e)}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from bcjax import config_check
 from bcjax.scaling import paired_cv, runs, tables
 
 DESCRIPTION = "The study's table over device counts: one full training run per count."
@@ -23,16 +24,6 @@ def _make_configs_importable(config_arg: str) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(config_arg.split(":")[0])))
     if root not in sys.path:
         sys.path.insert(0, root)
-
-
-def _unknown_field_message(error: AttributeError) -> str:
-    # config_flags wraps a KeyError in the AttributeError, and str() of a KeyError
-    # is its repr (quotes and "\n" escapes): take the message itself.
-    text = error
-    while isinstance(text, BaseException) and text.args:
-        text = text.args[0]
-    name, *hint = str(text).splitlines() or [repr(text)]
-    return f"unknown config field {name}." + (f" {' '.join(hint)}" if hint else "")
 
 
 def read_config(config_arg: str, overrides: Sequence[str]):
@@ -60,7 +51,7 @@ def read_config(config_arg: str, overrides: Sequence[str]):
     except flags.Error as e:
         raise ValueError(str(e)) from None
     except AttributeError as e:  # an override of a field the locked config does not have
-        raise ValueError(_unknown_field_message(e)) from None
+        raise ValueError(config_check.unknown_field_message(e)) from None
     if len(leftover) > 1:
         raise ValueError(f"unrecognized arguments: {' '.join(leftover[1:])}")
     return config_flag.value
