@@ -1,9 +1,8 @@
-"""Timing: the compute/collective breakdown, compile timing, profiler parsing,
-the ring all-reduce model. Tiny models only: a 2-conv network with BatchNorm
+"""Timing: the compute/collective breakdown, compile timing, profiler parsing
+(the scaling model: test_scaling_model.py). Tiny models only: a 2-conv network with BatchNorm
 compiles in about a second, which is what the suite's budget allows for
 three strategies on 8 simulated devices."""
 import json
-import math
 
 import flax.linen as nn
 import jax
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from bcjax.parallel import mesh as mesh_lib, strategies
-from bcjax.timing import breakdown, chrono as chrono_lib, devices, profile, ring_model
+from bcjax.timing import breakdown, chrono as chrono_lib, devices, profile
 from bcjax.step import optim, state as state_lib
 
 
@@ -49,7 +48,7 @@ def _setup(strategy, n, batch_size=16, size=32):
              "index": np.arange(batch_size, dtype=np.int32)}
 
     def build(collectives):
-        return strategies.build_steps(strategy, mesh, model, tx, collectives=collectives,
+        return strategies.build_steps(strategy, mesh, model, collectives=collectives,
                                       preprocess=_pre, normalize=_norm)
 
     return build, state, batch
@@ -219,37 +218,3 @@ def test_device_peaks():
     assert devices.peak_flops("TPU v2") == 22.5e12
     assert devices.peak_flops("cpu") is None
 
-
-def test_ring_model_against_hand_computation():
-    # 4 devices, 100 MB, 25 GB/s, 10 us per hop:
-    # 2*3/4 * 1e8 / 25e9 = 6 ms; 2*3 hops * 10 us = 0.06 ms.
-    t = ring_model.ring_allreduce_time(1e8, 4, 25e9, 10e-6)
-    assert t == pytest.approx(6.06e-3)
-    assert ring_model.ring_allreduce_time(1e8, 1, 25e9, 10e-6) == 0.0
-    # ResNet-18 (11.69M params, fp32 = 46.8 MB) on 8 GPUs over NVLink 4:
-    # 2*7/8 * 46.76e6 / 450e9 = 0.1818 ms, + 14 * 3 us = 0.042 ms.
-    grad = 11_689_512 * 4
-    assert ring_model.ring_allreduce_time(grad, 8, 450e9, 3e-6) == pytest.approx(
-        1.75 * grad / 450e9 + 14 * 3e-6)
-    # Weak scaling: compute 10 ms, all-reduce 6.06 ms, half hidden -> step 13.03 ms.
-    p = ring_model.predict(10e-3, 1e8, 4, "pcie4", overlap=0.5, per_device_batch=32)
-    assert p["step_s"] == pytest.approx(10e-3 + 0.5 * 6.06e-3)
-    assert p["efficiency"] == pytest.approx(10e-3 / p["step_s"])
-    assert p["speedup"] == pytest.approx(4 * 10e-3 / p["step_s"])
-    assert p["images_per_s"] == pytest.approx(4 * 32 / p["step_s"])
-    # Strong scaling: 1 device at batch 32 takes 10 ms; 4 devices at 8 each
-    # take compute(8) = 1 ms + 8 * 0.28125 ms... from the linear model below.
-    model = ring_model.ComputeModel.fit([(8, 3.25e-3), (32, 10e-3)])
-    assert model.fixed == pytest.approx(1e-3) and model.per_example == pytest.approx(0.28125e-3)
-    rows = ring_model.strong_scaling_table(model, 1e8, 32, devices=(1, 4), link="pcie4")
-    assert rows[0]["efficiency"] == pytest.approx(1.0)
-    assert rows[1]["step_s"] == pytest.approx(3.25e-3 + 6.06e-3)
-    assert rows[1]["efficiency"] == pytest.approx(10e-3 / (4 * (3.25e-3 + 6.06e-3)))
-    # A bigger per-device batch amortises the all-reduce.
-    b = ring_model.batch_for_efficiency(model, 1e8, 8, 0.9, link="pcie4")
-    eff = lambda bb: ring_model.predict(model(bb), 1e8, 8, "pcie4")["efficiency"]  # noqa: E731
-    assert eff(b) >= 0.9 > eff(b // 2)
-    with pytest.raises(ValueError):
-        ring_model.interconnect("carrier-pigeon")
-    assert "| devices |" in ring_model.format_markdown(rows)
-    assert math.isfinite(rows[1]["images_per_s"])

@@ -207,6 +207,7 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
     the class names and where the images came from.
     """
     workdir = pathlib.Path(workdir)
+    cache = workdir / "cache"
     source = resolve_source(config, workdir)
     labelled = read_source(config, source)
     examples, class_names = list(labelled.examples), labelled.class_names
@@ -232,6 +233,7 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
                 f"data has {list(class_names)}; set config.class_names to match."
             )
         manifest.setdefault("meta", {})["class_names"] = list(class_names)
+        everything = pipeline.load_arrays(examples, config.image_size, cache_dir=cache)
     elif config.cv.folds >= 2:
         if config.cv.fold < 0:
             raise ValueError(
@@ -240,6 +242,10 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
             )
         # The test part depends only on split_seed and split_fractions[2], so
         # every fold is scored on the same held-out images.
+        # One decode per image for both the duplicate hashes and the arrays.
+        everything, hashes = pipeline.load_arrays_and_phashes(
+            examples, config.image_size, cache_dir=cache
+        )
         manifest = splits.kfold_split(
             examples,
             config.cv.folds,
@@ -247,28 +253,26 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
             seed=config.split_seed,
             test_fraction=config.split_fractions[2],
             exclude_conflicts=config.exclude_conflicts,
-            cache_dir=workdir / "cache",
+            hashes=hashes,
             class_names=class_names,
         )
     else:
+        # One decode per image for both the duplicate hashes and the arrays.
+        everything, hashes = pipeline.load_arrays_and_phashes(
+            examples, config.image_size, cache_dir=cache
+        )
         manifest = splits.make_split(
             examples,
             seed=config.split_seed,
             fractions=tuple(config.split_fractions),
             exclude_conflicts=config.exclude_conflicts,
-            cache_dir=workdir / "cache",
+            hashes=hashes,
             class_names=class_names,
         )
     manifest["meta"]["source"] = {
         k: source[k] for k in ("dataset", "path", "synthetic_set") if k in source
     }
-    cache = workdir / "cache"
-    parts = {
-        name: pipeline.load_arrays(
-            splits.select(examples, manifest[name]), config.image_size, cache_dir=cache
-        )
-        for name in ("train", "val", "test")
-    }
+    parts = {name: everything.select(manifest[name]) for name in ("train", "val", "test")}
     log.info(
         "Data: %s at %s; classes %s; train %d, val %d, test %d images at %d px.",
         source["dataset"],

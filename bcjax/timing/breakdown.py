@@ -19,6 +19,14 @@ and interleaved, so slow drift of a shared machine hits both alike:
 
 Compile time never enters step times: executables are built with
 ``lower()``/``compile()`` first, timed apart, and called directly.
+
+At the end of a training run the loop has already compiled and timed the
+step; ``from_run`` reuses that (its executable, compile times, step and
+input-wait times) and compiles only what the run never built:
+
+    result = breakdown.from_run(steps, compiled_train_step, state, host_batch, rng,
+                                compile_times=chrono.compile_s, step_times=chrono.step_times(),
+                                input_wait_s=..., build=build)
 """
 from __future__ import annotations
 
@@ -135,7 +143,10 @@ def compile_cold_warm(named_calls: Mapping[str, tuple], cache_dir: Optional[str]
 def _copy_tree(tree):
     """Fresh buffers with the same shardings: the steps donate their state,
     and the caller's state must survive the measurement."""
-    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+    # device_put copies without compiling; Array.copy() would compile a small
+    # program per leaf shape (18 for a ResNet-18).
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False)
+                        if isinstance(x, jax.Array) else x, tree)
 
 
 def _global_batch_size(batch: Mapping[str, np.ndarray]) -> int:
@@ -203,6 +214,10 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
             profile_steps: int = 3, fresh: bool = True) -> dict:
     """Times a train step and splits it into compute and collective time.
 
+    Standalone: builds and compiles everything itself (benchmarks, tests). At
+    the end of a training run, ``from_run`` gives the same report from what the
+    loop already compiled and measured.
+
     Args:
       build: ``build(collectives: bool) -> Steps`` (``strategies.build_steps``
         with the run's arguments and ``collectives`` passed through), or a pair
@@ -235,15 +250,114 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
     else:
         steps_full = build(True)
         steps_comp = build(False) if steps_full.mesh.size > 1 else None
-    mesh = steps_full.mesh
-    n = mesh.size
-    info = devices_lib.describe(list(mesh.devices.flat))
-    gbs = _global_batch_size(batch)
 
     base = steps_full.place_state(state)
     b_full = steps_full.shard_batch(batch)
     lowered_full, compiled_full, t_full = timed_compile(steps_full.train_step, base, b_full, rng)
     compile_times = {"train_step": t_full}
+    if eval_step and hasattr(steps_full.eval_step, "lower"):
+        _, _, compile_times["eval_step"] = timed_compile(steps_full.eval_step, base, b_full)
+
+    result, full_runner = _measure_compiled(
+        steps_full, compiled_full, lowered_full, steps_comp, base, batch, rng, compile_times,
+        warmup=warmup, iters=iters, allreduce=allreduce, dtype=dtype)
+
+    if compile_cache:
+        calls = {"train_step": (steps_full.train_step, base, b_full, rng)}
+        if eval_step and hasattr(steps_full.eval_step, "lower"):
+            calls["eval_step"] = (steps_full.eval_step, base, b_full)
+        result["compile_cache"] = compile_cold_warm(
+            calls, cache_dir=compile_cache if isinstance(compile_cache, str) else None)
+
+    if profile_dir:
+        from bcjax.timing import profile
+        result["profile"] = profile.profile_steps(
+            full_runner, profile_dir, steps=profile_steps, hlo_text=_hlo_text(compiled_full))
+    return result
+
+
+def from_run(steps, compiled, state, batch: Mapping[str, np.ndarray], rng, *,
+             compile_times: Mapping[str, Mapping], step_times: Sequence[float] = (),
+             input_wait_s: Sequence[float] = (), lowered=None,
+             build: Callable[[bool], Any] | None = None, warmup: int = 1, iters: int = 10,
+             allreduce: bool = True, dtype: str | None = None) -> dict:
+    """``measure``'s report at the end of a run, from what its loop already has.
+
+    Nothing the loop compiled is compiled again: the loop's own executable is
+    timed (synchronised, on a fixed batch, as in ``measure``) and gives FLOPs
+    and memory, and the compile times are the loop's. Only what the loop never
+    built is compiled here: on more than one device the step without
+    collectives and the gradient-sized all-reduce. On one device nothing is
+    compiled: compute is the step itself and the collective fields are 0.
+
+    Args:
+      steps: the run's ``Steps`` (``strategies.build_steps``).
+      compiled: the train step executable the loop trained with
+        (``chrono.compile("train_step", ...)``).
+      state: the run's TrainState (left untouched: copies are stepped).
+      batch: one host batch of this process, numpy, with "image", in the layout
+        ``compiled`` was compiled for once through ``steps.shard_batch``.
+      rng: the run's base key.
+      compile_times: the loop's ``{name: {"lower_s", "compile_s",
+        "persistent_cache"}}`` (``chrono.compile_s``); copied into the report.
+      step_times: the loop's steady-state intervals between step dispatches
+        (``chrono.step_times()``), seconds.
+      input_wait_s: the loop's steady-state waits for a batch (warm-up dropped), seconds.
+      lowered: the ``Lowered`` of ``compiled``, where the loop kept it; else it
+        is taken from JAX's cache of the loop's lowering (no trace, no compile).
+        Needed on one device only, for the pre-optimisation FLOP count.
+      build: ``build(collectives: bool) -> Steps`` as for ``measure``; called
+        (with False) only on more than one device.
+      warmup, iters, allreduce, dtype: as for ``measure``.
+
+    Returns ``measure``'s fields plus the loop's own view of the steps:
+    ``loop_step_time_s`` and ``input_wait_s`` (stats) and ``exposed_input_s``,
+    the part of the mean input wait the loop's step interval shows beyond the
+    synchronised step (0 when the device step hid it).
+    """
+    mesh = steps.mesh
+    steps_comp = None
+    if mesh.size > 1:
+        if build is None:
+            raise ValueError(f"a run on {mesh.size} devices needs build(collectives) "
+                             "for its step without collectives")
+        steps_comp = build(False)
+    base = steps.place_state(state)
+    if lowered is None and steps_comp is None:
+        # The same jitted function with the same argument types as the loop's
+        # compile: JAX returns its cached lowering.
+        lowered = steps.train_step.lower(base, steps.shard_batch(batch), rng)
+    result, _ = _measure_compiled(
+        steps, compiled, lowered, steps_comp, base, batch, rng,
+        {name: dict(t) for name, t in compile_times.items()},
+        warmup=warmup, iters=iters, allreduce=allreduce, dtype=dtype)
+
+    loop, wait = stats(step_times), stats(input_wait_s)
+    exposed_input = None
+    if loop["median"] is not None and wait["mean"] is not None:
+        # Input is fetched while the device runs the previous step: only what
+        # the interval shows beyond the device's step time is waiting on input.
+        beyond_step = max(loop["median"] - result["step_time_s"]["median"], 0.0)
+        exposed_input = min(wait["mean"], beyond_step)
+    result.update(loop_step_time_s=loop, input_wait_s=wait, exposed_input_s=exposed_input)
+    return result
+
+
+def _measure_compiled(steps_full, compiled_full, lowered_full, steps_comp, base, batch, rng,
+                      compile_times: dict, *, warmup: int, iters: int, allreduce: bool,
+                      dtype: str | None) -> tuple[dict, Callable[[], Any]]:
+    """The report around an already compiled full step; compiles only the step
+    without collectives (``steps_comp``, None on one device) and the all-reduce.
+
+    ``compile_times`` gets the no-collectives compile added and becomes the
+    report's "compile". Returns the report and the full step's runner.
+    """
+    mesh = steps_full.mesh
+    n = mesh.size
+    info = devices_lib.describe(list(mesh.devices.flat))
+    gbs = _global_batch_size(batch)
+
+    b_full = steps_full.shard_batch(batch)
     runners = [_Chain(compiled_full, _copy_tree(base), b_full, rng)]
     lowered_comp = compiled_comp = None
     if steps_comp is not None:
@@ -251,8 +365,6 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
         lowered_comp, compiled_comp, t_comp = timed_compile(steps_comp.train_step, base, b_comp, rng)
         compile_times["train_step_no_collectives"] = t_comp
         runners.append(_Chain(compiled_comp, _copy_tree(base), b_comp, rng))
-    if eval_step and hasattr(steps_full.eval_step, "lower"):
-        _, _, compile_times["eval_step"] = timed_compile(steps_full.eval_step, base, b_full)
 
     _time_interleaved(runners, warmup)
     times = _time_interleaved(runners, iters)
@@ -307,23 +419,9 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
                                 jit_global=steps_comp is None and result["strategy"] == "jit", n=n))
     result["peak_memory_bytes"] = devices_lib.peak_memory_bytes()
     result["compiled_memory_bytes"] = devices_lib.compiled_memory_bytes(compiled_full)
-
-    if compile_cache:
-        calls = {"train_step": (steps_full.train_step, base, b_full, rng)}
-        if eval_step and hasattr(steps_full.eval_step, "lower"):
-            calls["eval_step"] = (steps_full.eval_step, base, b_full)
-        result["compile_cache"] = compile_cold_warm(
-            calls, cache_dir=compile_cache if isinstance(compile_cache, str) else None)
-
-    if profile_dir:
-        from bcjax.timing import profile
-        result["profile"] = profile.profile_steps(
-            runners[0], profile_dir, steps=profile_steps,
-            hlo_text=_hlo_text(compiled_full))
-
     if info["simulated"]:
         result["note"] = SIMULATED_NOTE
-    return result
+    return result, runners[0]
 
 
 def _hlo_text(compiled) -> Optional[str]:
