@@ -53,7 +53,9 @@ def fold_config(config, k: int, source: dict | None = None):
     """
     c = copy.deepcopy(config)
     c.cv.fold = k
-    if source is not None:
+    if source is not None and source["dataset"] == "csv":
+        c.data_csv = source["path"]  # the CSV names its images
+    elif source is not None:
         c.data_dir = source["path"]
         if c.dataset == "synthetic":
             # "synthetic" always generates into the run's workdir; "auto" finds
@@ -322,13 +324,18 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
         }
         return {k: p for k, p in loaded.items() if p is not None}
 
-    # The class names the folds were scored with (every fold has the same data).
-    class_names = list(results[done[0]]["test"]["class_names"])
+    # The classes the folds were trained on (every fold has the same data); runs from
+    # before results.json recorded them have them in their test report.
+    first = results[done[0]]
+    class_names = list(first.get("class_names") or first["test"]["class_names"])
+    positive_class = first.get("positive_class")
     test_preds = predictions("test")
     ensemble = None
     if test_preds:
         ens = ensemble_predictions(list(test_preds.values()))
-        ensemble = metrics_lib.classification_report(ens["probs"], ens["labels"], class_names)
+        ensemble = metrics_lib.classification_report(
+            ens["probs"], ens["labels"], class_names, positive_class=positive_class
+        )
         ensemble["folds"] = sorted(test_preds)
         if write:
             files.save_npz(
@@ -346,6 +353,7 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
                 np.concatenate([p["probs"] for p in val_preds.values()]),
                 np.concatenate([p["labels"] for p in val_preds.values()]),
                 class_names,
+                positive_class=positive_class,
             )
             oof["folds"] = sorted(val_preds)
     manifests = {
@@ -353,7 +361,6 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
         for k in done
         if (fold_dir(workdir, k) / "manifest.json").exists()
     }
-    first = results[done[0]]
     summary = {
         "folds": folds,
         "completed_folds": done,
@@ -362,6 +369,10 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
         "model": first.get("model"),
         "dataset": first.get("dataset"),
         "data_path": first.get("data_path"),
+        "class_names": class_names,
+        "positive_class": metrics_lib.positive_of(class_names, positive_class)
+        if len(class_names) == 2
+        else None,
         "warning": first.get("warning"),
         "num_devices": first.get("num_devices"),
         "platform": first.get("platform"),

@@ -55,6 +55,13 @@ def markdown(summary: dict) -> str:
     )
     title = f"{summary['folds']}-fold cross-validation: {summary['model']}"
     lines = [f"# {title} on {summary['dataset']} data", ""]
+    if summary.get("class_names"):  # absent in summaries written before it was recorded
+        positive = summary.get("positive_class")
+        lines += [
+            f"Classes: {', '.join(summary['class_names'])}"
+            + (f" (positive: {positive}; AUC is its binary AUC)." if positive else "."),
+            "",
+        ]
     if not summary["complete"]:
         lines += [
             f"**Incomplete: folds {summary['completed_folds']} of {summary['folds']} finished.**",

@@ -5,10 +5,12 @@
 
 prints a table of probabilities and writes ``predictions.csv`` and one
 ``<image>_gradcam.png`` per image (image left, heat map overlaid right) into
-``--out`` (default ``<workdir>/predictions``). From Python:
+``--out`` (default ``<workdir>/predictions``). The classes are the run's own
+(results.json's ``class_names``, else its manifest's): the CSV has one column
+``p_<class>`` per class, and ``--class`` takes one of them. From Python:
 
     predictor = Predictor.from_workdir("runs/r18")
-    probs = predictor.predict(["a.png", "b.png"])   # [N, 3]: normal, benign, malignant
+    probs = predictor.predict(["a.png", "b.png"])   # [N, C]: predictor.class_names' order
     cams = predictor.grad_cam(["a.png", "b.png"])   # [N, S, S] in [0, 1]
     rows = predict_files("runs/r18", ["a.png"], "preds")
 
@@ -20,6 +22,7 @@ few images is cheap, and float32 keeps the heat maps free of bf16 rounding.
 Grad-CAM (Selvaraju et al. 2017) is computed by ``bcjax.step.gradcam``, the
 same compiled function the training loop uses for its grounding report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +31,7 @@ import json
 import logging
 import pathlib
 import sys
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +39,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from bcjax.data import augment, busi, pipeline
+from bcjax.data import augment, busi, pipeline, splits
 from bcjax.step import gradcam
 from bcjax.step.gradcam import normalise_maps  # noqa: F401  (part of this module's API)
 
-CLASSES = busi.CLASSES
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
-ImagesLike = Union[np.ndarray, Sequence[Union[str, pathlib.Path]], str, pathlib.Path]
+ImagesLike = np.ndarray | Sequence[str | pathlib.Path] | str | pathlib.Path
 
 
 class PredictError(ValueError):
@@ -67,7 +69,7 @@ _probabilities_jit = jax.jit(_probabilities, static_argnums=0)
 # ----------------------------------------------------------------------------- images
 
 
-def find_images(path, exclude: Optional[pathlib.Path] = None) -> list[pathlib.Path]:
+def find_images(path, exclude: pathlib.Path | None = None) -> list[pathlib.Path]:
     """A file as itself; a folder as every png/jpg below it, sorted, without BUSI's
     ``*_mask*`` files (segmentations, not images) and without anything under ``exclude``."""
     path = pathlib.Path(path).expanduser()
@@ -76,9 +78,14 @@ def find_images(path, exclude: Optional[pathlib.Path] = None) -> list[pathlib.Pa
     if not path.is_dir():
         return [path]
     exclude = exclude.resolve() if exclude is not None else None
-    found = sorted(p for p in path.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem and p.is_file()
-                   and not (exclude is not None and p.resolve().is_relative_to(exclude)))
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and "_mask" not in p.stem
+        and p.is_file()
+        and not (exclude is not None and p.resolve().is_relative_to(exclude))
+    )
     if not found:
         raise PredictError(f"No png/jpg images in the folder {path}.")
     return found
@@ -108,30 +115,49 @@ class Predictor:
     list of them; a folder means the images in it).
     """
 
-    def __init__(self, model, variables: dict, image_size: int, *, batch_size: int = 16,
-                 class_names: Sequence[str] = CLASSES, step: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        variables: dict,
+        image_size: int,
+        *,
+        class_names: Sequence[str],
+        batch_size: int = 16,
+        step: int | None = None,
+    ):
+        """class_names: what the model's outputs are, in order (the run's classes)."""
         self.model = model
-        self.variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        self.variables = {
+            "params": variables["params"],
+            "batch_stats": variables.get("batch_stats", {}),
+        }
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.class_names = tuple(class_names)
         self.step = step
 
     @classmethod
-    def from_workdir(cls, workdir, *, step: Optional[int] = None, batch_size: int = 16) -> "Predictor":
+    def from_workdir(cls, workdir, *, step: int | None = None, batch_size: int = 16) -> Predictor:
         """The run's model (from results.json's config) with its best checkpoint (or ``step``)."""
         from bcjax.train import checkpoint, loop  # the training stack, only when loading a run
 
         workdir = pathlib.Path(workdir).expanduser()
         config, best = read_run(workdir)
+        class_names = run_class_names(workdir)
         step = best if step is None else int(step)  # None: the latest
         try:
             variables = checkpoint.read_variables(workdir / "checkpoints", step)
         except FileNotFoundError as e:
             raise PredictError(f"The run {workdir} has no usable checkpoint: {e}") from e
-        model = loop.create_model(config, dtype=jnp.float32)
-        return cls(model, jax.tree.map(jnp.asarray, variables), config.image_size,
-                   batch_size=batch_size, step=step)
+        model = loop.create_model(config, num_classes=len(class_names), dtype=jnp.float32)
+        return cls(
+            model,
+            jax.tree.map(jnp.asarray, variables),
+            config.image_size,
+            batch_size=batch_size,
+            class_names=class_names,
+            step=step,
+        )
 
     # -- inputs -------------------------------------------------------------------
     def as_images(self, images: ImagesLike) -> np.ndarray:
@@ -144,9 +170,11 @@ class Predictor:
                 array = array[None]
             want = (self.image_size, self.image_size, 3)
             if array.ndim != 4 or array.shape[1:] != want or array.dtype != np.uint8:
-                raise PredictError(f"Image arrays must be uint8 [N, {want[0]}, {want[1]}, 3] "
-                                   f"(the run's image_size); got {array.dtype} {array.shape}. "
-                                   "Pass file paths to have them resized as in training.")
+                raise PredictError(
+                    f"Image arrays must be uint8 [N, {want[0]}, {want[1]}, 3] "
+                    f"(the run's image_size); got {array.dtype} {array.shape}. "
+                    "Pass file paths to have them resized as in training."
+                )
             return array
         paths = [p for item in images for p in find_images(item)]
         return load_images(paths, self.image_size)
@@ -154,14 +182,20 @@ class Predictor:
     def _targets(self, class_index, n: int) -> np.ndarray:
         if class_index is None:
             return np.full((n,), -1, np.int32)
-        items = [class_index] * n if isinstance(class_index, (int, str, np.integer)) else list(class_index)
+        items = (
+            [class_index] * n
+            if isinstance(class_index, (int, str, np.integer))
+            else list(class_index)
+        )
         if len(items) != n:
             raise PredictError(f"class_index has {len(items)} entries for {n} images.")
         out = []
         for c in items:
             if isinstance(c, str):
                 if c not in self.class_names:
-                    raise PredictError(f"Unknown class {c!r}; classes: {', '.join(self.class_names)}.")
+                    raise PredictError(
+                        f"Unknown class {c!r}; classes: {', '.join(self.class_names)}."
+                    )
                 c = self.class_names.index(c)
             if not 0 <= int(c) < len(self.class_names):
                 raise PredictError(f"class index {c} out of range 0..{len(self.class_names) - 1}.")
@@ -172,16 +206,17 @@ class Predictor:
         """fn over fixed-size chunks (the last one padded), so a call compiles once."""
         if len(images) == 0:
             raise PredictError("No images to predict.")
-        return gradcam.in_batches(fn, self.model, self.variables, self.batch_size, images,
-                                  *per_example)
+        return gradcam.in_batches(
+            fn, self.model, self.variables, self.batch_size, images, *per_example
+        )
 
     # -- outputs ------------------------------------------------------------------
     def predict(self, images: ImagesLike) -> np.ndarray:
-        """Class probabilities, float32 [N, 3] (normal, benign, malignant); rows sum to 1."""
+        """Class probabilities, float32 [N, C] in ``class_names``' order; rows sum to 1."""
         return self._batched(_probabilities_jit, self.as_images(images))
 
     def explain(self, images: ImagesLike, class_index=None):
-        """``(probs [N, 3], cams [N, S, S] in [0, 1], explained class [N])`` in one pass.
+        """``(probs [N, C], cams [N, S, S] in [0, 1], explained class [N])`` in one pass.
 
         ``class_index``: None (each image's predicted class), a class index or
         name for all images, or one per image.
@@ -194,7 +229,7 @@ class Predictor:
         return self.explain(images, class_index)[1]
 
 
-def read_run(workdir) -> tuple[ml_collections.ConfigDict, Optional[int]]:
+def read_run(workdir) -> tuple[ml_collections.ConfigDict, int | None]:
     """(the run's config, the step of its best checkpoint) from results.json;
     the step is None when results.json does not say (then the latest is used)."""
     workdir = pathlib.Path(workdir).expanduser()
@@ -202,9 +237,11 @@ def read_run(workdir) -> tuple[ml_collections.ConfigDict, Optional[int]]:
         raise PredictError(f"No run workdir at {workdir}.")
     results_path = workdir / "results.json"
     if not results_path.is_file():
-        raise PredictError(f"{results_path} is missing: {workdir} holds no finished bcjax run "
-                           "(results.json is written when training ends; rerun the training "
-                           "command to finish it).")
+        raise PredictError(
+            f"{results_path} is missing: {workdir} holds no finished bcjax run "
+            "(results.json is written when training ends; rerun the training "
+            "command to finish it)."
+        )
     results = json.loads(results_path.read_text())
     if "config" not in results:
         raise PredictError(f"{results_path} has no 'config': not written by bcjax.train.loop.")
@@ -218,11 +255,32 @@ def read_run(workdir) -> tuple[ml_collections.ConfigDict, Optional[int]]:
     return ml_collections.ConfigDict(results["config"]), None if best is None else int(best)
 
 
+def run_class_names(workdir) -> tuple[str, ...]:
+    """The classes a finished run was trained on, in label order: results.json's
+    ``class_names``; for runs from before that field, the manifest's (BUSI's three
+    for manifests older still)."""
+    workdir = pathlib.Path(workdir).expanduser()
+    results = json.loads((workdir / "results.json").read_text())
+    if results.get("class_names"):
+        return tuple(results["class_names"])
+    manifest = workdir / "manifest.json"
+    if manifest.is_file():
+        return splits.manifest_class_names(json.loads(manifest.read_text()))
+    return tuple(results["test"]["class_names"])
+
+
 # ----------------------------------------------------------------------------- files out
 
 
-def predict_files(workdir, paths: Sequence, out_dir=None, *, class_index=None,
-                  predictor: Optional[Predictor] = None, overlays: bool = True) -> list[dict]:
+def predict_files(
+    workdir,
+    paths: Sequence,
+    out_dir=None,
+    *,
+    class_index=None,
+    predictor: Predictor | None = None,
+    overlays: bool = True,
+) -> list[dict]:
     """Predicts ``paths`` (files or folders) with the run in ``workdir``; writes
     ``predictions.csv`` and, with ``overlays``, one Grad-CAM PNG per image into
     ``out_dir`` (default ``<workdir>/predictions``). Returns the CSV rows as dicts."""
@@ -237,16 +295,25 @@ def predict_files(workdir, paths: Sequence, out_dir=None, *, class_index=None,
     names = predictor.class_names
     rows = []
     for f, p in zip(files, probs):
-        rows.append({"file": str(f), **{f"p_{c}": float(v) for c, v in zip(names, p)},
-                     "predicted": names[int(np.argmax(p))]})
+        rows.append(
+            {
+                "file": str(f),
+                **{f"p_{c}": float(v) for c, v in zip(names, p)},
+                "predicted": names[int(np.argmax(p))],
+            }
+        )
     with open(out_dir / "predictions.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["file", *(f"p_{c}" for c in names), "predicted"])
         writer.writeheader()
         writer.writerows(rows)
     if overlays:
         for i, name in enumerate(_unique_names(files)):
-            save_overlay(out_dir / name, _display_image(files[i], images[i]), cams[i],
-                         title=_title(files[i], probs[i], int(targets[i]), names))
+            save_overlay(
+                out_dir / name,
+                _display_image(files[i], images[i]),
+                cams[i],
+                title=_title(files[i], probs[i], int(targets[i]), names),
+            )
     return rows
 
 
@@ -277,9 +344,11 @@ def _title(path, probs, target: int, names) -> str:
     return title
 
 
-def save_overlay(path, image: np.ndarray, cam: np.ndarray, *, title: str = "", alpha: float = 0.45) -> None:
+def save_overlay(
+    path, image: np.ndarray, cam: np.ndarray, *, title: str = "", alpha: float = 0.45
+) -> None:
     """PNG: ``image`` left, ``image`` with ``cam`` ([h, w] in [0, 1], resized to it) right."""
-    # Figure + Agg canvas, not pyplot: no global backend or figure registry (as in bcjax.train.plots).
+    # Figure + Agg canvas, not pyplot: no global backend or figure registry (as bcjax.train.plots).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -295,8 +364,14 @@ def save_overlay(path, image: np.ndarray, cam: np.ndarray, *, title: str = "", a
     # Stretched to the image's own pixels here: matplotlib's interpolation of a
     # coarser map over an extent smears colour along the edges.
     cam = Image.fromarray(np.asarray(cam, np.float32)).resize((width, height), Image.BILINEAR)
-    shown = right.imshow(np.clip(np.asarray(cam), 0.0, 1.0), cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0,
-                         interpolation="nearest")
+    shown = right.imshow(
+        np.clip(np.asarray(cam), 0.0, 1.0),
+        cmap="jet",
+        alpha=alpha,
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="nearest",
+    )
     for ax in (left, right):
         ax.set_axis_off()
     fig.colorbar(shown, cax=colorbar_axes)
@@ -309,27 +384,45 @@ def format_table(rows: Sequence[dict]) -> str:
     if not rows:
         return "(no images)"
     fields = list(rows[0])
-    cells = [[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in fields] for r in rows]
+    cells = [
+        [f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in fields] for r in rows
+    ]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(fields)]
-    line = lambda values: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                    for i, (v, w) in enumerate(zip(values, widths)))
+    line = lambda values: "  ".join(
+        v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
+    )
     return "\n".join([line(fields), line(["-" * w for w in widths]), *map(line, cells)])
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bcjax.predict",
-        description="Class probabilities and Grad-CAM heat maps from a run's best checkpoint.")
-    parser.add_argument("--workdir", required=True, help="the run's workdir (results.json, checkpoints/)")
-    parser.add_argument("--images", required=True, nargs="+",
-                        help="image files and/or folders (png/jpg; *_mask* files skipped)")
+        description="Class probabilities and Grad-CAM heat maps from a run's best checkpoint.",
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="the run's workdir (results.json, checkpoints/)"
+    )
+    parser.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        help="image files and/or folders (png/jpg; *_mask* files skipped)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/predictions)")
-    parser.add_argument("--class", dest="class_name", default=None, choices=CLASSES,
-                        help="class whose Grad-CAM to draw (default: each image's predicted class)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
+    parser.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        metavar="CLASS",
+        help="one of the run's classes: the class whose Grad-CAM to draw "
+        "(default: each image's predicted class)",
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the best)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--no-overlays", action="store_true", help="write predictions.csv only")
     args = parser.parse_args(argv)
@@ -340,16 +433,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     absl_logger.setLevel(max(level, logging.ERROR))
     try:
         predictor = Predictor.from_workdir(args.workdir, step=args.step, batch_size=args.batch_size)
-        rows = predict_files(args.workdir, args.images, out, class_index=args.class_name,
-                             predictor=predictor, overlays=not args.no_overlays)
+        if args.class_name is not None and args.class_name not in predictor.class_names:
+            parser.error(
+                f"argument --class: invalid choice: {args.class_name!r} (the run's "
+                f"classes: {', '.join(predictor.class_names)})"
+            )
+        rows = predict_files(
+            args.workdir,
+            args.images,
+            out,
+            class_index=args.class_name,
+            predictor=predictor,
+            overlays=not args.no_overlays,
+        )
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         absl_logger.setLevel(level)
     print(format_table(rows))
-    print(f"\nWrote {out / 'predictions.csv'}" + ("" if args.no_overlays else " and Grad-CAM overlays")
-          + f" ({len(rows)} image{'' if len(rows) == 1 else 's'}).")
+    print(
+        f"\nWrote {out / 'predictions.csv'}"
+        + ("" if args.no_overlays else " and Grad-CAM overlays")
+        + f" ({len(rows)} image{'' if len(rows) == 1 else 's'})."
+    )
     return 0
 
 

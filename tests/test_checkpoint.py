@@ -155,6 +155,46 @@ def test_refuses_a_directory_of_another_model(tmp_path):
         checkpoint.CheckpointManager(tmp_path, metadata=checkpoint.run_metadata(other))
 
 
+def test_identity_records_the_classes_and_runs_from_before_still_resume(tmp_path):
+    config = {
+        "model": "tiny_cnn",
+        "dataset": "folder",
+        "data_dir": "/data",
+        "data_csv": "",
+        "class_names": (),
+        "synthetic_mark": "",
+        "synthetic_mark_prob": 0.9,
+        "split_seed": 0,
+    }
+    current = checkpoint.run_metadata(config, class_names=("benign", "malignant"))
+    assert current["identity"]["class_names"] == ["benign", "malignant"]  # resolved from the data
+    assert {"data_csv", "synthetic_mark", "synthetic_mark_prob"} <= set(current["identity"])
+    # Before the data was read (fresh_start's check, bcjax.cv): an empty
+    # config.class_names means "from the data" and is not compared.
+    assert "class_names" not in checkpoint.run_metadata(config)["identity"]
+
+    # The identity as a run wrote it before these fields existed: it resumes.
+    old = {
+        "identity": {
+            "model": "tiny_cnn",
+            "dataset": "folder",
+            "data_dir": "/data",
+            "split_seed": 0,
+        },
+        "config": {},
+    }
+    state = {"w": jax.numpy.arange(3.0)}
+    with checkpoint.CheckpointManager(tmp_path, metadata=old, async_save=False) as ckpt:
+        ckpt.save(1, state)
+    with checkpoint.CheckpointManager(tmp_path, metadata=current, async_save=False) as ckpt:
+        assert ckpt.metadata()["identity"] == old["identity"]
+        assert ckpt.latest_step() == 1
+    # Other classes, or the same in another order, are another run.
+    reordered = checkpoint.run_metadata(config, class_names=("malignant", "benign"))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="class_names"):
+        checkpoint.check_identity(current, reordered)
+
+
 def test_bad_retention_values():
     with pytest.raises(ValueError, match="keep_latest must be >= 1"):
         checkpoint.CheckpointManager("/tmp/unused", keep_latest=0)

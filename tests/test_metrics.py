@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.train import metrics
+from bcjax.train import accumulators, metrics
 
 NAMES = ("normal", "benign", "malignant")
 
@@ -56,8 +56,7 @@ def ref_report(probs, labels, num_classes):
     prf = [ref_prf(preds, labels, k) for k in range(num_classes)]
     present = [k for k in range(num_classes) if k in labels]
     seen = [k for k in range(num_classes) if k in labels or k in preds]
-    aucs = [ref_auc(probs[:, k], [y == k for y in labels])
-            for k in range(num_classes)]
+    aucs = [ref_auc(probs[:, k], [y == k for y in labels]) for k in range(num_classes)]
     defined = [a for a in aucs if a is not None]
     return {
         "accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
@@ -78,7 +77,8 @@ def assert_matches_reference(report, probs, labels, num_classes, names):
     for k, name in enumerate(names):
         got = report["per_class"][name]
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(
-            ref["prf"][k], abs=1e-12)
+            ref["prf"][k], abs=1e-12
+        )
         assert got["support"] == int(np.sum(np.asarray(labels) == k))
         if ref["auc"][k] is None:
             assert got["auc"] is None
@@ -107,9 +107,10 @@ def random_case(rng, n, c, levels=None):
 # --------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("seed,n,c,levels", [
-    (0, 40, 3, None), (1, 7, 3, 1), (2, 100, 4, 2), (3, 25, 2, None),
-    (4, 60, 5, 1)])
+@pytest.mark.parametrize(
+    "seed,n,c,levels",
+    [(0, 40, 3, None), (1, 7, 3, 1), (2, 100, 4, 2), (3, 25, 2, None), (4, 60, 5, 1)],
+)
 def test_report_matches_reference(seed, n, c, levels):
     rng = np.random.default_rng(seed)
     logits, labels = random_case(rng, n, c, levels)
@@ -131,20 +132,19 @@ def test_auc_with_ties_and_mann_whitney_examples():
     for _ in range(20):
         scores = rng.integers(0, 4, size=30).astype(float)
         pos = rng.random(30) < 0.4
-        assert metrics.binary_auc(scores, pos) == pytest.approx(
-            ref_auc(scores, pos), abs=1e-12)
+        assert metrics.binary_auc(scores, pos) == pytest.approx(ref_auc(scores, pos), abs=1e-12)
 
 
 def test_batches_with_padding_equal_one_shot():
     rng = np.random.default_rng(7)
     logits, labels = random_case(rng, 53, 3, levels=2)
-    acc = metrics.EvalAccumulator(3, NAMES)
+    acc = accumulators.EvalAccumulator(3, NAMES)
     start = 0
     for size in (16, 16, 16, 5):
         b_logits = np.full((16, 3), 50.0)  # garbage rows, would be confident
-        b_labels = np.full((16,), -1)      # and out of range if counted
-        b_logits[:size] = logits[start:start + size]
-        b_labels[:size] = labels[start:start + size]
+        b_labels = np.full((16,), -1)  # and out of range if counted
+        b_logits[:size] = logits[start : start + size]
+        b_labels[:size] = labels[start : start + size]
         valid = np.arange(16) < size
         # Interleave padding too, not just at the end.
         perm = rng.permutation(16)
@@ -153,7 +153,8 @@ def test_batches_with_padding_equal_one_shot():
     batched = acc.compute()
     probs = ref_softmax(logits)
     one_shot = metrics.classification_report(
-        probs, labels, NAMES, loss=ref_report(probs, labels, 3)["loss"])
+        probs, labels, NAMES, loss=ref_report(probs, labels, 3)["loss"]
+    )
     assert batched["num_examples"] == 53
     for key, value in one_shot.items():
         if isinstance(value, float):
@@ -161,8 +162,7 @@ def test_batches_with_padding_equal_one_shot():
         else:
             assert batched[key] == value, key
     assert_matches_reference(batched, probs, labels, 3, NAMES)
-    assert batched["loss"] == pytest.approx(
-        ref_report(probs, labels, 3)["loss"], abs=1e-9)
+    assert batched["loss"] == pytest.approx(ref_report(probs, labels, 3)["loss"], abs=1e-9)
 
 
 def test_given_per_example_loss_is_masked_and_jax_inputs_work():
@@ -171,40 +171,52 @@ def test_given_per_example_loss_is_masked_and_jax_inputs_work():
     loss = rng.uniform(size=12)
     valid = np.arange(12) < 9
     loss_with_pad = np.where(valid, loss, 1e6)
-    acc = metrics.EvalAccumulator(3, NAMES)
-    acc.update(jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.int32),
-               jnp.asarray(valid), jnp.asarray(loss_with_pad, jnp.float32))
+    acc = accumulators.EvalAccumulator(3, NAMES)
+    acc.update(
+        jnp.asarray(logits, jnp.float32),
+        jnp.asarray(labels, jnp.int32),
+        jnp.asarray(valid),
+        jnp.asarray(loss_with_pad, jnp.float32),
+    )
     report = acc.compute()
     assert report["loss"] == pytest.approx(loss[:9].mean(), rel=1e-6)
     assert report["num_examples"] == 9
     with pytest.raises(ValueError, match="per example"):
         acc.update(logits, labels, valid, loss=np.float32(1.0))
     # pmap-shaped outputs [devices, per_device, ...] give the same result.
-    shaped = metrics.EvalAccumulator(3, NAMES)
-    shaped.update(logits.reshape(4, 3, 3), labels.reshape(4, 3),
-                  valid.reshape(4, 3), loss_with_pad.reshape(4, 3))
+    shaped = accumulators.EvalAccumulator(3, NAMES)
+    shaped.update(
+        logits.reshape(4, 3, 3),
+        labels.reshape(4, 3),
+        valid.reshape(4, 3),
+        loss_with_pad.reshape(4, 3),
+    )
     assert shaped.compute()["confusion_matrix"] == report["confusion_matrix"]
     assert shaped.compute()["loss"] == pytest.approx(report["loss"], rel=1e-6)
 
 
 def test_probabilities_input_and_absent_class_without_warnings():
-    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1],
-                      [0.2, 0.5, 0.3]])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
     labels = np.array([0, 1, 1, 1])  # class 2 absent and never predicted
-    acc = metrics.EvalAccumulator(3, NAMES, from_logits=False)
+    acc = accumulators.EvalAccumulator(3, NAMES, from_logits=False)
     with warnings.catch_warnings(), np.errstate(all="raise"):
         warnings.simplefilter("error")
         acc.update(probs, labels)
         report = acc.compute()
     assert report["per_class"]["malignant"] == {
-        "precision": 0.0, "recall": 0.0, "f1": 0.0, "auc": None, "support": 0}
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "auc": None,
+        "support": 0,
+    }
     assert_matches_reference(report, probs, labels, 3, NAMES)
     text = json.dumps(report, allow_nan=False)  # no NaN anywhere
     assert json.loads(text) == report
 
 
 def test_empty_accumulator_gives_none_not_nan():
-    acc = metrics.EvalAccumulator(3, NAMES)
+    acc = accumulators.EvalAccumulator(3, NAMES)
     with warnings.catch_warnings(), np.errstate(all="raise"):
         warnings.simplefilter("error")
         report = acc.compute()
@@ -215,24 +227,38 @@ def test_empty_accumulator_gives_none_not_nan():
 
 
 def test_input_validation():
-    acc = metrics.EvalAccumulator(3, NAMES)
+    acc = accumulators.EvalAccumulator(3, NAMES)
     with pytest.raises(ValueError, match="labels outside"):
         acc.update(np.zeros((2, 3)), np.array([0, 3]))
     with pytest.raises(ValueError, match="scores"):
         acc.update(np.zeros((2, 4)), np.array([0, 1]))
     with pytest.raises(ValueError, match="class names"):
-        metrics.EvalAccumulator(3, ("a", "b"))
+        accumulators.EvalAccumulator(3, ("a", "b"))
 
 
 def test_train_accumulator_averages_sums_and_per_step_values():
-    acc = metrics.TrainAccumulator()
-    acc.update({"loss_sum": jnp.float32(6.0), "correct": jnp.int32(3),
-                "count": jnp.int32(4), "learning_rate": jnp.float32(0.1)})
-    acc.update({"loss_sum": np.float32(2.0), "correct": 4, "count": 4,
-                "learning_rate": 0.3, "aux_sum": 8.0})
+    acc = accumulators.TrainAccumulator()
+    acc.update(
+        {
+            "loss_sum": jnp.float32(6.0),
+            "correct": jnp.int32(3),
+            "count": jnp.int32(4),
+            "learning_rate": jnp.float32(0.1),
+        }
+    )
+    acc.update(
+        {
+            "loss_sum": np.float32(2.0),
+            "correct": 4,
+            "count": 4,
+            "learning_rate": 0.3,
+            "aux_sum": 8.0,
+        }
+    )
     # Stacked metrics of two scanned steps are summed.
-    acc.update({"loss_sum": np.array([1.0, 1.0]), "correct": np.array([1, 0]),
-                "count": np.array([2, 2])})
+    acc.update(
+        {"loss_sum": np.array([1.0, 1.0]), "correct": np.array([1, 0]), "count": np.array([2, 2])}
+    )
     out = acc.compute()
     assert out["loss"] == pytest.approx(10.0 / 12)
     assert out["accuracy"] == pytest.approx(8 / 12)
@@ -241,15 +267,27 @@ def test_train_accumulator_averages_sums_and_per_step_values():
     assert out["count"] == 12 and out["steps"] == 3
     json.dumps(out, allow_nan=False)
     # The step's own "loss" is recomputed from sums, class weights respected.
-    weighted = metrics.TrainAccumulator()
+    weighted = accumulators.TrainAccumulator()
     for finite in (True, False):
-        weighted.update({"loss": jnp.float32(99.0), "loss_sum": jnp.float32(3.0),
-                         "weight_sum": jnp.float32(1.5), "correct": jnp.float32(1),
-                         "count": jnp.float32(2), "grads_finite": jnp.bool_(finite),
-                         "grad_norm": jnp.float32(2.0 if finite else 4.0)})
-    assert weighted.compute() == {"loss": 2.0, "accuracy": 0.5,
-                                  "grads_finite": 0.5, "grad_norm": 3.0,
-                                  "count": 4, "steps": 2}
+        weighted.update(
+            {
+                "loss": jnp.float32(99.0),
+                "loss_sum": jnp.float32(3.0),
+                "weight_sum": jnp.float32(1.5),
+                "correct": jnp.float32(1),
+                "count": jnp.float32(2),
+                "grads_finite": jnp.bool_(finite),
+                "grad_norm": jnp.float32(2.0 if finite else 4.0),
+            }
+        )
+    assert weighted.compute() == {
+        "loss": 2.0,
+        "accuracy": 0.5,
+        "grads_finite": 0.5,
+        "grad_norm": 3.0,
+        "count": 4,
+        "steps": 2,
+    }
     with pytest.raises(KeyError, match="loss_sum"):
         acc.update({"loss": 1.0})
     acc.reset()
@@ -275,8 +313,7 @@ def test_class_predicted_but_absent_counts_in_macro_f1():
     # Like scikit-learn's default labels: a class that is predicted but never
     # true scores F1 = 0 and counts in the macro mean; balanced accuracy only
     # averages over true classes.
-    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1],
-                      [0.1, 0.8, 0.1]])
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])
     labels = np.array([0, 0, 1, 1])
     report = metrics.classification_report(probs, labels, NAMES)
     assert report["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
@@ -313,8 +350,7 @@ def _random_train_steps(rng, n_steps):
         step = {}
         for key, v in values.items():
             v = np.asarray(v)
-            dtype = (bool if v.dtype == bool else
-                     np.int32 if v.dtype.kind == "i" else np.float32)
+            dtype = bool if v.dtype == bool else np.int32 if v.dtype.kind == "i" else np.float32
             if key == "aux_sum" and i % 7 == 3:
                 step[key] = v.astype(np.float32)  # a numpy value, summed on host
             elif key == "learning_rate":
@@ -322,8 +358,7 @@ def _random_train_steps(rng, n_steps):
             else:
                 step[key] = jnp.asarray(v, dtype)
         steps.append(step)
-        plain.append({key: np.asarray(np.asarray(v), np.float64)
-                      for key, v in step.items()})
+        plain.append({key: np.asarray(np.asarray(v), np.float64) for key, v in step.items()})
     return steps, plain
 
 
@@ -337,8 +372,7 @@ def _reference_train_metrics(plain):
 
     for s in plain:
         count = s["count"].sum()
-        add("loss", s["loss_sum"].sum(),
-            s["weight_sum"].sum() if "weight_sum" in s else count)
+        add("loss", s["loss_sum"].sum(), s["weight_sum"].sum() if "weight_sum" in s else count)
         add("accuracy", s["correct"].sum(), count)
         add("count", count, 1)
         for key, v in s.items():
@@ -357,9 +391,9 @@ def _reference_train_metrics(plain):
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_train_accumulator_matches_float64_reference(monkeypatch, chunk):
     if chunk is not None:  # several chunks, the last one partly filler
-        monkeypatch.setattr(metrics, "_CHUNK", chunk)
+        monkeypatch.setattr(accumulators, "_CHUNK", chunk)
     steps, plain = _random_train_steps(np.random.default_rng(11), 21)
-    acc = metrics.TrainAccumulator()
+    acc = accumulators.TrainAccumulator()
     for step in steps:
         acc.update(step)
     out = acc.compute()
@@ -380,15 +414,22 @@ def test_train_accumulator_update_does_no_device_work(monkeypatch):
     @jax.jit
     def train_step(i):
         f = i.astype(jnp.float32)
-        return {"loss": f, "loss_sum": 64 * f, "weight_sum": 64 + f,
-                "correct": 3 * i, "count": 64 + 0 * i, "grad_norm": 2 * f,
-                "grads_finite": f > 0}
+        return {
+            "loss": f,
+            "loss_sum": 64 * f,
+            "weight_sum": 64 + f,
+            "correct": 3 * i,
+            "count": 64 + 0 * i,
+            "grad_norm": 2 * f,
+            "grads_finite": f > 0,
+        }
 
     calls = []
-    reduce_chunk = metrics._reduce_chunk
-    monkeypatch.setattr(metrics, "_reduce_chunk",
-                        lambda *a: calls.append(1) or reduce_chunk(*a))
-    acc = metrics.TrainAccumulator()
+    reduce_chunk = accumulators._reduce_chunk
+    monkeypatch.setattr(
+        accumulators, "_reduce_chunk", lambda *a: calls.append(1) or reduce_chunk(*a)
+    )
+    acc = accumulators.TrainAccumulator()
     # Any computation on, or read of, a deleted array raises, and the guard
     # refuses every implicit transfer: update may only keep references.
     dead = [train_step(jnp.int32(i)) for i in range(5)]
@@ -405,7 +446,7 @@ def test_train_accumulator_update_does_no_device_work(monkeypatch):
     # compute(): one reducer call per chunk of steps, compiled once for a set
     # of keys and shapes whatever the number of steps of the epoch.
     cache_before = None
-    for n_steps in (2 * metrics._CHUNK + 3, metrics._CHUNK + 5):
+    for n_steps in (2 * accumulators._CHUNK + 3, accumulators._CHUNK + 5):
         acc.reset()
         calls.clear()
         live = [train_step(jnp.int32(i)) for i in range(n_steps)]
@@ -413,12 +454,35 @@ def test_train_accumulator_update_does_no_device_work(monkeypatch):
             acc.update(step)
         assert calls == []
         out = acc.compute()
-        assert len(calls) == -(-n_steps // metrics._CHUNK)
+        assert len(calls) == -(-n_steps // accumulators._CHUNK)
         if cache_before is None:
             cache_before = reduce_chunk._cache_size()
         else:
             assert reduce_chunk._cache_size() == cache_before
         assert out["count"] == 64 * n_steps and out["steps"] == n_steps
         assert out["grads_finite"] == pytest.approx((n_steps - 1) / n_steps)
-        assert out["accuracy"] == pytest.approx(
-            3 * sum(range(n_steps)) / (64 * n_steps))
+        assert out["accuracy"] == pytest.approx(3 * sum(range(n_steps)) / (64 * n_steps))
+
+
+def test_two_class_report_names_the_positive_class_and_its_auc():
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    labels = np.array([0, 1, 1, 1, 0])
+    names = ("benign", "malignant")
+    report = metrics.classification_report(probs, labels, names)
+    assert report["positive_class"] == "malignant"  # the last class by default
+    # Reference: the share of (positive, negative) pairs the positive's score ranks higher.
+    pos, neg = probs[labels == 1, 1], probs[labels == 0, 1]
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert report["binary_auc"] == pytest.approx(sum(pairs) / len(pairs)) == pytest.approx(5 / 6)
+    assert "positive class malignant: binary AUC 0.8333" in metrics.format_report(report)
+    assert "binary_auc" in metrics.flatten_scalars(report)
+
+    acc = accumulators.EvalAccumulator(2, names, from_logits=False, positive_class="benign")
+    acc.update(probs, labels)
+    streamed = acc.compute()
+    assert streamed["positive_class"] == "benign"
+    assert streamed["binary_auc"] == pytest.approx(report["binary_auc"])
+    with pytest.raises(ValueError, match="positive class 'normal'"):
+        metrics.classification_report(probs, labels, names, positive_class="normal")
+    three = metrics.classification_report(np.full((2, 3), 1 / 3), np.array([0, 1]), NAMES)
+    assert "positive_class" not in three and "binary_auc" not in three

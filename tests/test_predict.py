@@ -4,6 +4,7 @@ against a hand-split reference, and the errors a user meets first.
 One run is trained per module; every prediction uses the same number of
 images (N_IMAGES) so each jitted function compiles once.
 """
+
 import csv
 import importlib
 import json
@@ -30,7 +31,9 @@ IMAGE_SIZE = 64  # ResNet's last feature map is 2x2 here, so the heat map has st
 
 @pytest.fixture(scope="module")
 def busi_root(tmp_path_factory):
-    return synthetic.generate(tmp_path_factory.mktemp("busi"), num=36, seed=0, min_size=64, max_size=80)
+    return synthetic.generate(
+        tmp_path_factory.mktemp("busi"), num=36, seed=0, min_size=64, max_size=80
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +73,11 @@ def image_paths(busi_root):
 
 def test_predict_api(predictor, run, image_paths):
     from bcjax.train import checkpoint
+
     config = json.loads((run / "results.json").read_text())["config"]
-    with checkpoint.CheckpointManager(run / "checkpoints", best_metric=config["best_metric"],
-                                      async_save=False) as manager:
+    with checkpoint.CheckpointManager(
+        run / "checkpoints", best_metric=config["best_metric"], async_save=False
+    ) as manager:
         assert predictor.step == manager.best_step()
     assert predictor.image_size == IMAGE_SIZE
 
@@ -99,14 +104,19 @@ def test_grad_cam_matches_a_hand_split_model(predictor, image_paths):
     @jax.jit
     def reference(images):
         x = (images / 255.0 - jnp.array([0.485, 0.456, 0.406])) / jnp.array([0.229, 0.224, 0.225])
-        logits, state = model.apply(variables, x, train=False, mutable=["intermediates"],
-                                    capture_intermediates=lambda m, _: m.name == last_block)
+        logits, state = model.apply(
+            variables,
+            x,
+            train=False,
+            mutable=["intermediates"],
+            capture_intermediates=lambda m, _: m.name == last_block,
+        )
         features = state["intermediates"][last_block]["__call__"][0]
         fc = variables["params"]["fc"]
         head = lambda a: jnp.mean(a, axis=(1, 2)) @ fc["kernel"] + fc["bias"]
         maps = []
         for c in range(3):
-            grads = jax.grad(lambda a: head(a)[:, c].sum())(features)
+            grads = jax.grad(lambda a, c=c: head(a)[:, c].sum())(features)
             weights = grads.mean(axis=(1, 2))
             cam = jax.nn.relu(jnp.einsum("nhwc,nc->nhw", features, weights))
             maps.append(jax.image.resize(cam, (len(images), IMAGE_SIZE, IMAGE_SIZE), "bilinear"))
@@ -128,7 +138,9 @@ def test_grad_cam_matches_a_hand_split_model(predictor, image_paths):
     predicted = logits.argmax(axis=1)
     _, cams, explained = predictor.explain(images)
     np.testing.assert_array_equal(explained, predicted)
-    np.testing.assert_allclose(cams, predictor.grad_cam(images, class_index=list(predicted)), atol=1e-6)
+    np.testing.assert_allclose(
+        cams, predictor.grad_cam(images, class_index=list(predicted)), atol=1e-6
+    )
 
 
 def test_normalise_maps_keeps_zero_maps_zero():
@@ -150,8 +162,21 @@ def test_cli_writes_table_csv_and_overlays(run, image_paths, tmp_path, capsys):
     shutil.copy(mask, folder / mask.name)
 
     out = tmp_path / "out"
-    assert predict.main(["--workdir", str(run), "--images", str(folder), "--out", str(out),
-                         "--class", "malignant"]) == 0
+    assert (
+        predict.main(
+            [
+                "--workdir",
+                str(run),
+                "--images",
+                str(folder),
+                "--out",
+                str(out),
+                "--class",
+                "malignant",
+            ]
+        )
+        == 0
+    )
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == N_IMAGES
@@ -188,5 +213,8 @@ def test_errors_name_what_is_missing(run, image_paths, tmp_path, capsys):
     with pytest.raises(predict.PredictError, match="missing.png"):
         predict.load_images([tmp_path / "missing.png"], IMAGE_SIZE)
 
-    assert predict.main(["--workdir", str(run), "--images", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        predict.main(["--workdir", str(run), "--images", str(bad), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "broken.png" in capsys.readouterr().err

@@ -5,6 +5,7 @@
 The notebooks are generated so that their code stays reviewable here as plain
 Python; tests/test_notebooks.py executes the written files top to bottom.
 """
+
 import pathlib
 
 import nbformat
@@ -13,7 +14,7 @@ from nbformat import v4
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLAB_URL = "https://colab.research.google.com/github/bcjax/bcjax/blob/main/colab/{}"
 
-SETUP = '''\
+SETUP = """\
 # Finds a bcjax checkout (this repository, when the notebook runs from it) or
 # clones one (Colab), and makes `bcjax` and its `configs` importable.
 import importlib.util, os, pathlib, subprocess, sys
@@ -46,7 +47,7 @@ if INSTALL and installed("bcjax") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(repo), *pins], check=True)
 sys.path.insert(0, str(repo))  # an editable install is only seen after a restart
 print("bcjax from", repo)
-'''
+"""
 
 
 def quickstart():
@@ -54,30 +55,35 @@ def quickstart():
         v4.new_markdown_cell(
             "# bcjax quickstart: breast-ultrasound classification on a free accelerator\n\n"
             f"[Open in Colab]({COLAB_URL.format('quickstart.ipynb')})\n\n"
-            "Trains ResNet-18 or MobileNetV2 on BUSI (normal / benign / malignant) and shows the learning "
+            "Trains ResNet-18 or MobileNetV2 on BUSI (normal / benign / malignant), or on your own labelled "
+            "images with the classes they have, and shows the learning "
             "curves, the confusion matrix, where the time went (compile, compute, collectives, input) and "
             "Grad-CAM maps of a few test images.\n\n"
             "* **Runtime**: *Runtime → Change runtime type* → a GPU (one device) or a TPU (all its cores). "
             "On a CPU the notebook trains a small model on 64 px images so that a first look takes minutes.\n"
-            "* **Data**: BUSI is not downloaded for you. Set `DATA = \"upload\"` to upload "
-            "`Dataset_BUSI_with_GT.zip`, or give a path (e.g. on Google Drive). The default, `\"synthetic\"`, "
-            "generates a BUSI-like set of 780 images: its accuracy says nothing about real ultrasound."),
+            '* **Data**: BUSI is not downloaded for you. Set `DATA = "upload"` to upload '
+            '`Dataset_BUSI_with_GT.zip`, or give a path (e.g. on Google Drive). The default, `"synthetic"`, '
+            "generates a BUSI-like set of 780 images: its accuracy says nothing about real ultrasound. "
+            "Your own data: a folder with one sub-folder of images per class (e.g. `benign/`, `malignant/`), "
+            "or a CSV with the columns `image`, `label` and optionally `mask` and `group` (a patient id)."
+        ),
         v4.new_code_cell(
             "# Parameters (tests override them to run tiny)\n"
-            "MODEL = \"resnet18\"       # or \"mobilenet_v2\", \"resnet50\", \"mobilenet_v3_large\", ...\n"
-            "DATA = \"synthetic\"       # \"synthetic\" | \"upload\" | a path to Dataset_BUSI_with_GT or its zip\n"
+            'MODEL = "resnet18"       # or "mobilenet_v2", "resnet50", "mobilenet_v3_large", ...\n'
+            'DATA = "synthetic"       # "synthetic" | "upload" | a path: BUSI (folder or zip), class folders, a .csv\n'
             "EPOCHS = 0               # 0: the runtime's default (100 on an accelerator, 20 on a CPU)\n"
             "IMAGE_SIZE = 0           # 0: 224 on an accelerator, 64 on a CPU\n"
             "SMALL = None             # None: small model on a CPU only; True/False forces it\n"
             "SYNTHETIC_NUM = 780\n"
-            "PRETRAINED = \"\"          # torchvision weights as .npz/.pth (full-size model only)\n"
-            "WORKDIR = \"runs/colab_quickstart\"\n"
-            "REPO_URL = \"https://github.com/bcjax/bcjax.git\"  # your fork, if you have one\n"
-            "REPO_DIR = \"auto\"        # a bcjax checkout; \"auto\" finds or clones one\n"
+            'PRETRAINED = ""          # torchvision weights as .npz/.pth (full-size model only)\n'
+            'WORKDIR = "runs/colab_quickstart"\n'
+            'REPO_URL = "https://github.com/bcjax/bcjax.git"  # your fork, if you have one\n'
+            'REPO_DIR = "auto"        # a bcjax checkout; "auto" finds or clones one\n'
             "INSTALL = True\n"
             "SHOW_GRADCAM = 3         # test images to explain with Grad-CAM (0: none)\n"
-            "OVERRIDES = {}           # any other config fields, e.g. {\"learning_rate\": 0.02}",
-            metadata={"tags": ["parameters"]}),
+            'OVERRIDES = {}           # any other config fields, e.g. {"learning_rate": 0.02}',
+            metadata={"tags": ["parameters"]},
+        ),
         v4.new_code_cell(SETUP),
         v4.new_markdown_cell("## The runtime and its defaults"),
         v4.new_code_cell(
@@ -85,86 +91,102 @@ def quickstart():
             "from bcjax import runtime\n\n"
             "device = jax.devices()[0]\n"
             "platform = device.platform  # 'gpu', 'tpu' or 'cpu'\n"
-            "print(f\"{jax.device_count()} x {device.device_kind} ({platform}), JAX {jax.__version__}\")\n"
-            "small = (platform == \"cpu\") if SMALL is None else SMALL\n\n"
+            'print(f"{jax.device_count()} x {device.device_kind} ({platform}), JAX {jax.__version__}")\n'
+            'small = (platform == "cpu") if SMALL is None else SMALL\n\n'
             "from configs import default, quickstart\n"
             "config = quickstart.get_config() if small else default.get_config()\n"
             "config.model = MODEL\n"
             "config.dtype = runtime.default_dtype()  # bfloat16 where the chip has fast bf16, else float32\n"
             "# A TPU trains on all its cores; a Colab GPU is one device; the CPU runs one device here.\n"
-            "config.num_devices = jax.device_count() if platform == \"tpu\" else 1\n"
+            'config.num_devices = jax.device_count() if platform == "tpu" else 1\n'
             "config.global_batch_size = max(32 // config.num_devices, 1) * config.num_devices\n"
             "if EPOCHS:\n"
             "    config.num_epochs = EPOCHS\n"
             "    config.warmup_epochs = min(config.warmup_epochs, max(EPOCHS - 1, 0))\n"
             "if IMAGE_SIZE:\n"
             "    config.image_size = IMAGE_SIZE\n"
-            "if small and MODEL.startswith(\"mobilenet\"):\n"
+            'if small and MODEL.startswith("mobilenet"):\n'
             "    config.width_multiplier = 0.5\n"
             "config.synthetic_num = SYNTHETIC_NUM\n"
             "config.pretrained = PRETRAINED\n"
             "for field, value in OVERRIDES.items():\n"
             "    config[field] = value\n"
-            "print(f\"{config.model}, {config.image_size} px, {config.dtype}, {config.num_epochs} epochs, \"\n"
-            "      f\"global batch {config.global_batch_size} on {config.num_devices} device(s)\")"),
+            'print(f"{config.model}, {config.image_size} px, {config.dtype}, {config.num_epochs} epochs, "\n'
+            '      f"global batch {config.global_batch_size} on {config.num_devices} device(s)")'
+        ),
         v4.new_markdown_cell("## The data"),
         v4.new_code_cell(
-            "if DATA == \"synthetic\":\n"
-            "    config.dataset = \"synthetic\"\n"
-            "elif DATA == \"upload\":\n"
+            'if DATA == "synthetic":\n'
+            '    config.dataset = "synthetic"\n'
+            'elif DATA == "upload":\n'
             "    from google.colab import files  # Colab only\n"
             "    uploaded = files.upload()  # choose Dataset_BUSI_with_GT.zip\n"
-            "    os.makedirs(\"data\", exist_ok=True)\n"
+            '    os.makedirs("data", exist_ok=True)\n'
             "    for name, payload in uploaded.items():\n"
-            "        pathlib.Path(\"data\", name).write_bytes(payload)\n"
-            "    config.dataset, config.data_dir = \"busi\", \"data\"\n"
-            "else:\n"
-            "    config.dataset, config.data_dir = \"busi\", DATA\n"
+            '        pathlib.Path("data", name).write_bytes(payload)\n'
+            '    config.dataset, config.data_dir = "busi", "data"\n'
+            "else:  # the classes come from the data: BUSI's three, the folder names or the CSV's labels\n"
+            "    from bcjax.data import readers\n"
+            '    config.dataset = readers.detect(DATA)  # "busi", "folder" or "csv"\n'
+            '    if config.dataset == "csv":\n'
+            "        config.data_csv = DATA\n"
+            "    else:\n"
+            "        config.data_dir = DATA\n"
             "from bcjax import config_check\n"
             "config_check.validate(config, num_devices_available=jax.device_count())\n"
-            "print(\"dataset:\", config.dataset, \"\" if config.dataset == \"synthetic\" else config.data_dir)"),
+            'print("dataset:", config.dataset, {"synthetic": "", "csv": config.data_csv}.get(config.dataset, config.data_dir))'
+        ),
         v4.new_markdown_cell(
             "## Train\n\nProgress lines show the epoch, steps/s and the time left. Re-running this cell "
-            "resumes from the last checkpoint in `WORKDIR` (after a Colab disconnect, too)."),
+            "resumes from the last checkpoint in `WORKDIR` (after a Colab disconnect, too)."
+        ),
         v4.new_code_cell(
             "import logging\n"
-            "logging.basicConfig(level=logging.INFO, format=\"%(message)s\", force=True)\n"
-            "logging.getLogger(\"absl\").setLevel(logging.WARNING)  # Orbax's per-save lines\n"
+            'logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)\n'
+            'logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax\'s per-save lines\n'
             "runtime.enable_compilation_cache()\n"
             "from bcjax.train import loop\n"
             "results = loop.train_and_evaluate(config, WORKDIR)\n"
             "print(f\"best epoch {results['best_epoch']}, test accuracy {results['test']['accuracy']:.3f}, \"\n"
-            "      f\"macro-F1 {results['test']['macro_f1']:.3f}, {results['wall_time_s']:.0f} s\")"),
+            "      f\"macro-F1 {results['test']['macro_f1']:.3f}, {results['wall_time_s']:.0f} s\")"
+        ),
         v4.new_markdown_cell("## Learning curves, confusion matrix and the test report"),
         v4.new_code_cell(
             "from IPython.display import Image, display\n"
             "from bcjax.train import metrics\n"
-            "display(Image(filename=f\"{WORKDIR}/learning_curves.png\"))\n"
-            "display(Image(filename=f\"{WORKDIR}/confusion_matrix.png\"))\n"
-            "print(metrics.format_report(results[\"test\"]))"),
+            'display(Image(filename=f"{WORKDIR}/learning_curves.png"))\n'
+            'display(Image(filename=f"{WORKDIR}/confusion_matrix.png"))\n'
+            'print(metrics.format_report(results["test"]))'
+        ),
         v4.new_markdown_cell(
             "## Where the time went\n\nCompile time is kept apart from the step times; the breakdown "
-            "splits a step into per-device compute and exposed collective time (zero on one device)."),
+            "splits a step into per-device compute and exposed collective time (zero on one device)."
+        ),
         v4.new_code_cell(
             "import json\n"
             "from bcjax.timing import breakdown\n"
-            "timing = json.loads(pathlib.Path(WORKDIR, \"timing.json\").read_text())\n"
-            "for name, entry in timing.get(\"compile\", {}).items():\n"
+            'timing = json.loads(pathlib.Path(WORKDIR, "timing.json").read_text())\n'
+            'for name, entry in timing.get("compile", {}).items():\n'
             "    print(f\"compile {name}: {entry.get('compile_s', 0):.1f} s\")\n"
-            "if \"breakdown\" in timing:\n"
-            "    print(breakdown.format_summary(timing[\"breakdown\"]))"),
+            'if "breakdown" in timing:\n'
+            '    print(breakdown.format_summary(timing["breakdown"]))'
+        ),
         v4.new_markdown_cell(
             "## Grad-CAM: where the model looked\n\nThe class probabilities of a few test images and the "
-            "regions that drove the predicted class."),
+            "regions that drove the predicted class."
+        ),
         v4.new_code_cell(
             "if SHOW_GRADCAM:\n"
             "    from bcjax import predict\n"
-            "    manifest = json.loads(pathlib.Path(WORKDIR, \"manifest.json\").read_text())\n"
-            "    data_root = pathlib.Path(results[\"data_path\"])\n"
-            "    images = [str(data_root / name) for name in manifest[\"test\"][:SHOW_GRADCAM]]\n"
-            "    rows = predict.predict_files(WORKDIR, images, pathlib.Path(WORKDIR, \"predictions\"))\n"
-            "    for png in sorted(pathlib.Path(WORKDIR, \"predictions\").glob(\"*.png\"))[:SHOW_GRADCAM]:\n"
-            "        display(Image(filename=str(png)))"),
+            '    manifest = json.loads(pathlib.Path(WORKDIR, "manifest.json").read_text())\n'
+            '    data_root = pathlib.Path(results["data_path"])\n'
+            "    if data_root.is_file():  # a CSV: the images are named relative to its folder\n"
+            "        data_root = data_root.parent\n"
+            '    images = [str(data_root / name) for name in manifest["test"][:SHOW_GRADCAM]]\n'
+            '    rows = predict.predict_files(WORKDIR, images, pathlib.Path(WORKDIR, "predictions"))\n'
+            '    for png in sorted(pathlib.Path(WORKDIR, "predictions").glob("*.png"))[:SHOW_GRADCAM]:\n'
+            "        display(Image(filename=str(png)))"
+        ),
     ]
     return cells
 
@@ -182,106 +204,117 @@ def scaling():
             "* A **GPU** runtime has one GPU: it runs one device and predicts 2-8 GPUs with the scaling "
             "model (`bcjax.timing.scaling_model`) from the measured compute.\n"
             "* A **CPU** runtime simulates the devices on the host's cores: the accuracy columns are real, "
-            "the timings are labelled simulated."),
+            "the timings are labelled simulated."
+        ),
         v4.new_code_cell(
             "# Parameters (tests override them to run tiny)\n"
-            "MODEL = \"resnet18\"\n"
-            "DEVICES = \"auto\"         # e.g. \"1,2,4,8\"; auto: what the runtime has\n"
-            "MODE = \"same_global\"     # the study's setting; or \"same_per_device\"\n"
+            'MODEL = "resnet18"\n'
+            'DEVICES = "auto"         # e.g. "1,2,4,8"; auto: what the runtime has\n'
+            'MODE = "same_global"     # the study\'s setting; or "same_per_device"\n'
             "EPOCHS = 0               # 0: 30 on an accelerator, 5 on a CPU\n"
             "IMAGE_SIZE = 0           # 0: 224 on an accelerator, 64 on a CPU\n"
             "CV_FOLDS = 0             # >= 2: cross-validated, with paired comparisons between device counts\n"
             "SYNTHETIC_NUM = 780\n"
             "EXTRA = []               # more --config.field=value overrides\n"
             "JOBS = 1                 # runs at a time; 2 gives a quicker accuracy look on a CPU (timings disturbed)\n"
-            "WORKDIR = \"runs/colab_scaling\"\n"
-            "REPO_URL = \"https://github.com/bcjax/bcjax.git\"\n"
-            "REPO_DIR = \"auto\"\n"
+            'WORKDIR = "runs/colab_scaling"\n'
+            'REPO_URL = "https://github.com/bcjax/bcjax.git"\n'
+            'REPO_DIR = "auto"\n'
             "INSTALL = True\n"
-            "INTERCONNECT = \"pcie4\"   # for the prediction: pcie3, pcie4, pcie5, nvlink_a100, nvlink_h100, ...",
-            metadata={"tags": ["parameters"]}),
+            'INTERCONNECT = "pcie4"   # for the prediction: pcie3, pcie4, pcie5, nvlink_a100, nvlink_h100, ...',
+            metadata={"tags": ["parameters"]},
+        ),
         v4.new_code_cell(SETUP),
         v4.new_markdown_cell(
             "## The runtime\n\nEach device count runs in its own process (a TPU can only be held by one "
-            "process at a time), so this kernel asks a short-lived process what the runtime has."),
+            "process at a time), so this kernel asks a short-lived process what the runtime has."
+        ),
         v4.new_code_cell(
             "from bcjax import runtime\n"
             "platform, count, kind, dtype = runtime.probe_devices()\n"
-            "print(f\"{count} x {kind} ({platform})\")\n"
-            "if DEVICES == \"auto\":\n"
-            "    top = count if platform != \"cpu\" else 4\n"
+            'print(f"{count} x {kind} ({platform})")\n'
+            'if DEVICES == "auto":\n'
+            '    top = count if platform != "cpu" else 4\n'
             "    devices = [n for n in (1, 2, 4, 8) if n <= top]\n"
             "else:\n"
-            "    devices = [int(n) for n in DEVICES.split(\",\")]\n"
-            "accelerator = platform != \"cpu\"\n"
+            '    devices = [int(n) for n in DEVICES.split(",")]\n'
+            'accelerator = platform != "cpu"\n'
             "epochs = EPOCHS or (30 if accelerator else 5)\n"
             "size = IMAGE_SIZE or (224 if accelerator else 64)\n"
-            "config_file = repo / \"configs\" / (\"default.py\" if accelerator else \"quickstart.py\")\n"
-            "overrides = [f\"--config.model={MODEL}\", f\"--config.num_epochs={epochs}\",\n"
-            "             f\"--config.warmup_epochs={min(5, epochs - 1)}\", f\"--config.image_size={size}\",\n"
-            "             f\"--config.dtype={dtype}\",  # float32 on GPUs without fast bf16 (e.g. a T4)\n"
-            "             \"--config.dataset=synthetic\", f\"--config.synthetic_num={SYNTHETIC_NUM}\", *EXTRA]\n"
-            "print(\"device counts:\", devices, \"| epochs:\", epochs, \"| image size:\", size)"),
+            'config_file = repo / "configs" / ("default.py" if accelerator else "quickstart.py")\n'
+            'overrides = [f"--config.model={MODEL}", f"--config.num_epochs={epochs}",\n'
+            '             f"--config.warmup_epochs={min(5, epochs - 1)}", f"--config.image_size={size}",\n'
+            '             f"--config.dtype={dtype}",  # float32 on GPUs without fast bf16 (e.g. a T4)\n'
+            '             "--config.dataset=synthetic", f"--config.synthetic_num={SYNTHETIC_NUM}", *EXTRA]\n'
+            'print("device counts:", devices, "| epochs:", epochs, "| image size:", size)'
+        ),
         v4.new_markdown_cell(
             "## Run the study\n\nOne training per device count (per fold with `CV_FOLDS`), same seed and "
-            "data; finished runs are reused when the cell is run again."),
+            "data; finished runs are reused when the cell is run again."
+        ),
         v4.new_code_cell(
-            "cmd = [sys.executable, \"-m\", \"bcjax.scaling\", f\"--config={config_file}\",\n"
-            "       f\"--devices={','.join(map(str, devices))}\", f\"--mode={MODE}\", f\"--workdir={WORKDIR}\",\n"
-            "       f\"--interconnect={INTERCONNECT}\", f\"--jobs={JOBS}\",\n"
-            "       *([f\"--cv-folds={CV_FOLDS}\"] if CV_FOLDS else []),\n"
+            'cmd = [sys.executable, "-m", "bcjax.scaling", f"--config={config_file}",\n'
+            '       f"--devices={\',\'.join(map(str, devices))}", f"--mode={MODE}", f"--workdir={WORKDIR}",\n'
+            '       f"--interconnect={INTERCONNECT}", f"--jobs={JOBS}",\n'
+            '       *([f"--cv-folds={CV_FOLDS}"] if CV_FOLDS else []),\n'
             "       *overrides]\n"
-            "print(\" \".join(cmd))\n"
-            "env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get(\"PYTHONPATH\", \"\")]))\n"
-            "if platform == \"cpu\":\n"
-            "    env[\"JAX_PLATFORMS\"] = \"cpu\"  # simulated devices, even where a GPU plugin is installed\n"
+            'print(" ".join(cmd))\n'
+            'env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))\n'
+            'if platform == "cpu":\n'
+            '    env["JAX_PLATFORMS"] = "cpu"  # simulated devices, even where a GPU plugin is installed\n'
             "# Streamed line by line: a notebook does not show a child process's own output.\n"
             "proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)\n"
             "for line in proc.stdout:\n"
-            "    print(line, end=\"\")\n"
+            '    print(line, end="")\n'
             "if proc.wait():\n"
-            "    raise RuntimeError(f\"bcjax.scaling failed (exit code {proc.returncode}); see the lines above.\")"),
+            '    raise RuntimeError(f"bcjax.scaling failed (exit code {proc.returncode}); see the lines above.")'
+        ),
         v4.new_markdown_cell("## The table and the plot"),
         v4.new_code_cell(
             "from IPython.display import Image, Markdown, display\n"
             "out = pathlib.Path(WORKDIR)\n"
-            "for md in sorted(out.glob(\"*.md\")):\n"
+            'for md in sorted(out.glob("*.md")):\n'
             "    display(Markdown(md.read_text()))\n"
-            "for png in sorted(out.glob(\"*.png\")):\n"
-            "    display(Image(filename=str(png)))"),
+            'for png in sorted(out.glob("*.png")):\n'
+            "    display(Image(filename=str(png)))"
+        ),
         v4.new_markdown_cell(
             "## What more GPUs would do\n\nThe scaling model: a step on N devices costs the per-device "
             "compute plus the ring all-reduce of the gradients, 2(N-1)/N × gradient bytes / bus bandwidth "
             "(with NCCL's latencies and the wait for the slowest device). With BUSI's small batches "
             "the compute per device shrinks as N grows while the all-reduce does not, which is why the "
-            "study saw little or no speedup."),
+            "study saw little or no speedup."
+        ),
         v4.new_code_cell(
             "import json\n"
             "from bcjax.timing import scaling_model\n"
-            "rows = json.loads((out / \"scaling.json\").read_text())[\"rows\"] if (out / \"scaling.json\").exists() else []\n"
-            "one = next((r for r in rows if r.get(\"devices\") == 1), None)\n"
+            'rows = json.loads((out / "scaling.json").read_text())["rows"] if (out / "scaling.json").exists() else []\n'
+            'one = next((r for r in rows if r.get("devices") == 1), None)\n'
             "# On one device a step is all compute; the breakdown's figure is preferred when it ran.\n"
-            "compute_ms = one and (one.get(\"compute_ms\") or one.get(\"step_ms\"))\n"
-            "if not compute_ms or not one.get(\"gradient_bytes\"):\n"
-            "    print(\"No single-device step time in the table (CV mode, or no 1-device run).\")\n"
+            'compute_ms = one and (one.get("compute_ms") or one.get("step_ms"))\n'
+            'if not compute_ms or not one.get("gradient_bytes"):\n'
+            '    print("No single-device step time in the table (CV mode, or no 1-device run).")\n'
             "else:\n"
-            "    compute = scaling_model.ComputeModel.proportional(compute_ms / 1e3, one[\"per_device_batch\"])\n"
-            "    table = scaling_model.strong_scaling_table(compute, one[\"gradient_bytes\"], one[\"global_batch\"],\n"
+            '    compute = scaling_model.ComputeModel.proportional(compute_ms / 1e3, one["per_device_batch"])\n'
+            '    table = scaling_model.strong_scaling_table(compute, one["gradient_bytes"], one["global_batch"],\n'
             "                                               devices=[1, 2, 4, 8], link=INTERCONNECT)\n"
             "    print(scaling_model.interconnect(INTERCONNECT).note)\n"
-            "    display(Markdown(scaling_model.format_markdown(table)))"),
+            "    display(Markdown(scaling_model.format_markdown(table)))"
+        ),
     ]
     return cells
 
 
 def write(name, cells):
     nb = v4.new_notebook(cells=cells)
-    nb.metadata.update({
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"},
-        "accelerator": "GPU",
-        "colab": {"provenance": []},
-    })
+    nb.metadata.update(
+        {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"},
+            "accelerator": "GPU",
+            "colab": {"provenance": []},
+        }
+    )
     path = ROOT / "colab" / name
     path.parent.mkdir(exist_ok=True)
     nbformat.write(nb, path)

@@ -36,10 +36,10 @@ from bcjax.train.early_stopping import minimised
 
 log = logging.getLogger(__name__)
 
-# Fields of the run config that change the parameter tree; a workdir whose
-# checkpoints disagree on any of them belongs to another model.
 # What a resumed run must share with the checkpoint: the model, and what a step
-# number means (batch size, image size, data).
+# number means (batch size, image size, data, the classes and their order).
+# Fields are only ever added: identities are compared on the keys both sides
+# have, so the checkpoints of runs written before a field existed still resume.
 IDENTITY_FIELDS = (
     "model",
     "width",
@@ -48,11 +48,15 @@ IDENTITY_FIELDS = (
     "image_size",
     "dataset",
     "data_dir",
+    "data_csv",
+    "class_names",
     "split_seed",
     "split_fractions",
     "exclude_conflicts",
     "synthetic_num",
     "synthetic_seed",
+    "synthetic_mark",
+    "synthetic_mark_prob",
     "cv",
     "pretrained",
 )
@@ -68,13 +72,23 @@ def _json_safe(value: Any) -> Any:
     )
 
 
-def run_metadata(config) -> dict:
+def run_metadata(config, *, class_names=None) -> dict:
     """Metadata saved with the checkpoints: the whole config plus the run's
     identity (``IDENTITY_FIELDS`` present in the config). ``config``: a
-    ConfigDict or a dict."""
+    ConfigDict or a dict.
+
+    class_names: the classes as read from the data, in label order; they are
+    the identity's "class_names". Without them, config.class_names stands in
+    when it names classes; empty ("from the data") it says nothing, so the key
+    is left out and not compared.
+    """
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     cfg = _json_safe(cfg)
     identity = {k: cfg[k] for k in IDENTITY_FIELDS if k in cfg}
+    if class_names is not None:
+        identity["class_names"] = [str(c) for c in class_names]
+    elif not identity.get("class_names", True):
+        del identity["class_names"]
     if cfg.get("model", "").startswith("resnet"):
         identity.pop("width_multiplier", None)
     elif "model" in cfg:
@@ -161,6 +175,12 @@ def _drop_torn_root_metadata(directory: pathlib.Path) -> None:
         path,
     )
     path.unlink()
+
+
+def committed_steps(directory) -> list[int]:
+    """The steps of the finished checkpoints in ``directory`` (none while one is being written)."""
+    directory = pathlib.Path(directory)
+    return ocp.step.checkpoint_steps(directory) if directory.is_dir() else []
 
 
 def saved_metadata(directory) -> dict | None:

@@ -30,8 +30,8 @@ from bcjax.data import pipeline
 from bcjax.parallel import strategies
 from bcjax.timing import breakdown
 from bcjax.timing import chrono as chrono_lib
+from bcjax.train import accumulators, outputs
 from bcjax.train import metrics as metrics_lib
-from bcjax.train import outputs
 from bcjax.train.periodic import itstime
 
 # Also reached through this module (bcjax.main's error messages, bcjax.predict's model).
@@ -63,13 +63,18 @@ def evaluate(
     global_batch_size: int,
     class_names,
     *,
+    positive_class: str | None = None,
     with_arrays: bool = False,
 ):
     """Every example exactly once (padding masked out); a report dict.
 
+    class_names: what the labels index (the data's); positive_class: the one a
+    2-class report calls positive (default the last).
     with_arrays: also {"names", "labels", "probs"} in the order of `data`.
     """
-    accumulator = metrics_lib.EvalAccumulator(len(class_names), list(class_names))
+    accumulator = accumulators.EvalAccumulator(
+        len(class_names), list(class_names), positive_class=positive_class
+    )
     for batch in pipeline.eval_batches(
         data, global_batch_size, jax.process_index(), jax.process_count()
     ):
@@ -183,6 +188,7 @@ def train_epochs(run: Run, on_epoch_end: OnEpochEnd | None = None) -> None:
                         run.data.val,
                         config.global_batch_size,
                         run.data.class_names,
+                        positive_class=run.data.positive_class,
                     )
                 _log_epoch(record)
             _end_epoch(run, record)
@@ -213,7 +219,7 @@ def _train_one_epoch(
     started: (time, step) when this process began training, for the rate and the ETA.
     """
     config, chrono = run.config, run.chrono
-    accumulator = metrics_lib.TrainAccumulator()
+    accumulator = accumulators.TrainAccumulator()
     skipped, pending_check = 0, None
     for _ in range(run.steps_per_epoch):
         if batch is None:
@@ -332,6 +338,7 @@ def evaluate_best(run: Run) -> dict:
         state,
         global_batch_size=run.config.global_batch_size,
         class_names=run.data.class_names,
+        positive_class=run.data.positive_class,
         with_arrays=True,
     )
     test, test_predictions = score(run.data.test)

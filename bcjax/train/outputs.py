@@ -36,6 +36,9 @@ def summarize(run: Run, best: dict, wall_time_s: float, wall_time_s_this_process
         "dataset": data.source["dataset"],
         "data_path": data.source["path"],
         "warning": data.source["warning"],
+        # What the labels and the probability columns of the predictions mean.
+        "class_names": list(data.class_names),
+        "positive_class": data.positive_class,
         "best_epoch": best["epoch"],
         "best_metric": config.best_metric,
         "epochs_trained": history[-1]["epoch"] if history else 0,

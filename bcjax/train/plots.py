@@ -13,9 +13,9 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-import numpy as np
 
 __all__ = ["plot_learning_curves", "plot_confusion_matrix", "history_table"]
 
@@ -38,9 +38,10 @@ def _lookup(record: Mapping[str, Any], split: str, metric: str) -> float:
         return math.nan
 
 
-def history_table(history: Sequence[Mapping[str, Any]] | Mapping[str, Sequence],
-                  metrics: Sequence[str] = ("loss", "accuracy"),
-                  ) -> dict[str, np.ndarray]:
+def history_table(
+    history: Sequence[Mapping[str, Any]] | Mapping[str, Sequence],
+    metrics: Sequence[str] = ("loss", "accuracy"),
+) -> dict[str, np.ndarray]:
     """Per-epoch arrays {"epoch", "train/loss", "val/loss", ...} from a history.
 
     `history` is either per-record mappings (e.g. `read_jsonl` of the metrics
@@ -50,8 +51,7 @@ def history_table(history: Sequence[Mapping[str, Any]] | Mapping[str, Sequence],
     """
     if isinstance(history, Mapping):
         length = max((len(v) for v in history.values()), default=0)
-        history = [{k: v[i] for k, v in history.items() if i < len(v)}
-                   for i in range(length)]
+        history = [{k: v[i] for k, v in history.items() if i < len(v)} for i in range(length)]
     records = list(history)
     if any("epoch" in r for r in records):
         merged: dict[float, dict[str, Any]] = {}
@@ -66,7 +66,8 @@ def history_table(history: Sequence[Mapping[str, Any]] | Mapping[str, Sequence],
     for split in _SPLITS:
         for metric in metrics:
             table[f"{split}/{metric}"] = np.array(
-                [_lookup(r, split, metric) for r in records], np.float64)
+                [_lookup(r, split, metric) for r in records], np.float64
+            )
     return table
 
 
@@ -79,24 +80,34 @@ def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
 
 def _mark_epochs(ax, best_epoch, stop_epoch) -> None:
     if best_epoch is not None:
-        ax.axvline(best_epoch, color="tab:green", lw=1.2, alpha=0.8,
-                   label=f"best (epoch {best_epoch:g})")
+        ax.axvline(
+            best_epoch, color="tab:green", lw=1.2, alpha=0.8, label=f"best (epoch {best_epoch:g})"
+        )
     if stop_epoch is not None:
-        ax.axvline(stop_epoch, color="tab:red", lw=1.2, ls="--", alpha=0.8,
-                   label=f"stopped (epoch {stop_epoch:g})")
+        ax.axvline(
+            stop_epoch,
+            color="tab:red",
+            lw=1.2,
+            ls="--",
+            alpha=0.8,
+            label=f"stopped (epoch {stop_epoch:g})",
+        )
 
 
-def plot_learning_curves(history, path: str | os.PathLike, *,
-                         stop_epoch: float | None = None,
-                         best_epoch: float | None = None,
-                         title: str | None = None) -> pathlib.Path:
+def plot_learning_curves(
+    history,
+    path: str | os.PathLike,
+    *,
+    stop_epoch: float | None = None,
+    best_epoch: float | None = None,
+    title: str | None = None,
+) -> pathlib.Path:
     """Train/val loss and accuracy per epoch, best and stop epochs marked.
 
     Validation balanced accuracy and macro-F1 are drawn too where the history
     has them. `history`: see `history_table`. Returns the PNG path.
     """
-    table = history_table(
-        history, ("loss", "accuracy", "balanced_accuracy", "macro_f1"))
+    table = history_table(history, ("loss", "accuracy", "balanced_accuracy", "macro_f1"))
     epochs = table["epoch"]
     fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -105,18 +116,22 @@ def plot_learning_curves(history, path: str | os.PathLike, *,
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
             values = table[f"{split}/{metric}"]
             if np.isfinite(values).any():
-                ax.plot(epochs, values, marker="o", ms=3, label=f"{split}",
-                        **styles[split])
-    for metric, color in (("balanced_accuracy", "tab:purple"),
-                          ("macro_f1", "tab:green")):
+                ax.plot(epochs, values, marker="o", ms=3, label=f"{split}", **styles[split])
+    for metric, color in (("balanced_accuracy", "tab:purple"), ("macro_f1", "tab:green")):
         values = table[f"val/{metric}"]
         if np.isfinite(values).any():
             ax_acc.plot(epochs, values, ls=":", color=color, label=f"val {metric}")
     if best_epoch is not None:
         best = np.flatnonzero(epochs == best_epoch)
         if best.size and np.isfinite(table["val/accuracy"][best[0]]):
-            ax_acc.plot(best_epoch, table["val/accuracy"][best[0]], marker="*",
-                        ms=12, color="tab:green", zorder=5)
+            ax_acc.plot(
+                best_epoch,
+                table["val/accuracy"][best[0]],
+                marker="*",
+                ms=12,
+                color="tab:green",
+                zorder=5,
+            )
     for ax, ylabel in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         _mark_epochs(ax, best_epoch, stop_epoch)
         ax.set_xlabel("epoch")
@@ -131,9 +146,14 @@ def plot_learning_curves(history, path: str | os.PathLike, *,
     return _save(fig, path)
 
 
-def plot_confusion_matrix(cm, class_names: Sequence[str],
-                          path: str | os.PathLike, *, normalize: bool = True,
-                          title: str | None = None) -> pathlib.Path:
+def plot_confusion_matrix(
+    cm,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    normalize: bool = True,
+    title: str | None = None,
+) -> pathlib.Path:
     """Confusion matrix (rows true, columns predicted) as a heat map.
 
     With `normalize`, colours are row fractions (per-class recall on the
@@ -145,21 +165,35 @@ def plot_confusion_matrix(cm, class_names: Sequence[str],
     if counts.shape != (k, k):
         raise ValueError(f"confusion matrix {counts.shape} for {k} class names")
     rows = counts.sum(axis=1, keepdims=True)
-    shown = (np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
-             if normalize else counts.astype(np.float64))
+    shown = (
+        np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+        if normalize
+        else counts.astype(np.float64)
+    )
     top = 1.0 if normalize else max(float(shown.max()), 1.0)
     size = 2.2 + 0.9 * k
     fig = Figure(figsize=(size + 1.0, size), dpi=100, layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=top)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
-                 label="fraction of true class" if normalize else "count")
+    fig.colorbar(
+        image,
+        ax=ax,
+        fraction=0.046,
+        pad=0.04,
+        label="fraction of true class" if normalize else "count",
+    )
     for i in range(k):
         for j in range(k):
-            text = (f"{counts[i, j]}\n{shown[i, j]:.0%}" if normalize
-                    else f"{counts[i, j]}")
-            ax.text(j, i, text, ha="center", va="center", fontsize=10,
-                    color="white" if shown[i, j] > 0.6 * top else "black")
+            text = f"{counts[i, j]}\n{shown[i, j]:.0%}" if normalize else f"{counts[i, j]}"
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=10,
+                color="white" if shown[i, j] > 0.6 * top else "black",
+            )
     ax.set_xticks(range(k), class_names, rotation=30, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("predicted")

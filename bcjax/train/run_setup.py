@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import numpy as np
 
-import bcjax.data
 import bcjax.models
 from bcjax import config_check
 from bcjax.data import datasets, pipeline, splits
@@ -27,14 +26,15 @@ from bcjax.step import state as state_lib
 from bcjax.timing import chrono as chrono_lib
 from bcjax.train import checkpoint
 from bcjax.train.early_stopping import EarlyStopping
-from bcjax.train.workdir import claim_workdir
+from bcjax.train.workdir import claim_workdir, holds_checkpoint
 from bcjax.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 
 
-def create_model(config, *, num_classes: int = len(bcjax.data.CLASSES), dtype=None):
-    """The config's model; width knobs only for the family that has them."""
+def create_model(config, *, num_classes: int, dtype=None):
+    """The config's model with a `num_classes` head (the data's classes); width knobs only for
+    the family that has them."""
     kwargs = {}
     if config.model.startswith("resnet"):
         kwargs["width"] = config.width
@@ -176,9 +176,15 @@ class Run:
 
 def set_up(config, workdir, chrono: chrono_lib.Chrono) -> Run:
     """Everything before the first step; the latest checkpoint restored when there is one."""
-    workdir = claim_workdir(config, workdir)  # checked; another run moved aside on fresh_start
+    # Checked; another run moved aside on fresh_start, a failed start's leftovers dropped.
+    workdir = claim_workdir(config, workdir)
+    # A run resumes on the split it started with; a new one (or a start that
+    # failed before its first checkpoint) makes its split afresh.
+    resuming = holds_checkpoint(workdir)
     with chrono.phase("data"):
-        data = datasets.prepare(config, workdir, manifest_path=workdir / "manifest.json")
+        data = datasets.prepare(
+            config, workdir, manifest_path=workdir / "manifest.json" if resuming else None
+        )
     is_main = jax.process_index() == 0
     mesh = mesh_lib.make_mesh(config.num_devices or None)
     global_batch_size = config.global_batch_size
@@ -219,7 +225,7 @@ def set_up(config, workdir, chrono: chrono_lib.Chrono) -> Run:
         keep_latest=config.keep_latest,
         keep_best=config.keep_best,
         best_metric=config.best_metric,
-        metadata=checkpoint.run_metadata(config),
+        metadata=checkpoint.run_metadata(config, class_names=data.class_names),
     )  # refuses another run's workdir
     if is_main:
         splits.save_manifest(data.manifest, workdir / "manifest.json")

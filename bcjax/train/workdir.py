@@ -1,4 +1,11 @@
-"""A run's folder: writable and with room, holding this run or moved aside for a fresh one."""
+"""A run's folder: writable and with room, holding this run or moved aside for a fresh one.
+
+A run claims its workdir with its first committed checkpoint. A start that
+failed before one (the wrong pretrained weights, a data error, a kill while
+compiling) leaves its run identity behind, written when the checkpoint manager
+opened; the next start drops it, so that the corrected command is not refused
+as "another run".
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import time
 
 import jax
 
+from bcjax.data.datasets import SYNTHETIC_RECORD
 from bcjax.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,33 @@ def check_workdir(workdir: pathlib.Path, min_free_bytes: int = 50 * 2**20) -> No
         )
 
 
+def holds_checkpoint(workdir: pathlib.Path) -> bool:
+    """Whether a run has committed a checkpoint in workdir: only then is the workdir its."""
+    return bool(checkpoint.committed_steps(workdir / "checkpoints"))
+
+
+def drop_failed_start(workdir: pathlib.Path) -> None:
+    """Removes what a start that committed no checkpoint left to claim the workdir.
+
+    Its run identity (checkpoints/metadata) and the record of the synthetic set it
+    chose: the corrected command may differ in either. Its manifest.json is not
+    reused either (bcjax.train.run_setup makes the split afresh) and is overwritten.
+    """
+    if holds_checkpoint(workdir):
+        return
+    identity = workdir / "checkpoints" / "metadata"
+    synthetic_record = workdir / SYNTHETIC_RECORD
+    if not (identity.exists() or synthetic_record.exists()):
+        return
+    log.info(
+        "%s holds no checkpoint: an earlier start failed before its first one; "
+        "this run takes the workdir.",
+        workdir,
+    )
+    shutil.rmtree(identity, ignore_errors=True)
+    synthetic_record.unlink(missing_ok=True)
+
+
 def is_same_run(workdir: pathlib.Path, config) -> bool:
     """Whether the checkpoints in workdir were written by a run of this identity."""
     saved = checkpoint.saved_metadata(workdir / "checkpoints")
@@ -86,16 +121,18 @@ def move_old_run_aside(workdir: pathlib.Path) -> pathlib.Path | None:
 
 
 def claim_workdir(config, workdir) -> pathlib.Path:
-    """The run's folder, resolved and checked; with fresh_start, another run's files moved aside."""
+    """The run's folder, resolved and checked; a failed start's identity dropped and, with
+    fresh_start, another run's files moved aside."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
     check_workdir(workdir)
-    # fresh_start replaces another run; a run of this same identity (say, this
-    # command restarted after a kill with the flag still set) is resumed.
-    if config.fresh_start and not is_same_run(workdir, config):
-        if jax.process_index() == 0:
+    if jax.process_index() == 0:
+        drop_failed_start(workdir)
+        # fresh_start replaces another run; a run of this same identity (say, this
+        # command restarted after a kill with the flag still set) is resumed.
+        if config.fresh_start and not is_same_run(workdir, config):
             move_old_run_aside(workdir)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    if jax.process_count() > 1:  # the others look at the workdir once process 0 is done
+        from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("bcjax fresh_start")
+        multihost_utils.sync_global_devices("bcjax claim_workdir")
     return workdir
