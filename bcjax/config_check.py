@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16")
 BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro", "loss")
 INPUT_ON_DEVICE = ("auto", "yes", "no")
 FLAGS = ("bn_sync", "nesterov", "exclude_conflicts", "balanced_sampling", "compilation_cache",
-         "timing_breakdown", "fresh_start")
+         "timing_breakdown", "fresh_start", "clinical_report")
 TEXTS = ("data_dir", "split_manifest", "coordinator_address", "pretrained", "data_csv",
          "positive_class")
 

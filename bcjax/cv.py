@@ -331,12 +331,25 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
     positive_class = first.get("positive_class")
     test_preds = predictions("test")
     ensemble = None
+    clinical = None
     if test_preds:
         ens = ensemble_predictions(list(test_preds.values()))
         ensemble = metrics_lib.classification_report(
             ens["probs"], ens["labels"], class_names, positive_class=positive_class
         )
         ensemble["folds"] = sorted(test_preds)
+        if all(results[k].get("calibration") for k in sorted(test_preds)):
+            from bcjax.train import clinical_outputs
+
+            clinical = clinical_outputs.aggregate_folds(
+                [results[k] for k in sorted(test_preds)],
+                ens["probs"],
+                ens["labels"],
+                class_names,
+                positive_class,
+                seed=int((first.get("config") or {}).get("seed", 0)),
+                folds=sorted(test_preds),
+            )
         if write:
             files.save_npz(
                 workdir / "cv_ensemble_test_predictions.npz",
@@ -380,6 +393,7 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
         "per_fold": rows,
         "stats": summary_stats,
         "ensemble_test": ensemble,
+        "clinical": clinical,
         "out_of_fold_val": oof,
         "checks": _manifest_checks(manifests, folds) if manifests else {},
     }

@@ -113,6 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
     # After training: synchronised step time, compute vs collective time, the
     # gradient all-reduce alone, FLOPs and memory (bcjax.timing.breakdown) into timing.json.
     c.timing_breakdown = True
+    # For the best checkpoint's test part: calibration, operating points, bootstrap
+    # intervals, mask-grounded Grad-CAM and the lesion probes (bcjax.clinical) into
+    # results.json, with their PNGs.
+    c.clinical_report = True
     # Locked: a variant or an override that names an unknown field (a typo)
     # fails at once instead of being silently ignored.
     c.lock()

@@ -24,6 +24,7 @@ def tiny_config(data_dir, **overrides):
     config.checkpoint_every_epochs = 1
     config.log_every_steps = 2
     config.timing_breakdown = False
+    config.clinical_report = False  # tested on its own (test_clinical_outputs, test_loop)
     for k, v in overrides.items():
         config[k] = v
     return config

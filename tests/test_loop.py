@@ -32,7 +32,13 @@ def _final_params(workdir):
 
 def test_run_writes_its_outputs(tiny_busi, tmp_path):
     results = loop.train_and_evaluate(
-        tiny_config(tiny_busi, num_devices=2, timing_breakdown=True, input_on_device="yes"),
+        tiny_config(
+            tiny_busi,
+            num_devices=2,
+            timing_breakdown=True,
+            clinical_report=True,
+            input_on_device="yes",
+        ),
         tmp_path,
     )
     for name in (
@@ -42,6 +48,11 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
         "metrics.jsonl",
         "learning_curves.png",
         "confusion_matrix.png",
+        "reliability.png",
+        "roc_curves.png",
+        "pr_curves.png",
+        "least_grounded.png",
+        "curves.json",
     ):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -51,6 +62,12 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
         json.loads((tmp_path / "manifest.json").read_text())["test"]
     )
     assert 0 <= results["test"]["accuracy"] <= 1
+    # The clinical sections of the best checkpoint's test part (bcjax.clinical).
+    for key in ("calibration", "operating_points", "bootstrap", "grounding", "probes"):
+        assert saved[key], key
+    boot = saved["bootstrap"]["metrics"]["accuracy"]
+    assert boot["value"] == pytest.approx(saved["test"]["accuracy"])
+    assert boot["low"] <= boot["value"] <= boot["high"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     for part in ("val", "test"):
         saved_probs = np.load(tmp_path / f"{part}_predictions.npz")
@@ -87,6 +104,7 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
         "eval",
         "checkpoint",
         "test",
+        "clinical",
         "breakdown",
         "outputs",
         "unattributed",

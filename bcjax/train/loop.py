@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bcjax import report
@@ -30,7 +31,7 @@ from bcjax.data import pipeline
 from bcjax.parallel import strategies
 from bcjax.timing import breakdown
 from bcjax.timing import chrono as chrono_lib
-from bcjax.train import accumulators, outputs
+from bcjax.train import accumulators, clinical_outputs, outputs
 from bcjax.train import metrics as metrics_lib
 from bcjax.train.periodic import itstime
 
@@ -165,6 +166,7 @@ def train_epochs(run: Run, on_epoch_end: OnEpochEnd | None = None) -> None:
         run.first_host_batch = next(run.train_iter)
         batch = to_device(run.first_host_batch)
         train_step = chrono.compile("train_step", run.steps.train_step, run.state, batch, rng)
+        run.train_executable = train_step  # the breakdown times it again, compiling nothing
     started = (time.perf_counter(), run.step)
     with chrono.phase("train"):
         for epoch in range(run.step // run.steps_per_epoch + 1, config.num_epochs + 1):
@@ -345,25 +347,65 @@ def evaluate_best(run: Run) -> dict:
     _, val_predictions = score(run.data.val)
     best_epoch = best_step // run.steps_per_epoch
     log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
+    clinical = {}
+    if run.config.clinical_report:
+        with run.chrono.phase("clinical"):
+            clinical = clinical_report(run, state, score, val_predictions, test_predictions)
     return {
         "epoch": best_epoch,
         "test": test,
+        "clinical": clinical,
         "predictions": {"test": test_predictions, "val": val_predictions},
     }
 
 
+def clinical_report(run: Run, state, score, val_predictions, test_predictions) -> dict:
+    """Calibration, operating points, bootstrap, grounding and probes of the test part."""
+
+    def probs_of(images):  # the probes' altered test images through the compiled eval step
+        altered = pipeline.ArraySet(images, run.data.test.labels, run.data.test.names)
+        return score(altered)[1]["probs"]
+
+    # Every process calls this (the eval step is collective); only the main one writes files.
+    sections = clinical_outputs.clinical_sections(
+        model=create_model(run.config, num_classes=len(run.data.class_names), dtype=jnp.float32),
+        variables=state.variables,
+        test_examples=clinical_outputs.test_examples(run.config, run.data),
+        test_images=run.data.test.images,
+        val_probs=val_predictions["probs"],
+        val_labels=val_predictions["labels"],
+        test_probs=test_predictions["probs"],
+        test_labels=test_predictions["labels"],
+        class_names=run.data.class_names,
+        positive_class=run.data.positive_class,
+        out_dir=run.workdir if run.is_main else None,
+        seed=run.config.seed,
+        eval_fn=probs_of,
+        batch_size=run.config.global_batch_size,
+    )
+    log.info(
+        "Clinical (best checkpoint, test part):\n%s", clinical_outputs.format_sections(sections)
+    )
+    return sections
+
+
 def measure_breakdown(run: Run) -> None:
-    """The step's compute vs collective time (bcjax.timing.breakdown) into timing.json."""
+    """The step's compute vs collective time (bcjax.timing.breakdown) into timing.json,
+    from the executable, compile and step times the loop already has."""
     batch = run.first_host_batch
     if "image" not in batch:  # the images stayed on the devices; the breakdown times a host batch
         batch = {**batch, "image": np.take(run.data.train.images, batch["index"], axis=0)}
-    result = breakdown.measure(
-        lambda collectives: run.build_steps(collectives=collectives),
+    chrono = run.chrono
+    result = breakdown.from_run(
+        run.steps,
+        run.train_executable,
         run.state,
         batch,
         jax.random.key(run.config.seed),
-        warmup=2,
-        iters=10,
+        compile_times=chrono.compile_s,
+        step_times=chrono.step_times(),
+        input_wait_s=chrono.input_wait_s[chrono.warmup_steps :],
+        build=lambda collectives: run.build_steps(collectives=collectives),
         dtype=run.config.dtype,
     )
     run.chrono.record("breakdown", result)

@@ -50,6 +50,7 @@ def summarize(run: Run, best: dict, wall_time_s: float, wall_time_s_this_process
             (h["val"] for h in history if h["epoch"] == best["epoch"] and "val" in h), None
         ),
         "test": best["test"],
+        **best["clinical"],  # calibration, operating_points, bootstrap, grounding, probes
         "wall_time_s": wall_time_s,
         "wall_time_s_this_process": wall_time_s_this_process,
         "skipped_steps": progress.skipped_steps,

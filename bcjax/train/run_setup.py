@@ -155,6 +155,7 @@ class Run:
     writer: MetricWriter
     progress: Progress
     first_host_batch: dict | None = None  # what the train step was compiled for
+    train_executable: Any = None  # the compiled train step the loop trains with
     checkpoints_saved: int = 0
 
     @property
