@@ -36,8 +36,10 @@ def prepare(config) -> None:
 def enable_compilation_cache(path: str | None = None) -> str:
     """Turns on JAX's persistent compilation cache (a restart skips compiling)."""
     import jax
-    path = path or os.environ.get("BCJAX_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "bcjax", "jax")
+    # One cache root for bcjax ($BCJAX_CACHE_DIR, else ~/.cache/bcjax): compiled
+    # programs in jax/, generated synthetic sets in synthetic/, extracted zips beside.
+    root = os.environ.get("BCJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax")
+    path = path or os.path.join(root, "jax")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     # BUSI-sized steps compile in seconds; cache them all, not only the slow ones.

@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from bcjax import files
+
 __all__ = ["plot_learning_curves", "plot_confusion_matrix", "history_table"]
 
 _SPLITS = ("train", "val")
@@ -73,8 +75,8 @@ def history_table(
 
 def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    with files.atomic_file(path, "wb") as f:  # a kill mid-write leaves the old picture
+        fig.savefig(f, format="png")
     return path
 
 

@@ -36,6 +36,12 @@ RUN_FILES = (
     "test_predictions.npz",
     "tensorboard",
     "synthetic",
+    "reliability.png",
+    "roc_curves.png",
+    "pr_curves.png",
+    "least_grounded.png",
+    "curves.json",
+    "external",  # bcjax.evaluate's reports score this run's model
 )
 
 
