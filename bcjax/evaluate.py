@@ -46,7 +46,6 @@ duplicates: the report says how many there are.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import pathlib
@@ -57,85 +56,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from bcjax import files, predict, report
-from bcjax.data import busi, pipeline, readers, splits
+from bcjax.data import overlap, pipeline, readers, splits
 from bcjax.data.busi import BusiError, Example
+from bcjax.data.class_map import ClassMapError, map_classes, parse_class_map
 
 CHUNK = 256  # images decoded and scored at a time: bounded memory, and a progress line each
 
 
-class EvaluateError(ValueError):
-    """An external set or class mapping that cannot be used; the message says why."""
+# An external set or class mapping that cannot be used; the message says why.
+EvaluateError = ClassMapError
 
 
 # ----------------------------------------------------------------------------- classes
-
-
-def parse_class_map(items: Sequence[str]) -> dict[str, str]:
-    """``["a=b,c=d", "e=f"]`` -> ``{"a": "b", "c": "d", "e": "f"}`` (external -> model)."""
-    mapping: dict[str, str] = {}
-    for item in items:
-        for pair in filter(None, (p.strip() for p in item.split(","))):
-            external, sep, model = (s.strip() for s in pair.partition("="))
-            if not sep or not external or not model:
-                raise EvaluateError(f"--class-map wants EXTERNAL=MODEL pairs, got {pair!r}")
-            if external in mapping:
-                raise EvaluateError(f"--class-map maps {external!r} twice")
-            mapping[external] = model
-    return mapping
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _listed(names) -> str:
-    return ", ".join(map(repr, names)) or "(none)"
-
-
-def map_classes(
-    model_classes: Sequence[str],
-    external_classes: Sequence[str],
-    class_map: dict[str, str],
-    drop: Sequence[str] = (),
-) -> dict[str, str]:
-    """The model class each kept external class is scored as (rules 2-4 of the module doc).
-
-    Dropped classes are left out of the result. EvaluateError when a rule is broken.
-    """
-    model_classes, external_classes = tuple(model_classes), tuple(external_classes)
-    named = {**{c: "--drop-class" for c in drop}, **{c: "--class-map" for c in class_map}}
-    for name, flag in named.items():
-        if name not in external_classes:
-            raise EvaluateError(
-                f"{flag} names {name!r}, which is not a class of the external "
-                f"set; its classes are {_listed(external_classes)}"
-            )
-    both = sorted(set(drop) & set(class_map))
-    if both:
-        raise EvaluateError(f"{_listed(both)} both mapped and dropped; choose one")
-    unknown_targets = sorted({m for m in class_map.values() if m not in model_classes})
-    if unknown_targets:
-        raise EvaluateError(
-            f"--class-map maps onto {_listed(unknown_targets)}, not a class of "
-            f"the model; its classes are {_listed(model_classes)}"
-        )
-    mapping = {c: class_map.get(c, c) for c in external_classes if c not in drop}
-    if not mapping:
-        raise EvaluateError("--drop-class leaves no class of the external set to score")
-    unmatched = [c for c in mapping if mapping[c] not in model_classes]
-    if unmatched:
-        absent = [c for c in model_classes if c not in mapping.values()]
-        raise EvaluateError(
-            "the external set's classes do not match the model's.\n"
-            f"  model ({len(model_classes)}): {_listed(model_classes)}\n"
-            f"  external set ({len(external_classes)}): {_listed(external_classes)}\n"
-            f"  not classes of the model: {_listed(unmatched)}\n"
-            f"  model classes without external images: {_listed(absent)}"
-            " (allowed: metrics are then over the classes present)\n"
-            "Map a class with --class-map EXTERNAL=MODEL[,...] or leave its images out with "
-            "--drop-class NAME."
-        )
-    return mapping
 
 
 def run_classes(workdir: pathlib.Path) -> tuple[tuple[str, ...], dict | None]:
@@ -175,10 +107,6 @@ def external_report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence
 # ----------------------------------------------------------------------------- duplicates
 
 
-def _sha256(path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
-
-
 def training_examples(
     workdir: pathlib.Path, manifest: dict, class_names: Sequence[str]
 ) -> list[Example]:
@@ -192,46 +120,6 @@ def training_examples(
     kind = "busi" if source["dataset"] in ("busi", "synthetic") else source["dataset"]
     labelled = readers.read(kind, source["path"], class_names=class_names, verify=False)
     return splits.select(labelled.examples, manifest["train"])
-
-
-def find_duplicates(
-    external: Sequence[Example],
-    external_hashes: np.ndarray,
-    train: Sequence[Example],
-    train_hashes: np.ndarray,
-    class_names: Sequence[str],
-    threshold: int,
-) -> list[dict]:
-    """One entry per external image within ``threshold`` bits of a training image."""
-    distance = np.bitwise_count(
-        np.asarray(external_hashes, np.uint64)[:, None]
-        ^ np.asarray(train_hashes, np.uint64)[None, :]
-    )
-    found = []
-    for i, row in enumerate(distance):
-        close = np.flatnonzero(row <= threshold)
-        if not close.size:
-            continue
-        digest = _sha256(external[i].image_path)
-        matches = [
-            {
-                "train": train[j].name,
-                "file": train[j].image_path,
-                "class": class_names[train[j].label],
-                "distance": int(row[j]),
-                "exact": _sha256(train[j].image_path) == digest,
-            }
-            for j in sorted(close, key=lambda j: (row[j], j))
-        ]
-        found.append(
-            {
-                "external": external[i].name,
-                "file": external[i].image_path,
-                "kind": "exact" if any(m["exact"] for m in matches) else "near",
-                "matches": matches,
-            }
-        )
-    return found
 
 
 def duplicates_with_training(workdir, manifest, class_names, examples, hashes, echo) -> dict:
@@ -255,10 +143,10 @@ def duplicates_with_training(workdir, manifest, class_names, examples, hashes, e
     except BusiError as e:
         echo(f"WARNING: not checked for duplicates of the training images: {e}")
         return {**out, "checked": False, "reason": str(e)}
-    found = find_duplicates(examples, hashes, train, train_hashes, class_names, threshold)
+    found = overlap.find_duplicates(examples, hashes, train, train_hashes, class_names, threshold)
     exact = sum(d["kind"] == "exact" for d in found)
     echo(
-        f"Duplicates of the run's {_plural(len(train), 'training image')}: {len(found)} of "
+        f"Duplicates of the run's {report.count(len(train), 'training image')}: {len(found)} of "
         f"the scored images ({exact} exact, {len(found) - exact} near); the metrics include them."
     )
     return {
@@ -290,25 +178,14 @@ def data_name(path) -> str:
 
 
 def load_predictor(workdir: pathlib.Path, step: int | None, class_names: tuple[str, ...]):
-    """The run's Predictor, its head sized to the run's classes."""
+    """The run's Predictor; its head has the run's classes."""
     predictor = predict.Predictor.from_workdir(workdir, step=step)
-    if predictor.class_names == class_names:
-        return predictor
-    # bcjax.predict builds BUSI's three-class head; a run on other classes needs its own.
-    import jax.numpy as jnp
-
-    from bcjax.train import loop
-
-    config, _ = predict.read_run(workdir)
-    model = loop.create_model(config, num_classes=len(class_names), dtype=jnp.float32)
-    return predict.Predictor(
-        model,
-        predictor.variables,
-        predictor.image_size,
-        batch_size=predictor.batch_size,
-        class_names=class_names,
-        step=predictor.step,
-    )
+    if predictor.class_names != tuple(class_names):  # the manifest and results disagree
+        raise EvaluateError(
+            f"{workdir}: the checkpoint's classes {predictor.class_names} are not the "
+            f"manifest's {tuple(class_names)}"
+        )
+    return predictor
 
 
 def read_external(data, class_names, class_map, drop, echo) -> tuple[readers.LabelledSet, dict]:
@@ -321,7 +198,7 @@ def read_external(data, class_names, class_map, drop, echo) -> tuple[readers.Lab
     echo(f"External set {labelled.path} ({kind}): {len(labelled.examples)} images, {listed}")
     for c in labelled.class_names:
         if c not in mapping:
-            echo(f"  {c}: dropped ({_plural(counts[c], 'image')})")
+            echo(f"  {c}: dropped ({report.count(counts[c], 'image')})")
         elif mapping[c] != c:
             echo(f"  {c}: scored as {mapping[c]}")
     return labelled, mapping
@@ -384,7 +261,7 @@ def evaluate_external(
         which = "the latest"  # results.json does not say which was best
     echo(
         f"Run {workdir}: {config.model}, checkpoint step {predictor.step} (epoch {epoch}, "
-        f"{which}); scoring {_plural(len(examples), 'image')} at {predictor.image_size} px."
+        f"{which}); scoring {report.count(len(examples), 'image')} at {predictor.image_size} px."
     )
     probs, hashes = score(predictor, examples, echo)
     metrics = external_report(probs, labels, class_names)

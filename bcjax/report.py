@@ -10,7 +10,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from bcjax import files
 
-__all__ = ["duration", "markdown_table", "number", "percent", "write_csv"]
+__all__ = ["count", "duration", "markdown_table", "number", "percent", "write_csv"]
+
+
+def count(n: int, word: str) -> str:
+    """``3 images``, ``1 image``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def duration(seconds: float) -> str:
@@ -47,7 +52,9 @@ def percent(value, digits: int = 1, *, missing: str = "–") -> str:
     return f"{value:.{digits}%}"
 
 
-def markdown_table(rows: Iterable[Mapping], columns: Sequence[str], *, headers=None, fmt=None) -> str:
+def markdown_table(
+    rows: Iterable[Mapping], columns: Sequence[str], *, headers=None, fmt=None
+) -> str:
     """A GitHub markdown table; ``fmt(value, column)`` formats a cell (default: number)."""
     fmt = fmt or (lambda v, c: number(v))
     headers = list(headers or columns)

@@ -16,7 +16,7 @@ from _tiny import tiny_config
 from PIL import Image
 
 from bcjax import evaluate
-from bcjax.data import synthetic
+from bcjax.data import class_map, synthetic
 from bcjax.train import loop, metrics
 
 CLASSES = ("normal", "benign", "malignant")
@@ -228,14 +228,14 @@ def test_class_errors(run, folder_set, tmp_path, capsys, extra, expected):
 
 def test_map_classes_rules():
     model = ("normal", "benign", "malignant")
-    many_to_one = evaluate.map_classes(
+    many_to_one = class_map.map_classes(
         model, ("cyst", "fibroadenoma", "malignant"), {"cyst": "benign", "fibroadenoma": "benign"}
     )
     assert many_to_one == {"cyst": "benign", "fibroadenoma": "benign", "malignant": "malignant"}
-    assert evaluate.parse_class_map(["a=b, c=d", "e=f"]) == {"a": "b", "c": "d", "e": "f"}
+    assert class_map.parse_class_map(["a=b, c=d", "e=f"]) == {"a": "b", "c": "d", "e": "f"}
     with pytest.raises(evaluate.EvaluateError, match="both mapped and dropped"):
-        evaluate.map_classes(model, ("benign", "x"), {"x": "benign"}, drop=["x"])
+        class_map.map_classes(model, ("benign", "x"), {"x": "benign"}, drop=["x"])
     with pytest.raises(evaluate.EvaluateError, match="leaves no class"):
-        evaluate.map_classes(model, ("benign", "x"), {}, drop=["benign", "x"])
+        class_map.map_classes(model, ("benign", "x"), {}, drop=["benign", "x"])
     with pytest.raises(evaluate.EvaluateError, match="maps 'a' twice"):
-        evaluate.parse_class_map(["a=b,a=c"])
+        class_map.parse_class_map(["a=b,a=c"])
