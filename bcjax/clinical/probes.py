@@ -18,6 +18,10 @@ would be a shortcut of its own:
 
 Images without a mask (normal) are left unchanged. Seeded: the same inputs
 give the same copies.
+
+`shortcut_flags` reads a probe report and says whether the model relies on
+something other than the lesion, by two named criteria (see its docstring),
+each with the numbers behind it.
 """
 
 from __future__ import annotations
@@ -30,17 +34,28 @@ import numpy as np
 from bcjax.clinical import bootstrap, grounding
 
 __all__ = [
+    "ACCURACY_DROP",
     "CONTEXT_MARGIN",
     "PROBE_LIMITS",
+    "RANDOM_MARK",
+    "RECALL_KEPT",
     "REMOVAL_MARGIN",
     "keep_lesion_only",
     "probe_images",
     "probe_report",
     "remove_lesion",
+    "shortcut_flags",
 ]
 
 REMOVAL_MARGIN = 0.04
 CONTEXT_MARGIN = 0.08
+
+# The probe version holding predictions on a copy of the test set with the planted
+# mark placed at random (bcjax.data.synthetic.random_mark_copy); only synthetic sets have one.
+RANDOM_MARK = "random_mark"
+# shortcut_flags' thresholds; why these values: see its docstring.
+RECALL_KEPT = 0.75
+ACCURACY_DROP = 0.15
 
 PROBE_LIMITS = (
     "Probe limits: the fills copy tissue from the same depth, so they keep brightness by "
@@ -203,9 +218,10 @@ def probe_report(
     removal_margin: float = REMOVAL_MARGIN,
     context_margin: float = CONTEXT_MARGIN,
 ) -> dict[str, Any]:
-    """The probe numbers: per version ("original", "lesion_removed", "lesion_only":
-    class probabilities [N, C] of the test images in that version) its
-    accuracy, macro AUC, accuracy over lesion images and recall per class.
+    """The probe numbers: per version ("original", "lesion_removed", "lesion_only",
+    and RANDOM_MARK where there is such a copy: class probabilities [N, C] of
+    the test images in that version) its accuracy, macro AUC, accuracy over
+    lesion images and recall per class.
 
     {"lesion_images", "removal_margin", "context_margin", "limits",
      "versions": {version: {"accuracy", "auc_macro", "lesion_images_accuracy",
@@ -224,4 +240,78 @@ def probe_report(
             version: _version(np.asarray(p, np.float64), labels, has_lesion, list(class_names))
             for version, p in probs.items()
         },
+    }
+
+
+def _kept(original, altered):
+    """altered / original, or None where it says nothing (no original recall)."""
+    if original is None or altered is None or original <= 0:
+        return None
+    return altered / original
+
+
+def shortcut_flags(
+    report: Mapping[str, Any],
+    positive_class: str,
+    *,
+    recall_kept: float = RECALL_KEPT,
+    accuracy_drop: float = ACCURACY_DROP,
+) -> dict[str, Any]:
+    """Does the probe report (`probe_report`'s dict) show a model that decides on
+    something other than the lesion? Two criteria; `flagged` if either holds.
+
+    * survives_lesion_removal: the positive class's recall with the lesion removed
+      is at least `recall_kept` (0.75) of its recall on the original images. A
+      model left with nothing to go on calls a lesion-removed image positive at
+      about its rate on lesion-free images (near 0 for a model that calls those
+      normal), so its kept share falls toward 0. In the planted-shortcut study
+      (tests/test_shortcut_probe.py, seeds 0-3 at 10 and 15 epochs) the
+      unmarked models kept 0.29-0.56
+      (posterior shadowing survives the removal: see PROBE_LIMITS), the models
+      trained with the mark 0.92-0.99.
+    * drops_on_random_mark: accuracy on the "random_mark" version (the same test
+      images with the planted mark placed at random) is at least `accuracy_drop`
+      (0.15) below the original accuracy. A model that ignores the mark loses
+      nothing in expectation; the unmarked models lost at most 0.08, the mark
+      being a foreign object to them. One that calls every marked image positive loses
+      about p x (accuracy - prevalence of the positive class) with the mark on a
+      share p of the images: 0.6 for p = 1 at accuracy 0.88 and prevalence 0.27
+      (measured 0.52-0.60). 0.15 is a quarter of that. None (not judged) without
+      a "random_mark" version, as on BUSI, where only the first criterion speaks.
+
+    Grounding is not a criterion: at the image sizes a quick check trains on, the
+    Grad-CAM grid is too coarse to say where the evidence lies (see grounding).
+    {"flagged": bool, "positive_class",
+     "criteria": {name: {"flagged": bool | None, "threshold", and its numbers}}}
+    """
+    versions = report["versions"]
+    original = versions["original"]
+    removed = versions.get("lesion_removed")
+    recall = original["recall"][positive_class]
+    removed_recall = removed["recall"][positive_class] if removed else None
+    kept = _kept(recall, removed_recall)
+    criteria = {
+        "survives_lesion_removal": {
+            "flagged": None if kept is None else bool(kept >= recall_kept),
+            "threshold": recall_kept,
+            "recall_original": recall,
+            "recall_lesion_removed": removed_recall,
+            "recall_kept": kept,
+        }
+    }
+    random_mark = versions.get(RANDOM_MARK)
+    drop = None
+    if random_mark is not None and None not in (original["accuracy"], random_mark["accuracy"]):
+        drop = original["accuracy"] - random_mark["accuracy"]
+    criteria["drops_on_random_mark"] = {
+        "flagged": None if drop is None else bool(drop >= accuracy_drop),
+        "threshold": accuracy_drop,
+        "accuracy_original": original["accuracy"],
+        "accuracy_random_mark": random_mark["accuracy"] if random_mark else None,
+        "accuracy_drop": drop,
+    }
+    return {
+        "flagged": any(c["flagged"] for c in criteria.values()),
+        "positive_class": positive_class,
+        "criteria": criteria,
     }

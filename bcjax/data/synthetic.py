@@ -52,6 +52,9 @@ BUSI_COUNTS = (133, 437, 210)  # normal, benign, malignant in the real set
 GENERATOR_VERSION = 3  # part of every image seed and of the marker: a new version is a new set
 MIN_SIZE, MAX_SIZE = 300, 700  # image width range in pixels (BUSI's are ~190-720)
 MARKS = ("calliper", "text")
+# How the marks are drawn, in a marked set's SYNTHETIC.json: a marked set cached
+# with an older drawing is made again; unmarked sets (no "mark" entry) are untouched.
+MARK_VERSION = 2  # 2: callipers 4x thicker, so that they survive a squash to 32 px
 MARK_PLACEMENTS = ("malignant", "random")  # the shortcut, or the same mark unrelated to the class
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 _MALIGNANT = CLASSES.index("malignant")
@@ -436,9 +439,13 @@ def _origin(h: int, w: int, box_h: int, box_w: int, corner: str, margin: int) ->
 def _draw_calliper(img: np.ndarray, corner: str, rng: np.random.Generator) -> None:
     """Two '+' callipers joined by a dotted line, as a sonographer's measurement."""
     h, w = img.shape
-    u = min(h, w) / 100  # sizes scale with the image, so the mark survives resizing
-    arm, thick = max(2, round(4 * u)), max(1, round(u))
-    span = max(4 * arm, round(rng.uniform(14, 22) * u))
+    # Sizes scale with the image, so the mark survives resizing: its lines, 4% of the
+    # shorter side thick, stay over 1 px wide at 32 px. Thinner ones (1%, as scanners
+    # draw them) blur away at the sizes a quick CPU run trains on, and a small model
+    # ignored them even at 64 px, where they show (issue 16's planted-shortcut study).
+    u = min(h, w) / 100
+    arm, thick = max(2, round(8 * u)), max(1, round(4 * u))
+    span = max(3 * arm, round(rng.uniform(26, 34) * u))
     drop = round(rng.uniform(0, 4) * u)  # the second calliper lower: a slanted measurement
     value = int(rng.integers(225, 256))
     y0, x0 = _origin(h, w, 2 * arm + 1 + drop, span + 2 * arm + 1, corner, max(1, round(6 * u)))
@@ -447,7 +454,7 @@ def _draw_calliper(img: np.ndarray, corner: str, rng: np.random.Generator) -> No
         _fill(img, cy - thick // 2, cx - arm, thick, 2 * arm + 1, value)
         _fill(img, cy - arm, cx - thick // 2, 2 * arm + 1, thick, value)
     (ay, ax), (by, bx) = ends
-    dots = span // (3 * thick)
+    dots = span // (2 * thick)
     for k in range(2, dots - 1):  # a gap next to each calliper
         t = k / dots
         _fill(img, round(ay + t * (by - ay)) - thick // 2, round(ax + t * (bx - ax)) - thick // 2,
@@ -561,7 +568,8 @@ def set_info(num: int, seed: int, *, min_size: int = MIN_SIZE, max_size: int = M
              mark: str = "", mark_prob: float = 0.9, mark_placement: str = "malignant") -> dict:
     """What SYNTHETIC.json holds for a set of these arguments; equal dicts, equal sets.
 
-    With a mark it adds {"mark": {"kind", "prob", "placement", "marked": {name: corner}}};
+    With a mark it adds {"mark": {"kind", "version", "prob", "placement",
+    "marked": {name: corner}}};
     without one it is what sets written before marks existed hold, so they are reused.
     """
     info = {"generator": "bcjax.data.synthetic", "version": GENERATOR_VERSION, "num": num,
@@ -574,8 +582,8 @@ def set_info(num: int, seed: int, *, min_size: int = MIN_SIZE, max_size: int = M
                 planted = _mark_for(seed, label, number, mark, mark_prob, mark_placement)
                 if planted is not None:
                     marked[f"{CLASSES[label]}/{CLASSES[label]} ({number}).png"] = planted[0]
-        info["mark"] = {"kind": mark, "prob": mark_prob, "placement": mark_placement,
-                        "marked": marked}
+        info["mark"] = {"kind": mark, "version": MARK_VERSION, "prob": mark_prob,
+                        "placement": mark_placement, "marked": marked}
     return info
 
 
