@@ -65,6 +65,11 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path):
     # The clinical sections of the best checkpoint's test part (bcjax.clinical).
     for key in ("calibration", "operating_points", "bootstrap", "grounding", "probes"):
         assert saved[key], key
+    shortcut = saved["probes"]["shortcut"]["criteria"]
+    assert shortcut["drops_on_random_mark"]["flagged"] is None  # a run has no random-mark copy
+    removal = shortcut["survives_lesion_removal"]
+    # Not judged only when the tiny model never finds the positive class at all.
+    assert removal["flagged"] in (True, False) or not removal["recall_original"]
     boot = saved["bootstrap"]["metrics"]["accuracy"]
     assert boot["value"] == pytest.approx(saved["test"]["accuracy"])
     assert boot["low"] <= boot["value"] <= boot["high"]

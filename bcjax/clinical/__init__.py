@@ -31,7 +31,14 @@ from bcjax.step.gradcam on a float32 copy of the model):
 """
 
 from bcjax.clinical.grounding import grounding_report
-from bcjax.clinical.probes import probe_images, probe_report
+from bcjax.clinical.probes import probe_images, probe_report, shortcut_flags
 from bcjax.clinical.summary import clinical_report, format_clinical
 
-__all__ = ["clinical_report", "format_clinical", "grounding_report", "probe_images", "probe_report"]
+__all__ = [
+    "clinical_report",
+    "format_clinical",
+    "grounding_report",
+    "probe_images",
+    "probe_report",
+    "shortcut_flags",
+]

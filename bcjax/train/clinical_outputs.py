@@ -19,6 +19,7 @@ import numpy as np
 from bcjax import clinical, files, report, stats
 from bcjax.clinical import bootstrap
 from bcjax.clinical import plots as clinical_plots
+from bcjax.clinical.probes import shortcut_flags
 from bcjax.data import datasets, pipeline
 from bcjax.data.busi import Example
 from bcjax.step import gradcam
@@ -134,6 +135,9 @@ def clinical_sections(
             },
             names,
         )
+        # Without a random-mark copy of the test images (a run has none), only the
+        # lesion-removal criterion can flag a shortcut.
+        sections["probes"]["shortcut"] = shortcut_flags(sections["probes"], positive_class)
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         clinical_plots.write_clinical_plots(
@@ -161,6 +165,15 @@ def format_sections(sections: Mapping[str, Any]) -> str:
     if "grounding" in sections and ground is None:
         lines.append("grounding, shortcut probes: no test image has a lesion mask")
     lines.append(clinical.format_clinical({"probes": sections.get("probes")}))
+    shortcut = (sections.get("probes") or {}).get("shortcut")
+    if shortcut:
+        kept = shortcut["criteria"]["survives_lesion_removal"]
+        verdict = "SUSPECTED" if shortcut["flagged"] else "not flagged"
+        lines.append(
+            f"  shortcut {verdict}: {shortcut['positive_class']} recall kept with the lesion "
+            f"removed {report.number(kept.get('recall_kept'), 2)} "
+            f"(flag at >= {kept['threshold']})"
+        )
     return "\n".join(line for line in lines if line)
 
 
