@@ -72,7 +72,9 @@ def save_npz(path, **arrays) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(target, *, prefix: str | None = None, replace: bool = False) -> Iterator[pathlib.Path]:
+def atomic_dir(
+    target, *, prefix: str | None = None, replace: bool = False
+) -> Iterator[pathlib.Path]:
     """Yields an empty temp folder beside ``target``; on a clean exit it becomes ``target``.
 
     When ``target`` appeared meanwhile (another process won a race), the

@@ -6,6 +6,7 @@ Kept short on purpose (as flax examples/imagenet does): the configuration is
 checked and the devices are requested here, everything else lives in
 `bcjax.train.loop`.
 """
+
 import logging as std_logging
 import os
 import sys
@@ -25,8 +26,9 @@ _make_configs_importable()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file (a get_config() module).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Configuration file (a get_config() module).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -44,6 +46,7 @@ def main(argv):
     # from --verbosity while it parses the flags.
     std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     from bcjax import config_check, runtime
+
     config = _CONFIG.value
     try:
         runtime.prepare(config)  # checks the config, sets simulated CPU devices before JAX starts
@@ -52,12 +55,21 @@ def main(argv):
     from bcjax import cv
     from bcjax.data import busi
     from bcjax.train import checkpoint, loop
+
     # Problems with the user's data, workdir or numbers: a message, not a traceback.
-    user_errors = (config_check.ConfigError, busi.BusiError, checkpoint.CheckpointMismatchError,
-                   loop.WorkdirError, loop.NonFiniteError, cv.CrossValidationError)
+    user_errors = (
+        config_check.ConfigError,
+        busi.BusiError,
+        checkpoint.CheckpointMismatchError,
+        loop.WorkdirError,
+        loop.NonFiniteError,
+        cv.CrossValidationError,
+    )
     try:
         if config.cv.folds >= 2:
-            cv.run_cross_validation(config, _WORKDIR.value)  # one training per fold, then the report
+            cv.run_cross_validation(
+                config, _WORKDIR.value
+            )  # one training per fold, then the report
         else:
             loop.train_and_evaluate(config, _WORKDIR.value)
     except user_errors as e:

@@ -4,6 +4,7 @@ The order matters: XLA reads the CPU device count and jax.distributed must be
 initialised before the first computation, and a config error should surface
 before minutes of compilation, not after.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,27 +19,37 @@ def prepare(config) -> None:
     """Validates `config` and makes its devices exist; raises ConfigError early."""
     config_check.validate(config)
     from bcjax.parallel import mesh
+
     if config.num_devices > 1 and not mesh.has_accelerator():
         # num_devices counts all processes' devices; each process brings its share.
         per_process = config.num_devices // max(config.num_processes, 1)
         mesh.request_cpu_devices(per_process)
-        log.warning("No accelerator: simulating %d devices on the CPU; their timings "
-                    "are simulated (all share the host's cores).", per_process)
-    mesh.maybe_init_distributed(config.coordinator_address or None,
-                                config.num_processes or None,
-                                None if config.process_id < 0 else config.process_id)
+        log.warning(
+            "No accelerator: simulating %d devices on the CPU; their timings "
+            "are simulated (all share the host's cores).",
+            per_process,
+        )
+    mesh.maybe_init_distributed(
+        config.coordinator_address or None,
+        config.num_processes or None,
+        None if config.process_id < 0 else config.process_id,
+    )
     if config.compilation_cache:
         enable_compilation_cache()
     import jax
+
     config_check.validate(config, num_devices_available=len(jax.devices()))
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
     """Turns on JAX's persistent compilation cache (a restart skips compiling)."""
     import jax
+
     # One cache root for bcjax ($BCJAX_CACHE_DIR, else ~/.cache/bcjax): compiled
     # programs in jax/, generated synthetic sets in synthetic/, extracted zips beside.
-    root = os.environ.get("BCJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax")
+    root = os.environ.get("BCJAX_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "bcjax"
+    )
     path = path or os.path.join(root, "jax")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
@@ -49,9 +60,10 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
 
 def default_dtype() -> str:
-    """"bfloat16" where the first device computes it natively (TPU, GPUs from
+    """ "bfloat16" where the first device computes it natively (TPU, GPUs from
     Ampere on), else "float32": older GPUs such as Colab's T4 emulate bf16 slowly."""
     import jax
+
     device = jax.devices()[0]
     return dtype_for(device.platform, getattr(device, "compute_capability", ""))
 
@@ -75,9 +87,22 @@ def probe_devices(timeout: float = 120.0) -> tuple[str, int, str, str]:
     """
     import subprocess
     import sys
-    code = ("import jax; d = jax.devices(); "
-            "print(d[0].platform, len(d), d[0].device_kind, getattr(d[0], 'compute_capability', ''), sep='\\t')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                         check=True).stdout.strip().splitlines()[-1]
+
+    code = (
+        "import jax; d = jax.devices(); "
+        "print(d[0].platform, len(d), d[0].device_kind, getattr(d[0], "
+        "'compute_capability', ''), sep='\\t')"
+    )
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     platform, count, kind, capability = (out.split("\t") + [""])[:4]
     return platform, int(count), kind, dtype_for(platform, capability)

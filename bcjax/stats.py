@@ -6,10 +6,11 @@ give the Student-t interval of a mean and of a paired difference, so a report
 can say whether a difference is larger than that noise. Pure functions of
 plain numbers (numpy and scipy only), usable without JAX.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -28,10 +29,11 @@ def t_critical(confidence: float, dof: int) -> float:
     if dof < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
     from scipy import stats as scipy_stats
+
     return float(scipy_stats.t.ppf(0.5 + confidence / 2, dof))
 
 
-def mean_ci(values: Sequence[Optional[float]], confidence: float = 0.95) -> dict:
+def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> dict:
     """Mean, sample standard deviation (ddof=1) and Student-t interval.
 
     Returns {n, mean, sd, sem, t, half_width, low, high, confidence}; with
@@ -41,19 +43,35 @@ def mean_ci(values: Sequence[Optional[float]], confidence: float = 0.95) -> dict
     """
     x = _finite(values)
     n = int(x.size)
-    out = {"n": n, "mean": float(x.mean()) if n else None, "sd": None, "sem": None, "t": None,
-           "half_width": None, "low": None, "high": None, "confidence": confidence}
+    out = {
+        "n": n,
+        "mean": float(x.mean()) if n else None,
+        "sd": None,
+        "sem": None,
+        "t": None,
+        "half_width": None,
+        "low": None,
+        "high": None,
+        "confidence": confidence,
+    }
     if n >= 2:
         sd = float(x.std(ddof=1))
         sem = sd / math.sqrt(n)
         t = t_critical(confidence, n - 1)
-        out.update(sd=sd, sem=sem, t=t, half_width=t * sem, low=out["mean"] - t * sem,
-                   high=out["mean"] + t * sem)
+        out.update(
+            sd=sd,
+            sem=sem,
+            t=t,
+            half_width=t * sem,
+            low=out["mean"] - t * sem,
+            high=out["mean"] + t * sem,
+        )
     return out
 
 
-def paired_difference(a: Sequence[Optional[float]], b: Sequence[Optional[float]],
-                      confidence: float = 0.95) -> dict:
+def paired_difference(
+    a: Sequence[float | None], b: Sequence[float | None], confidence: float = 0.95
+) -> dict:
     """a - b pair by pair (same fold, same seed), with the t-interval of its mean.
 
     Pairing removes what both runs share (which images a fold holds), so the
@@ -85,5 +103,7 @@ def format_ci(stats: dict, digits: int = 3) -> str:
         return "–"
     if stats.get("half_width") is None:
         return f"{stats['mean']:.{digits}f}"
-    return (f"{stats['mean']:.{digits}f} ± {stats['half_width']:.{digits}f} "
-            f"[{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]")
+    return (
+        f"{stats['mean']:.{digits}f} ± {stats['half_width']:.{digits}f} "
+        f"[{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
+    )

@@ -4,6 +4,7 @@ Hardware and model variants import this file and override a few fields
 (flax examples/imagenet style). Every value is checked by
 `bcjax.config_check.validate` before anything compiles.
 """
+
 import ml_collections
 
 

@@ -1,4 +1,5 @@
 """MobileNetV2 on 1 device."""
+
 from configs import mobilenet_8dev
 
 

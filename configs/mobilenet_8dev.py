@@ -1,4 +1,5 @@
 """MobileNetV2 on 8 devices (8 simulated devices on a CPU)."""
+
 from configs import default
 
 

@@ -2,6 +2,7 @@
 
 A first look in a few minutes on a laptop; not the study's setting.
 """
+
 from configs import default
 
 

@@ -1,4 +1,5 @@
 """ResNet-18 on 1 device: the single-GPU baseline of the study."""
+
 from configs import default
 
 

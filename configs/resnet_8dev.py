@@ -1,4 +1,5 @@
 """ResNet-18 on 8 devices: the study's multi-GPU setting (8 simulated devices on a CPU)."""
+
 from configs import default
 
 

@@ -4,6 +4,7 @@ A persistent compilation cache shared by the whole session (fresh each run)
 lets tests that build the same tiny step reuse one compile: on CI's 2 cores
 compiling, not running, is what costs time.
 """
+
 import os
 import tempfile
 

@@ -1,4 +1,5 @@
 """The step ablation (bcjax.timing.ablation, `python -m bcjax.benchmark --ablate`)."""
+
 import csv
 import json
 
@@ -6,12 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _mp_worker import make_model
+
 from bcjax import benchmark
-from bcjax.parallel import mesh as mesh_lib, strategies
+from bcjax.parallel import mesh as mesh_lib
+from bcjax.parallel import strategies
+from bcjax.step import optim
+from bcjax.step import state as state_lib
 from bcjax.timing import ablation
-from bcjax.step import optim, state as state_lib
 
 IMAGE_SIZE = 32
 
@@ -21,14 +24,17 @@ def _state_and_batch(model, batch_size=4):
     tx, _ = optim.make_optimizer(steps_per_epoch=10, num_epochs=1, learning_rate=0.1, momentum=0.9)
     state = state_lib.create_train_state(model, tx, 0, IMAGE_SIZE, mesh)
     rs = np.random.default_rng(0)
-    batch = {"image": rs.integers(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-             "label": rs.integers(0, 3, batch_size).astype(np.int32),
-             "index": np.arange(batch_size, dtype=np.int32)}
+    batch = {
+        "image": rs.integers(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+        "label": rs.integers(0, 3, batch_size).astype(np.int32),
+        "index": np.arange(batch_size, dtype=np.int32),
+    }
     return mesh, tx, state, batch
 
 
 def test_ladder_times_every_rung_of_one_computation():
-    # bcjax's ResNet code (one basic block per stage, BatchNorm, no dropout): small to compile six times.
+    # bcjax's ResNet code (one basic block per stage, BatchNorm, no dropout): small to compile
+    # six times.
     model = make_model("tiny_resnet")
     _, _, state, batch = _state_and_batch(model)
     result = ablation.ladder(model, state, batch, jax.random.key(0), warmup=1, iters=2)
@@ -42,7 +48,9 @@ def test_ladder_times_every_rung_of_one_computation():
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
     assert np.isfinite(losses[0]) and losses[0] > 0
     for r in rows:
-        assert r["step_ms"] > 0 and r["img_s"] > 0 and r["img_s_pipelined"] > 0 and r["compile_s"] > 0
+        assert (
+            r["step_ms"] > 0 and r["img_s"] > 0 and r["img_s_pipelined"] > 0 and r["compile_s"] > 0
+        )
         assert r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"]
         assert r["img_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
     assert rows[0]["delta_ms"] == 0 and rows[0]["vs_minimal"] == 1
@@ -64,20 +72,51 @@ def test_ablate_cli_writes_tables_and_the_anchor_comparison(tmp_path, capsys, mo
 
     def ladder(model, state, batch, rng, *, warmup, iters):
         seen.append((type(model).__name__, batch["image"].shape, warmup, iters))
-        rows = [{"rung": name, "batch": 4, "step_ms": 10.0 + i, "step_ms_p10": 9.0 + i, "step_ms_p90": 11.0 + i,
-                 "img_s": 4e3 / (10 + i), "img_s_pipelined": 4e3 / (10 + i) + 1, "lower_s": 0.1, "compile_s": 0.2,
-                 "gflop": 1.0, "gb_accessed": 0.5, "first_loss": 1.0986, "delta_ms": float(i > 0),
-                 "vs_minimal": 10 / (10 + i)} for i, name in enumerate(ablation.RUNGS)]
+        rows = [
+            {
+                "rung": name,
+                "batch": 4,
+                "step_ms": 10.0 + i,
+                "step_ms_p10": 9.0 + i,
+                "step_ms_p90": 11.0 + i,
+                "img_s": 4e3 / (10 + i),
+                "img_s_pipelined": 4e3 / (10 + i) + 1,
+                "lower_s": 0.1,
+                "compile_s": 0.2,
+                "gflop": 1.0,
+                "gb_accessed": 0.5,
+                "first_loss": 1.0986,
+                "delta_ms": float(i > 0),
+                "vs_minimal": 10 / (10 + i),
+            }
+            for i, name in enumerate(ablation.RUNGS)
+        ]
         return {"platform": "cpu", "num_devices": 1, "rows": rows}
 
     monkeypatch.setattr(ablation, "ladder", ladder)
     anchors = tmp_path / "anchors.jsonl"
-    anchors.write_text('{"fw": "jax-flax-linen", "model": "resnet18", "batch": 4, "img_s": 100.0}\n')
+    anchors.write_text(
+        '{"fw": "jax-flax-linen", "model": "resnet18", "batch": 4, "img_s": 100.0}\n'
+    )
     out = tmp_path / "ablate"
-    rows = benchmark.main(["--ablate", "--models=resnet18", "--width=2", "--image-size=32", "--batch=4",
-                           "--steps=2", "--warmup=1", "--dtype=float32", f"--anchors={anchors}", f"--out={out}"])
+    rows = benchmark.main(
+        [
+            "--ablate",
+            "--models=resnet18",
+            "--width=2",
+            "--image-size=32",
+            "--batch=4",
+            "--steps=2",
+            "--warmup=1",
+            "--dtype=float32",
+            f"--anchors={anchors}",
+            f"--out={out}",
+        ]
+    )
     assert seen == [("ResNet", (4, 32, 32, 3), 1, 2)]
-    assert [r["rung"] for r in rows] == list(ablation.RUNGS) and all(r["model"] == "resnet18" for r in rows)
+    assert [r["rung"] for r in rows] == list(ablation.RUNGS) and all(
+        r["model"] == "resnet18" for r in rows
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("bcjax step ablation") and "strategy" not in printed.splitlines()[0]
     assert "| resnet18 | 4 | +NaN/Inf guard | 14 |" in printed
@@ -87,9 +126,13 @@ def test_ablate_cli_writes_tables_and_the_anchor_comparison(tmp_path, capsys, mo
 
     with open(out / "ablation.csv") as f:
         saved = list(csv.DictReader(f))
-    assert [r["rung"] for r in saved] == list(ablation.RUNGS) and float(saved[0]["first_loss"]) == 1.0986
+    assert [r["rung"] for r in saved] == list(ablation.RUNGS) and float(
+        saved[0]["first_loss"]
+    ) == 1.0986
     data = json.loads((out / "ablation.json").read_text())
-    assert data["device"] == {"platform": "cpu", "num_devices": 1} and len(data["rows"]) == len(ablation.RUNGS)
+    assert data["device"] == {"platform": "cpu", "num_devices": 1} and len(data["rows"]) == len(
+        ablation.RUNGS
+    )
     assert "model definition" in data["anchor_lines"][0]
     assert "| resnet18 | 4 | minimal |" in (out / "ablation.md").read_text()
 
@@ -102,15 +145,29 @@ def test_switching_off_grad_norm_and_guard_changes_no_update():
     rng = jax.random.key(0)
     # NaN images for an all-black batch, so one compiled step sees both cases.
     from bcjax.data import augment
-    nan_if_black = lambda images, keys: augment.normalize(images) + jnp.where(  # noqa: E731
-        images.max() == 0, jnp.nan, 0.0)
+
+    nan_if_black = lambda images, keys: (
+        augment.normalize(images)
+        + jnp.where(  # noqa: E731
+            images.max() == 0, jnp.nan, 0.0
+        )
+    )
     black = dict(batch, image=np.zeros_like(batch["image"]))
     results = {}
     for guarded in (True, False):
-        steps = strategies.build_steps("jit", mesh, model, donate=False, grad_norm=guarded,
-                                       nonfinite_guard=guarded, preprocess=nan_if_black)
-        results[guarded] = [steps.train_step(steps.place_state(state), steps.shard_batch(b), rng)
-                            for b in (batch, black)]
+        steps = strategies.build_steps(
+            "jit",
+            mesh,
+            model,
+            donate=False,
+            grad_norm=guarded,
+            nonfinite_guard=guarded,
+            preprocess=nan_if_black,
+        )
+        results[guarded] = [
+            steps.train_step(steps.place_state(state), steps.shard_batch(b), rng)
+            for b in (batch, black)
+        ]
     (on, on_metrics), (off, off_metrics) = results[True][0], results[False][0]
     for a, b in zip(jax.tree.leaves(on.params), jax.tree.leaves(off.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

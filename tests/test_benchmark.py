@@ -1,4 +1,5 @@
 """python -m bcjax.benchmark: tables from the breakdown, anchors, ring model."""
+
 import csv
 import json
 import os
@@ -13,24 +14,43 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _row(model, batch, devices, compute_ms, img_s):
     row = {c: None for c in benchmark.COLUMNS}
-    row.update(model=model, per_device_batch=batch, devices=devices, compute_ms=compute_ms,
-               img_s_pipelined=img_s, gradient_mb=46.76)
+    row.update(
+        model=model,
+        per_device_batch=batch,
+        devices=devices,
+        compute_ms=compute_ms,
+        img_s_pipelined=img_s,
+        gradient_mb=46.76,
+    )
     return row
 
 
 def test_cli_writes_csv_json_markdown(tmp_path):
     anchors = tmp_path / "anchors.jsonl"
-    anchors.write_text('{"fw": "torch", "model": "resnet18", "batch": 2, "img_s": 10.0}\n'
-                       "not json\n")
+    anchors.write_text(
+        '{"fw": "torch", "model": "resnet18", "batch": 2, "img_s": 10.0}\nnot json\n'
+    )
     # One device: one compile (the collective-free variant and the all-reduce
     # are only built for several devices; tests/test_timing.py covers those).
     env = dict(os.environ)
     # The CLI's output, not CPU code quality, is under test: compile fast.
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "bcjax.benchmark", "--models=resnet18", "--width=2",
-           "--image-size=32", "--batch=2", "--devices=1", "--steps=2", "--warmup=1",
-           "--dtype=float32", f"--out={out}", f"--anchors={anchors}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bcjax.benchmark",
+        "--models=resnet18",
+        "--width=2",
+        "--image-size=32",
+        "--batch=2",
+        "--devices=1",
+        "--steps=2",
+        "--warmup=1",
+        "--dtype=float32",
+        f"--out={out}",
+        f"--anchors={anchors}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stdout = proc.stdout
@@ -46,7 +66,9 @@ def test_cli_writes_csv_json_markdown(tmp_path):
     saved = json.loads((out / "benchmark.json").read_text())
     assert not saved["simulated"] and saved["rows"][0]["error"] is None
     assert saved["breakdowns"][0]["num_devices"] == 1
-    assert saved["anchors"][0]["ratio_vs_torch"] == round(float(rows[0]["img_s_pipelined"]) / 10.0, 2)
+    assert saved["anchors"][0]["ratio_vs_torch"] == round(
+        float(rows[0]["img_s_pipelined"]) / 10.0, 2
+    )
     assert {p["interconnect"] for p in saved["ring_model"]} == {"pcie4", "nvlink_h100"}
     md = (out / "benchmark.md").read_text()
     assert "| resnet18 | 1 | 2 |" in md
@@ -54,13 +76,23 @@ def test_cli_writes_csv_json_markdown(tmp_path):
 
 def test_anchor_ratios_and_ring_predictions(tmp_path):
     anchors = tmp_path / "a.jsonl"
-    anchors.write_text("\n".join(json.dumps(r) for r in [
-        {"fw": "torch", "model": "resnet18", "batch": 128, "img_s": 9305.0},
-        {"fw": "jax-flax-linen", "model": "resnet18", "batch": 128, "img_s": 14265.0},
-        {"fw": "torch", "model": "resnet18", "batch": 32, "img_s": 2361.0},
-        {"fw": "jax-flax-linen", "model": "resnet18", "batch": 32, "img_s": 9179.0,
-         "compile_s": 10.0},
-    ]))
+    anchors.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"fw": "torch", "model": "resnet18", "batch": 128, "img_s": 9305.0},
+                {"fw": "jax-flax-linen", "model": "resnet18", "batch": 128, "img_s": 14265.0},
+                {"fw": "torch", "model": "resnet18", "batch": 32, "img_s": 2361.0},
+                {
+                    "fw": "jax-flax-linen",
+                    "model": "resnet18",
+                    "batch": 32,
+                    "img_s": 9179.0,
+                    "compile_s": 10.0,
+                },
+            ]
+        )
+    )
     rows = [_row("resnet18", 32, 1, 3.0, 10000.0), _row("resnet18", 128, 1, 9.0, 14000.0)]
     table = benchmark.anchor_rows(rows, benchmark.load_anchors(str(anchors)))
     assert table[0]["ratio_vs_torch"] == round(10000 / 2361, 2)
@@ -81,8 +113,16 @@ def test_anchor_ratios_and_ring_predictions(tmp_path):
 
 
 def test_input_throughput_is_reported(capsys):
-    args = benchmark.parse_args(["--image-size=32", "--batch=8", "--input", "--input-images=64",
-                                 "--input-decode-images=12", "--input-workers=0"])
+    args = benchmark.parse_args(
+        [
+            "--image-size=32",
+            "--batch=8",
+            "--input",
+            "--input-images=64",
+            "--input-decode-images=12",
+            "--input-workers=0",
+        ]
+    )
     result = benchmark.measure_input(args)
     assert result["images_per_s"] > 0 and result["batch_size"] == 8
     assert "input pipeline:" in capsys.readouterr().out

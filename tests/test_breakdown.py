@@ -1,6 +1,7 @@
 """The end-of-run breakdown from what the loop already compiled and measured
 (``breakdown.from_run``): the report ``measure`` gives, without compiling the
 run's step again. A conv-BN-dense model keeps the compiles to about a second."""
+
 import collections
 import contextlib
 
@@ -62,15 +63,23 @@ def _loop_like_run(num_devices, batch_size=8, size=16, steps_run=6):
     tx, _ = optim.make_optimizer(steps_per_epoch=10, num_epochs=1, learning_rate=0.01)
 
     def build(collectives):
-        return strategies.build_steps("shard_map", mesh, model, collectives=collectives,
-                                      preprocess=_to_float, normalize=_to_float)
+        return strategies.build_steps(
+            "shard_map",
+            mesh,
+            model,
+            collectives=collectives,
+            preprocess=_to_float,
+            normalize=_to_float,
+        )
 
     steps = build(True)
     state = steps.place_state(state_lib.create_train_state(model, tx, 0, size, mesh))
     rs = np.random.RandomState(0)
-    host_batch = {"image": rs.randint(0, 256, (batch_size, size, size, 3)).astype(np.uint8),
-                  "label": rs.randint(0, 3, batch_size).astype(np.int32),
-                  "index": np.arange(batch_size, dtype=np.int32)}
+    host_batch = {
+        "image": rs.randint(0, 256, (batch_size, size, size, 3)).astype(np.uint8),
+        "label": rs.randint(0, 3, batch_size).astype(np.int32),
+        "index": np.arange(batch_size, dtype=np.int32),
+    }
     rng = jax.random.key(0)
     chrono = chrono_lib.Chrono(warmup_steps=1)
     batch = steps.shard_batch(host_batch)
@@ -81,17 +90,33 @@ def _loop_like_run(num_devices, batch_size=8, size=16, steps_run=6):
         state, _ = compiled(state, batch, rng)
         chrono.step_dispatched()
     jax.block_until_ready(state)
-    return dict(steps=steps, compiled=compiled, state=state, batch=host_batch, rng=rng,
-                chrono=chrono, build=build)
+    return dict(
+        steps=steps,
+        compiled=compiled,
+        state=state,
+        batch=host_batch,
+        rng=rng,
+        chrono=chrono,
+        build=build,
+    )
 
 
 def _from_run(run, **kwargs):
     chrono = run["chrono"]
     return breakdown.from_run(
-        run["steps"], run["compiled"], run["state"], run["batch"], run["rng"],
-        compile_times=chrono.compile_s, step_times=chrono.step_times(),
-        input_wait_s=chrono.input_wait_s[chrono.warmup_steps:], build=run["build"],
-        warmup=1, iters=3, **kwargs)
+        run["steps"],
+        run["compiled"],
+        run["state"],
+        run["batch"],
+        run["rng"],
+        compile_times=chrono.compile_s,
+        step_times=chrono.step_times(),
+        input_wait_s=chrono.input_wait_s[chrono.warmup_steps :],
+        build=run["build"],
+        warmup=1,
+        iters=3,
+        **kwargs,
+    )
 
 
 def test_one_device_compiles_and_traces_nothing():
@@ -119,14 +144,32 @@ def test_report_has_the_standalone_fields_and_values():
     run = _loop_like_run(1)
     reused = _from_run(run)
     # measure() starts from cleared caches and compiles everything itself.
-    alone = breakdown.measure(run["build"], run["state"], run["batch"], run["rng"], warmup=1,
-                              iters=3, eval_step=False)
+    alone = breakdown.measure(
+        run["build"], run["state"], run["batch"], run["rng"], warmup=1, iters=3, eval_step=False
+    )
     assert set(reused) - set(alone) == {"loop_step_time_s", "input_wait_s", "exposed_input_s"}
-    for key in ("platform", "device_kind", "num_devices", "simulated", "strategy",
-                "global_batch_size", "per_device_batch", "warmup_steps", "timed_steps",
-                "gradient_bytes", "num_params", "exposed_collective_s", "allreduce_s",
-                "flops_per_device_step", "flops_source", "flops_compiled", "flops_lowered",
-                "compiled_memory_bytes", "peak_dtype", "utilisation"):
+    for key in (
+        "platform",
+        "device_kind",
+        "num_devices",
+        "simulated",
+        "strategy",
+        "global_batch_size",
+        "per_device_batch",
+        "warmup_steps",
+        "timed_steps",
+        "gradient_bytes",
+        "num_params",
+        "exposed_collective_s",
+        "allreduce_s",
+        "flops_per_device_step",
+        "flops_source",
+        "flops_compiled",
+        "flops_lowered",
+        "compiled_memory_bytes",
+        "peak_dtype",
+        "utilisation",
+    ):
         assert reused[key] == alone[key], key
     assert reused["compile"].keys() == alone["compile"].keys() == {"train_step"}
 
@@ -149,5 +192,11 @@ def test_two_devices_compile_only_what_the_loop_did_not():
 def test_more_than_one_device_needs_build():
     run = _loop_like_run(2, steps_run=2)
     with pytest.raises(ValueError, match="without collectives"):
-        breakdown.from_run(run["steps"], run["compiled"], run["state"], run["batch"], run["rng"],
-                           compile_times=run["chrono"].compile_s)
+        breakdown.from_run(
+            run["steps"],
+            run["compiled"],
+            run["state"],
+            run["batch"],
+            run["rng"],
+            compile_times=run["chrono"].compile_s,
+        )

@@ -10,6 +10,7 @@ from the same tool's `compare` half (BUILD_NOTES.md), not from CI.
 
 Only eval_shape here: no model is initialised or run (XLA:CPU compile times).
 """
+
 import functools
 import json
 import pathlib
@@ -23,14 +24,21 @@ import pytest
 import bcjax.models
 from bcjax.models import convert
 
-MANIFEST = json.loads((pathlib.Path(__file__).parent / "data" / "torchvision_keys.json").read_text())
+MANIFEST = json.loads(
+    (pathlib.Path(__file__).parent / "data" / "torchvision_keys.json").read_text()
+)
 MODELS = bcjax.models.list_models()
 
 # torchvision's trainable parameter counts at 1000 classes (DESIGN.md).
 TORCHVISION_PARAMS = {
-    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
-    "resnet101": 44_549_160, "resnet152": 60_192_808, "mobilenet_v2": 3_504_872,
-    "mobilenet_v3_large": 5_483_032, "mobilenet_v3_small": 2_542_856,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "mobilenet_v2": 3_504_872,
+    "mobilenet_v3_large": 5_483_032,
+    "mobilenet_v3_small": 2_542_856,
 }
 
 # Spot checks written out by hand from torchvision's module structure, so the
@@ -41,7 +49,11 @@ SPOTS = {
         (("params", "conv_init", "kernel"), "conv1.weight", CONV),
         (("params", "bn_init", "scale"), "bn1.weight", SAME),
         (("params", "layer1_1", "conv2", "kernel"), "layer1.1.conv2.weight", CONV),
-        (("batch_stats", "layer2_0", "downsample_bn", "var"), "layer2.0.downsample.1.running_var", SAME),
+        (
+            ("batch_stats", "layer2_0", "downsample_bn", "var"),
+            "layer2.0.downsample.1.running_var",
+            SAME,
+        ),
         (("batch_stats", "layer4_1", "bn2", "mean"), "layer4.1.bn2.running_mean", SAME),
         (("params", "layer3_0", "downsample_conv", "kernel"), "layer3.0.downsample.0.weight", CONV),
         (("params", "fc", "kernel"), "fc.weight", DENSE),
@@ -54,20 +66,44 @@ SPOTS = {
     ],
     "mobilenet_v2": [
         (("params", "features_0", "conv", "kernel"), "features.0.0.weight", CONV),
-        (("params", "features_1", "depthwise", "conv", "kernel"), "features.1.conv.0.0.weight", CONV),
+        (
+            ("params", "features_1", "depthwise", "conv", "kernel"),
+            "features.1.conv.0.0.weight",
+            CONV,
+        ),
         (("params", "features_1", "project", "conv", "kernel"), "features.1.conv.1.weight", CONV),
         (("params", "features_1", "project", "bn", "scale"), "features.1.conv.2.weight", SAME),
-        (("batch_stats", "features_2", "expand", "bn", "mean"), "features.2.conv.0.1.running_mean", SAME),
-        (("params", "features_2", "depthwise", "conv", "kernel"), "features.2.conv.1.0.weight", CONV),
+        (
+            ("batch_stats", "features_2", "expand", "bn", "mean"),
+            "features.2.conv.0.1.running_mean",
+            SAME,
+        ),
+        (
+            ("params", "features_2", "depthwise", "conv", "kernel"),
+            "features.2.conv.1.0.weight",
+            CONV,
+        ),
         (("params", "features_2", "project", "conv", "kernel"), "features.2.conv.2.weight", CONV),
-        (("batch_stats", "features_17", "project", "bn", "var"), "features.17.conv.3.running_var", SAME),
+        (
+            ("batch_stats", "features_17", "project", "bn", "var"),
+            "features.17.conv.3.running_var",
+            SAME,
+        ),
         (("batch_stats", "features_18", "bn", "var"), "features.18.1.running_var", SAME),
         (("params", "classifier", "kernel"), "classifier.1.weight", DENSE),
     ],
     "mobilenet_v3_small": [
-        (("params", "features_1", "depthwise", "conv", "kernel"), "features.1.block.0.0.weight", CONV),
+        (
+            ("params", "features_1", "depthwise", "conv", "kernel"),
+            "features.1.block.0.0.weight",
+            CONV,
+        ),
         (("params", "features_1", "se", "fc2", "kernel"), "features.1.block.1.fc2.weight", CONV),
-        (("params", "features_1", "project", "conv", "kernel"), "features.1.block.2.0.weight", CONV),
+        (
+            ("params", "features_1", "project", "conv", "kernel"),
+            "features.1.block.2.0.weight",
+            CONV,
+        ),
         (("params", "features_4", "se", "fc1", "bias"), "features.4.block.2.fc1.bias", SAME),
         (("batch_stats", "features_12", "bn", "mean"), "features.12.1.running_mean", SAME),
         (("params", "pre_logits", "kernel"), "classifier.0.weight", DENSE),
@@ -77,8 +113,16 @@ SPOTS = {
         (("params", "features_1", "depthwise", "bn", "bias"), "features.1.block.0.1.bias", SAME),
         (("params", "features_2", "expand", "conv", "kernel"), "features.2.block.0.0.weight", CONV),
         (("params", "features_4", "se", "fc1", "kernel"), "features.4.block.2.fc1.weight", CONV),
-        (("batch_stats", "features_4", "project", "bn", "var"), "features.4.block.3.1.running_var", SAME),
-        (("params", "features_7", "project", "conv", "kernel"), "features.7.block.2.0.weight", CONV),
+        (
+            ("batch_stats", "features_4", "project", "bn", "var"),
+            "features.4.block.3.1.running_var",
+            SAME,
+        ),
+        (
+            ("params", "features_7", "project", "conv", "kernel"),
+            "features.7.block.2.0.weight",
+            CONV,
+        ),
         (("params", "classifier", "kernel"), "classifier.3.weight", DENSE),
     ],
 }
@@ -86,10 +130,12 @@ SPOTS = {
 
 def _layout(array, kind):
     # torch OIHW -> HWIO; Linear (out, in) -> (in, out).
-    return {CONV: lambda a: a.transpose(2, 3, 1, 0), DENSE: lambda a: a.T, SAME: lambda a: a}[kind](array)
+    return {CONV: lambda a: a.transpose(2, 3, 1, 0), DENSE: lambda a: a.T, SAME: lambda a: a}[kind](
+        array
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _random_pool(seed):
     # One draw, sliced into every tensor: distinct values everywhere without
     # paying numpy's RNG again for each model (ResNet-152 has 60M values).
@@ -105,7 +151,7 @@ def _synthetic(name, seed=0):
             state[key] = np.array(7, np.int64)
             continue
         size = int(np.prod(shape))
-        state[key] = pool[offset:offset + size].reshape(shape)
+        state[key] = pool[offset : offset + size].reshape(shape)
         offset += size
     return state
 
@@ -115,22 +161,32 @@ def _leaves(tree):
 
 
 def _eval_shape(name, num_classes):
-    return {path: tuple(shape) for path, shape in convert.abstract_shapes(name, num_classes).items()}
+    return {
+        path: tuple(shape) for path, shape in convert.abstract_shapes(name, num_classes).items()
+    }
 
 
 def test_manifest_is_torchvisions():
     assert set(MODELS) <= set(MANIFEST)
     for name in MODELS:
-        trainable = sum(int(np.prod(shape)) for key, shape in MANIFEST[name]
-                        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")))
+        trainable = sum(
+            int(np.prod(shape))
+            for key, shape in MANIFEST[name]
+            if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        )
         assert trainable == TORCHVISION_PARAMS[name], name
 
 
 def test_abstract_shapes_is_eval_shape():
     model = bcjax.models.create("resnet18", num_classes=3)
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
-    direct = {(c,) + p: s.shape for c in ("params", "batch_stats") for p, s in convert._flatten(shapes[c])}
+    shapes = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32),
+    )
+    direct = {
+        (c,) + p: s.shape for c in ("params", "batch_stats") for p, s in convert._flatten(shapes[c])
+    }
     assert convert.abstract_shapes("resnet18", 3) == direct
 
 
@@ -138,7 +194,9 @@ def test_abstract_shapes_is_eval_shape():
 def test_every_tensor_lands_once(name):
     state = _synthetic(name)
     variables = convert.convert_state_dict(name, state, num_classes=1000)
-    leaves = {(c,) + p: v for c in ("params", "batch_stats") for p, v in _leaves(variables[c]).items()}
+    leaves = {
+        (c,) + p: v for c in ("params", "batch_stats") for p, v in _leaves(variables[c]).items()
+    }
     assert {p: v.shape for p, v in leaves.items()} == _eval_shape(name, 1000)
     assert set(variables) == {"params", "batch_stats"}
     assert all(v.dtype == np.float32 for v in leaves.values())
@@ -149,7 +207,13 @@ def test_every_tensor_lands_once(name):
     assert set(used) == {k for k, _ in MANIFEST[name] if not k.endswith("num_batches_tracked")}
     for path, key in key_map.items():
         leaf = path[-1]
-        kind = CONV if leaf == "kernel" and state[key].ndim == 4 else DENSE if leaf == "kernel" else SAME
+        kind = (
+            CONV
+            if leaf == "kernel" and state[key].ndim == 4
+            else DENSE
+            if leaf == "kernel"
+            else SAME
+        )
         # np.array_equal, not assert_array_equal: a quarter of the time on 60M values.
         assert np.array_equal(leaves[path], _layout(state[key], kind)), f"{path} <- {key}"
     for path, key, kind in SPOTS.get(name, []):
@@ -161,11 +225,15 @@ def test_every_tensor_lands_once(name):
 def test_fresh_head_for_three_classes(name):
     state = _synthetic(name)
     variables = convert.convert_state_dict(name, state, num_classes=3, rng_seed=1)
-    leaves = {(c,) + p: v for c in ("params", "batch_stats") for p, v in _leaves(variables[c]).items()}
+    leaves = {
+        (c,) + p: v for c in ("params", "batch_stats") for p, v in _leaves(variables[c]).items()
+    }
     assert {p: v.shape for p, v in leaves.items()} == _eval_shape(name, 3)
     head = "fc" if name.startswith("resnet") else "classifier"
     kernel, bias = leaves["params", head, "kernel"], leaves["params", head, "bias"]
-    torch_head = state["fc.weight" if head == "fc" else f"{head}.{1 if name == 'mobilenet_v2' else 3}.weight"]
+    torch_head = state[
+        "fc.weight" if head == "fc" else f"{head}.{1 if name == 'mobilenet_v2' else 3}.weight"
+    ]
     assert kernel.shape == (torch_head.shape[1], 3)
     # The zoo's own initial distributions (layers.py): torch Linear default for
     # ResNet's fc, N(0, 0.01) and zero bias for MobileNet classifiers.
@@ -180,7 +248,11 @@ def test_fresh_head_for_three_classes(name):
     other = convert.convert_state_dict(name, state, num_classes=3, rng_seed=2)
     assert not np.array_equal(other["params"][head]["kernel"], kernel)
     # The trunk is torchvision's whatever the head.
-    stem = ("params", "conv_init", "kernel") if head == "fc" else ("params", "features_0", "conv", "kernel")
+    stem = (
+        ("params", "conv_init", "kernel")
+        if head == "fc"
+        else ("params", "features_0", "conv", "kernel")
+    )
     stem_key = "conv1.weight" if head == "fc" else "features.0.0.weight"
     np.testing.assert_array_equal(leaves[stem], _layout(state[stem_key], CONV))
 
@@ -225,17 +297,30 @@ def test_errors_name_keys_shapes_and_likely_model():
 def test_files_prefix_and_cli_round_trip(tmp_path, monkeypatch):
     state = _synthetic("resnet18")
     direct = convert.convert_state_dict("resnet18", state, num_classes=1000)
-    np.savez(tmp_path / "r18.npz", **{"module." + k: v for k, v in state.items()})  # DataParallel names
+    np.savez(
+        tmp_path / "r18.npz", **{"module." + k: v for k, v in state.items()}
+    )  # DataParallel names
     from_file = convert.convert_state_dict("resnet18", tmp_path / "r18.npz", num_classes=1000)
     jax.tree.map(np.testing.assert_array_equal, from_file, direct)
 
     # CLI output (bcjax layout) loads back, and still gets a fresh head for 3 classes.
-    convert.main(["--model", "resnet18", "--weights", str(tmp_path / "r18.npz"),
-                  "--out", str(tmp_path / "out.npz")])
+    convert.main(
+        [
+            "--model",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "r18.npz"),
+            "--out",
+            str(tmp_path / "out.npz"),
+        ]
+    )
     assert "params/layer1_0/conv1/kernel" in np.load(tmp_path / "out.npz").files
     three = convert.convert_state_dict("resnet18", tmp_path / "out.npz", num_classes=3)
-    jax.tree.map(np.testing.assert_array_equal, three,
-                 convert.convert_state_dict("resnet18", state, num_classes=3))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        three,
+        convert.convert_state_dict("resnet18", state, num_classes=3),
+    )
 
     _torch_like_zip(tmp_path / "r18.pth")  # a sound file: only torch is missing
     monkeypatch.setitem(sys.modules, "torch", None)  # as on CI: no torch
@@ -299,8 +384,9 @@ def test_convert_cli_reports_a_bad_file_in_one_line(tmp_path):
     np.savez(tmp_path / "r18.npz", **_synthetic("resnet18"))
     bad = _truncate(tmp_path / "r18.npz", keep=0.9)
     with pytest.raises(SystemExit) as exit_:
-        convert.main(["--model", "resnet18", "--weights", str(bad),
-                      "--out", str(tmp_path / "out.npz")])
+        convert.main(
+            ["--model", "resnet18", "--weights", str(bad), "--out", str(tmp_path / "out.npz")]
+        )
     message = str(exit_.value.code)
     assert message.startswith(f"error: {bad}: truncated or damaged") and "\n" not in message
     assert not (tmp_path / "out.npz").exists()
@@ -336,11 +422,15 @@ def test_load_pretrained_keeps_structure_dtypes_and_placement():
         assert getattr(got, "sharding", None) == getattr(before, "sharding", None)
     assert loaded["perturbations"] is variables["perturbations"]
     np.testing.assert_array_equal(loaded["batch_stats"]["bn_init"]["var"], state["bn1.running_var"])
-    np.testing.assert_array_equal(loaded["params"]["conv_init"]["kernel"],
-                                  state["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        loaded["params"]["conv_init"]["kernel"], state["conv1.weight"].transpose(2, 3, 1, 0)
+    )
 
     narrow = jax.tree.map(lambda x: x, variables)
     narrow["params"]["conv_init"]["kernel"] = np.zeros((7, 7, 3, 32), np.float32)  # width=32
-    with pytest.raises(ValueError, match=r"params/conv_init/kernel: variables \(7, 7, 3, 32\) vs "
-                                         r"weights \(7, 7, 3, 64\).*width=64"):
+    with pytest.raises(
+        ValueError,
+        match=r"params/conv_init/kernel: variables \(7, 7, 3, 32\) vs "
+        r"weights \(7, 7, 3, 64\).*width=64",
+    ):
         convert.load_pretrained("resnet18", state, 3, narrow)

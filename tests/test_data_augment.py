@@ -2,6 +2,7 @@
 
 Each distinct setting is one XLA compile (seconds on a busy CPU): keep them few.
 """
+
 import functools
 
 import jax
@@ -10,8 +11,14 @@ import pytest
 
 from bcjax.data import augment
 
-IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, rotate_deg=0.0,
-                brightness=0.0, contrast=0.0)
+IDENTITY = dict(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip=False,
+    rotate_deg=0.0,
+    brightness=0.0,
+    contrast=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,15 @@ def test_disabled_and_identity_settings_give_normalize(images):
 def test_config_dict_fields():
     import ml_collections
 
-    cfg = ml_collections.ConfigDict(dict(enabled=True, crop_scale=(0.6, 1.0), flip=True, rotate_deg=10.0,
-                                         brightness=0.2, contrast=0.2))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            enabled=True,
+            crop_scale=(0.6, 1.0),
+            flip=True,
+            rotate_deg=10.0,
+            brightness=0.2,
+            contrast=0.2,
+        )
+    )
     assert augment.settings(cfg) == augment.settings(augment.DEFAULTS) == augment.settings(None)
     assert augment.settings({"flip": False})["flip"] is False

@@ -1,4 +1,5 @@
 """BUSI folder/zip reading and bad-input errors, on a tiny generated set."""
+
 import pathlib
 import shutil
 import warnings
@@ -15,7 +16,9 @@ COUNTS = synthetic.class_counts(24)
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    return synthetic.generate(tmp_path_factory.mktemp("busi"), num=24, seed=1, min_size=40, max_size=64)
+    return synthetic.generate(
+        tmp_path_factory.mktemp("busi"), num=24, seed=1, min_size=40, max_size=64
+    )
 
 
 @pytest.fixture()
@@ -29,7 +32,9 @@ def test_counts_per_class_and_order(tiny_root):
     assert busi.class_counts(examples) == dict(zip(busi.CLASSES, COUNTS))
     assert [ex.name for ex in examples[:2]] == ["normal/normal (1).png", "normal/normal (2).png"]
     benign = [ex.name for ex in examples if ex.label == 1]
-    assert benign[9] == "benign/benign (10).png"  # natural order, not "benign (10)" after "benign (1)"
+    assert (
+        benign[9] == "benign/benign (10).png"
+    )  # natural order, not "benign (10)" after "benign (1)"
 
 
 def test_masks_are_never_images(tiny_root):
@@ -37,7 +42,9 @@ def test_masks_are_never_images(tiny_root):
     files = list(pathlib.Path(tiny_root).glob("*/*.png"))
     assert len(examples) == sum("_mask" not in f.name for f in files)
     assert not any("_mask" in pathlib.Path(ex.image_path).name for ex in examples)
-    assert all(len(ex.mask_paths) == 1 and ex.mask_paths[0].endswith("_mask.png") for ex in examples)
+    assert all(
+        len(ex.mask_paths) == 1 and ex.mask_paths[0].endswith("_mask.png") for ex in examples
+    )
 
 
 def test_multi_masks_are_united(root):
@@ -52,7 +59,10 @@ def test_multi_masks_are_united(root):
     Image.fromarray(np.stack([b] * 3, -1)).save(folder / "benign (1)_mask_2.png")
     ex = next(e for e in busi.scan(root) if e.name == "benign/benign (1).png")
     assert [pathlib.Path(p).name for p in ex.mask_paths] == [
-        "benign (1)_mask.png", "benign (1)_mask_1.png", "benign (1)_mask_2.png"]
+        "benign (1)_mask.png",
+        "benign (1)_mask_1.png",
+        "benign (1)_mask_2.png",
+    ]
     m = busi.read_mask(ex)
     assert m.dtype == np.uint8 and m.shape == (h, w)
     assert m.sum() == 50 and m[:5, :5].all() and m[-5:, -5:].all()
@@ -150,8 +160,12 @@ def test_rgba_16bit_gray_are_accepted(root):
     folder = root / "benign"
     rgb = np.asarray(Image.open(folder / "benign (1).png"))
     gray = rgb[..., 0]
-    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 200, np.uint8)]), "RGBA").save(folder / "benign (1).png")
-    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "benign (2).png")  # 16-bit grayscale PNG
+    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 200, np.uint8)]), "RGBA").save(
+        folder / "benign (1).png"
+    )
+    Image.fromarray(gray.astype(np.uint16) * 257).save(
+        folder / "benign (2).png"
+    )  # 16-bit grayscale PNG
     assert Image.open(folder / "benign (2).png").mode.startswith("I")
     Image.fromarray(gray, "L").save(folder / "benign (3).png")
     for n in (2, 3):  # same content, so the masks of image 1 fit

@@ -1,5 +1,6 @@
 """pipeline.load_arrays_and_phashes: the arrays and duplicate hashes of separate
 load_arrays and splits.phashes calls, from one decode per image."""
+
 import shutil
 
 import numpy as np
@@ -15,8 +16,9 @@ S = 16
 def examples(tmp_path_factory):
     """A small set with an exact duplicate, a copy filed under another class, a
     grayscale PNG and a JPEG (whose reduced-scale decode differs between the two)."""
-    root = synthetic.generate(tmp_path_factory.mktemp("busi"), num=18, seed=4, min_size=40,
-                              max_size=96)
+    root = synthetic.generate(
+        tmp_path_factory.mktemp("busi"), num=18, seed=4, min_size=40, max_size=96
+    )
     ben, mal, nor = root / "benign", root / "malignant", root / "normal"
     shutil.copy(ben / "benign (2).png", ben / "benign (100).png")
     shutil.copy(ben / "benign (4).png", mal / "malignant (100).png")
@@ -80,6 +82,7 @@ def test_a_later_run_reads_both_caches(examples, opens, tmp_path):
     np.testing.assert_array_equal(again_hashes, first_hashes)
     # The separate calls read the same caches.
     np.testing.assert_array_equal(splits.phashes(examples, cache_dir=tmp_path), first_hashes)
-    np.testing.assert_array_equal(pipeline.load_arrays(examples, S, cache_dir=tmp_path).images,
-                                  first.images)
+    np.testing.assert_array_equal(
+        pipeline.load_arrays(examples, S, cache_dir=tmp_path).images, first.images
+    )
     assert opens == []

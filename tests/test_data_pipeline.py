@@ -1,4 +1,5 @@
 """Grain pipeline: determinism, per-process slices, resumable state, exact evaluation."""
+
 import numpy as np
 import pytest
 
@@ -9,7 +10,9 @@ S = 16
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = synthetic.generate(tmp_path_factory.mktemp("busi"), num=30, seed=3, min_size=40, max_size=56)
+    root = synthetic.generate(
+        tmp_path_factory.mktemp("busi"), num=30, seed=3, min_size=40, max_size=56
+    )
     return pipeline.load_arrays(busi.scan(root), S)
 
 
@@ -30,7 +33,9 @@ def test_load_arrays_shapes_and_cache(data, tmp_path):
     root = synthetic.generate(tmp_path, num=6, seed=3, min_size=40, max_size=56)
     examples = busi.scan(root)
     first = pipeline.load_arrays(examples, S, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1 and not list(
+        (tmp_path / "cache").glob("*.tmp")
+    )
     again = pipeline.load_arrays(examples, S, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(first.images, again.images)
     assert again.names == first.names
@@ -49,7 +54,7 @@ def test_batches_shape_and_epochs(data):
     np.testing.assert_array_equal(b["image"], data.images[b["index"]])
     np.testing.assert_array_equal(b["label"], data.labels[b["index"]])
     for epoch in range(2):
-        idx = np.concatenate([x["index"] for x in batches[epoch * spe:(epoch + 1) * spe]])
+        idx = np.concatenate([x["index"] for x in batches[epoch * spe : (epoch + 1) * spe]])
         assert len(set(idx.tolist())) == 24  # no repeats within an epoch; remainder dropped
     assert not np.array_equal(batches[0]["index"], batches[spe]["index"])  # reshuffled per epoch
 
@@ -67,10 +72,14 @@ def test_same_seed_same_batches(data):
 def test_process_count_does_not_change_global_batch(data, balanced):
     whole = _take(pipeline.train_iterator(data, 8, seed=1, balanced=balanced), 5)
     for count in (2, 4):
-        parts = [_take(pipeline.train_iterator(data, 8, 1, p, count, balanced), 5) for p in range(count)]
+        parts = [
+            _take(pipeline.train_iterator(data, 8, 1, p, count, balanced), 5) for p in range(count)
+        ]
         for step in range(5):
             assert parts[0][step]["image"].shape[0] == 8 // count
-            joined = {k: np.concatenate([parts[p][step][k] for p in range(count)]) for k in whole[step]}
+            joined = {
+                k: np.concatenate([parts[p][step][k] for p in range(count)]) for k in whole[step]
+            }
             _same(joined, whole[step])
     with pytest.raises(ValueError):
         pipeline.train_iterator(data, 8, 1, 0, 3)

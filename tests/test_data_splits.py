@@ -1,5 +1,5 @@
 """Duplicate-aware stratified splits and manifests."""
-import pathlib
+
 import shutil
 
 import numpy as np
@@ -11,8 +11,11 @@ from bcjax.data import busi, splits, synthetic
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """36 images plus an exact and a near duplicate in one class and one copy filed under another class."""
-    root = synthetic.generate(tmp_path_factory.mktemp("busi"), num=36, seed=2, min_size=48, max_size=72)
+    """36 images plus an exact and a near duplicate in one class and one copy filed under
+    another class."""
+    root = synthetic.generate(
+        tmp_path_factory.mktemp("busi"), num=36, seed=2, min_size=48, max_size=72
+    )
     ben, mal = root / "benign", root / "malignant"
     shutil.copy(ben / "benign (3).png", ben / "benign (100).png")
     shutil.copy(ben / "benign (3)_mask.png", ben / "benign (100)_mask.png")
@@ -31,10 +34,15 @@ def _part_of(split):
 def test_phash_basics():
     rng = np.random.default_rng(0)
     a = rng.random((64, 64)) * 255
-    smooth = np.asarray(Image.fromarray(a.astype(np.uint8)).resize((8, 8)).resize((64, 64), Image.BICUBIC), float)
+    smooth = np.asarray(
+        Image.fromarray(a.astype(np.uint8)).resize((8, 8)).resize((64, 64), Image.BICUBIC), float
+    )
     h = splits.phash_array(smooth)
     assert h == splits.phash_array(smooth * 0.9 + 10)  # brightness/contrast do not change it
-    other = np.asarray(Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8)).resize((64, 64), Image.BICUBIC), float)
+    other = np.asarray(
+        Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8)).resize((64, 64), Image.BICUBIC),
+        float,
+    )
     assert bin(h ^ splits.phash_array(other)).count("1") > splits.DEFAULT_HASH_THRESHOLD
     groups = splits.duplicate_groups(np.array([h, h ^ 1, splits.phash_array(other)], np.uint64))
     assert groups == [[0, 1], [2]]
@@ -116,14 +124,22 @@ def test_patient_groups_never_straddle_and_join_duplicates():
     patient = {i: f"p{i // 3}" for i in range(15)}  # p0..p4, three images each
     patient[40] = "p0"  # and p0 has one more, filed far away in the list
     labels = [i % 3 for i in range(n)]  # so every patient has images of several classes
-    examples = [busi.Example(f"{busi.CLASSES[labels[i]]}/{i}.png", labels[i], "/nonexistent",
-                             group=patient.get(i, "")) for i in range(n)]
+    examples = [
+        busi.Example(
+            f"{busi.CLASSES[labels[i]]}/{i}.png",
+            labels[i],
+            "/nonexistent",
+            group=patient.get(i, ""),
+        )
+        for i in range(n)
+    ]
     together = [[i for i in range(n) if patient.get(i) == f"p{k}"] for k in range(5)]
     together[1].append(33)
     for seed in range(4):
         manifests = [splits.make_split(examples, seed=seed, hashes=hashes)]
-        manifests += [splits.kfold_split(examples, 3, k, seed=seed, hashes=hashes)
-                      for k in range(3)]
+        manifests += [
+            splits.kfold_split(examples, 3, k, seed=seed, hashes=hashes) for k in range(3)
+        ]
         for m in manifests:
             part = _part_of(m)
             for members in together:
@@ -145,8 +161,10 @@ def test_class_names_are_recorded_and_count_the_labels(planted):
     assert splits.manifest_class_names(m) == ("healthy", "lesion")
     counts = m["meta"]["counts"]
     total = {c: sum(counts[p][c] for p in splits.SPLITS) for c in ("healthy", "lesion")}
-    assert total == {"healthy": sum(ex.label == 0 for ex in two),
-                     "lesion": sum(ex.label > 0 for ex in two)}
+    assert total == {
+        "healthy": sum(ex.label == 0 for ex in two),
+        "lesion": sum(ex.label > 0 for ex in two),
+    }
     assert splits.make_split(planted, seed=0)["meta"]["class_names"] == list(busi.CLASSES)
     with pytest.raises(busi.BusiError, match="do not index the 2 class names"):
         splits.make_split(planted, seed=0, class_names=("a", "b"))

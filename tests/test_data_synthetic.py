@@ -1,4 +1,5 @@
 """Synthetic BUSI-like generator: layout, ratio, determinism, atomic writes."""
+
 import json
 import logging
 import os
@@ -95,18 +96,34 @@ def test_stale_temporary_folders(tmp_path, monkeypatch, caplog):
     own = synthetic._OWNED.fullmatch(seen[0].name)
     assert own and (own["host"], int(own["pid"])) == (host, os.getpid())
     left = {p.name for p in tmp_path.iterdir()}
-    assert left == {busi.DATASET_DIRNAME} | {planted[k] for k in ("live_tmp", "other_host", "no_owner",
-                                                                   "dead_recent")}
+    assert left == {busi.DATASET_DIRNAME} | {
+        planted[k] for k in ("live_tmp", "other_host", "no_owner", "dead_recent")
+    }
     removed = " ".join(r.getMessage() for r in caplog.records)
     assert planted["dead_tmp"] in removed and planted["dead_old"] in removed
     assert planted["live_tmp"] not in removed
 
 
 def test_cli(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--num", "6", "--seed", "1", "--min-size", "40", "--max-size", "48"])
+    synthetic.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--num",
+            "6",
+            "--seed",
+            "1",
+            "--min-size",
+            "40",
+            "--max-size",
+            "48",
+        ]
+    )
     out = capsys.readouterr()
     assert "6/6 images" in out.err and "NOT real patient data" in out.out
-    assert busi.class_counts(busi.scan(tmp_path)) == dict(zip(busi.CLASSES, synthetic.class_counts(6)))
+    assert busi.class_counts(busi.scan(tmp_path)) == dict(
+        zip(busi.CLASSES, synthetic.class_counts(6))
+    )
 
 
 # ------------------------------------------------------------------------ planted mark (issue 16)
@@ -153,7 +170,8 @@ def test_mark_only_on_malignant_images_in_a_corner(tmp_path, mark):
     for path in marked.rglob("*.png"):
         assert path.read_bytes() == (again / path.relative_to(marked)).read_bytes()
     assert synthetic.cache_key(20, 4, min_size=64, max_size=80, mark=mark, mark_prob=0.75) == (
-        f"20-4-v{synthetic.GENERATOR_VERSION}-64to80px-{mark}0.75")
+        f"20-4-v{synthetic.GENERATOR_VERSION}-64to80px-{mark}0.75"
+    )
 
 
 def test_random_mark_copy_marks_any_class(tmp_path):
@@ -226,9 +244,15 @@ print(len(calls), path)
 
 def test_two_processes_racing_generate_once(tmp_path):
     start = time.time() + 4  # after both interpreters have imported bcjax
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tmp_path), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE, str(tmp_path), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     counts = sorted(int(out.split()[0]) for out, _ in outs)

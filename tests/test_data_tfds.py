@@ -1,6 +1,6 @@
 """TFDS builder: array_record round trip, without TensorFlow."""
+
 import importlib.util
-import shutil
 
 import numpy as np
 import pytest
@@ -35,6 +35,7 @@ def test_round_trip(tmp_path):
     arrays = busi_tfds.to_array_set(source, 16)
     assert arrays.names == list(examples) and arrays.images.shape == (8, 16, 16, 3)
     import sys
+
     assert "tensorflow" not in sys.modules
 
 

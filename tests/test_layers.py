@@ -14,8 +14,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "bcjax"
 
 # Bottom first. A module belongs to the first entry its dotted name starts with.
 LAYERS = [
-    ("files, report, stats, clinical, models",
-     ("bcjax.files", "bcjax.report", "bcjax.stats", "bcjax.clinical", "bcjax.models")),
+    (
+        "files, report, stats, clinical, models",
+        ("bcjax.files", "bcjax.report", "bcjax.stats", "bcjax.clinical", "bcjax.models"),
+    ),
     ("data, config checks", ("bcjax.data", "bcjax.config_check")),
     ("step math", ("bcjax.step",)),
     ("parallel", ("bcjax.parallel",)),
@@ -69,8 +71,10 @@ def test_imports_point_down(path):
     for line, target in bcjax_imports(path):
         theirs = layer_of(target)
         if theirs > mine:
-            upward.append(f"{path.name}:{line} imports {target} ({LAYERS[theirs][0]}) "
-                          f"from layer '{LAYERS[mine][0]}'")
+            upward.append(
+                f"{path.name}:{line} imports {target} ({LAYERS[theirs][0]}) "
+                f"from layer '{LAYERS[mine][0]}'"
+            )
     assert not upward, "\n".join(upward)
 
 

@@ -4,6 +4,7 @@ registry, light import, and a data-parallel training step on 8 fake CPU devices.
 Large models are only traced (jax.eval_shape); anything executed is tiny and
 initialised once per configuration, since XLA:CPU compile dominates here.
 """
+
 import functools
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def _images(batch, size, seed=0):
     return jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_variables(name):
     """Variables for a tiny model, filled on the host.
 
@@ -155,8 +156,14 @@ def test_torchvision_bn_constants():
 @pytest.mark.parametrize("block, last_bn", [(resnet.BasicBlock, "bn2"), (resnet.Bottleneck, "bn3")])
 def test_zero_init_residual(block, last_bn):
     conv = layers.make_conv(jnp.float32, jnp.float32)
-    norm = layers.make_norm(train=False, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
-                            param_dtype=jnp.float32, axis_name=None)
+    norm = layers.make_norm(
+        train=False,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        axis_name=None,
+    )
     module = block(features=4, strides=2, conv=conv, norm=norm, zero_init_residual=True)
     key, x = jax.random.key(0), jnp.ones((1, 8, 8, 4))
     params = _compile(module.init, key, x)(key, x)["params"]
@@ -193,7 +200,7 @@ def test_tiny_forward(name, dtype, size):
     assert np.std(logits) > 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resnet18_forwards():
     """Compiled train/eval forwards of the tiny resnet18 at the batch shape the
     sharded step uses, shared by two tests to compile once."""
@@ -201,10 +208,14 @@ def _resnet18_forwards():
     variables, x = _tiny_variables("resnet18"), _images(16, 32)
     train = _compile(
         lambda v, x: model.apply(
-            v, x, train=True, mutable=["batch_stats", "intermediates"],
+            v,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
             capture_intermediates=lambda mdl, _: mdl.name == "conv_init",
         ),
-        variables, x,
+        variables,
+        x,
     )
     evaluate = _compile(functools.partial(model.apply, train=False), variables, x)
     return train, evaluate
@@ -229,7 +240,10 @@ def test_batchnorm_train_and_eval_differ():
     # torch momentum 0.1 = flax 0.9: new running mean = 0.9 * 0 + 0.1 * batch mean.
     stem = state["intermediates"]["conv_init"]["__call__"][0]
     np.testing.assert_allclose(
-        state["batch_stats"]["bn_init"]["mean"], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+        state["batch_stats"]["bn_init"]["mean"],
+        0.1 * stem.mean(axis=(0, 1, 2)),
+        rtol=1e-4,
+        atol=1e-6,
     )
     assert not jax.tree.all(
         jax.tree.map(np.array_equal, state["batch_stats"], variables["batch_stats"])
@@ -248,8 +262,11 @@ def _sharded_train_step(model, tx, mesh):
 
     def loss_fn(params, batch_stats, images, labels, rng):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, images, train=True,
-            rngs={"dropout": rng}, mutable=["batch_stats"],
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, updates["batch_stats"]
@@ -288,7 +305,14 @@ def test_sharded_train_step_with_synced_batchnorm(name):
     images = _images(16, 32, seed=2)
     labels = jnp.arange(16, dtype=jnp.int32) % 3
 
-    args = (variables["params"], variables["batch_stats"], opt_state, images, labels, jax.random.key(3))
+    args = (
+        variables["params"],
+        variables["batch_stats"],
+        opt_state,
+        images,
+        labels,
+        jax.random.key(3),
+    )
     step = _fast_compile(_sharded_train_step(model, tx, mesh).lower(*args))
     params, batch_stats, _, loss, grads = step(*args)
     assert np.isfinite(loss)

@@ -3,7 +3,6 @@
 Shows the wrapped model reproduces linen's `apply` with the same variables,
 in eval mode and in train mode (BatchNorm statistics updated in place).
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -64,4 +63,6 @@ def test_to_nnx_matches_linen_apply():
     new_stats = _linen_variables(model)["batch_stats"]
     for got, ref in zip(jax.tree.leaves(new_stats), jax.tree.leaves(updates["batch_stats"])):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(new_stats["bn_init"]["mean"], variables["batch_stats"]["bn_init"]["mean"])
+    assert not np.allclose(
+        new_stats["bn_init"]["mean"], variables["batch_stats"]["bn_init"]["mean"]
+    )

@@ -1,25 +1,29 @@
 """The Colab notebooks run top to bottom on the CPU with tiny parameters."""
+
 import json
 import os
 import pathlib
 import time
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def execute(name, params, cwd, timeout=300):
-    """Runs colab/<name> with `params` set right after its parameters cell (papermill's convention)."""
+    """Runs colab/<name> with `params` set right after its parameters cell (papermill's
+    convention)."""
     nb = nbformat.read(ROOT / "colab" / name, as_version=4)
     (at,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
-    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    nb.cells.insert(
+        at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    )
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()
     return nb, time.perf_counter() - start
 
 
@@ -28,16 +32,29 @@ def outputs(nb) -> str:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             data = out.get("data", {})
-            text.append(out.get("text", "") or data.get("text/markdown", "") or data.get("text/plain", ""))
+            text.append(
+                out.get("text", "") or data.get("text/markdown", "") or data.get("text/plain", "")
+            )
     return "\n".join(text)
 
 
 def test_quickstart_notebook(tmp_path):
     workdir = tmp_path / "run"
-    nb, seconds = execute("quickstart.ipynb", dict(
-        EPOCHS=2, IMAGE_SIZE=32, SMALL=True, SYNTHETIC_NUM=36, WORKDIR=str(workdir), REPO_DIR=str(ROOT),
-        INSTALL=False, SHOW_GRADCAM=2,
-        OVERRIDES={"width": 4, "global_batch_size": 8, "timing_breakdown": False}), tmp_path)
+    nb, seconds = execute(
+        "quickstart.ipynb",
+        dict(
+            EPOCHS=2,
+            IMAGE_SIZE=32,
+            SMALL=True,
+            SYNTHETIC_NUM=36,
+            WORKDIR=str(workdir),
+            REPO_DIR=str(ROOT),
+            INSTALL=False,
+            SHOW_GRADCAM=2,
+            OVERRIDES={"width": 4, "global_batch_size": 8, "timing_breakdown": False},
+        ),
+        tmp_path,
+    )
     assert seconds < 120
     results = json.loads((workdir / "results.json").read_text())
     assert results["num_epochs"] == 2 and results["dataset"] == "synthetic"
@@ -48,18 +65,40 @@ def test_quickstart_notebook(tmp_path):
 
 
 def test_scaling_notebook_runs_the_study(tmp_path, monkeypatch):
-    """The device-count study (bcjax.scaling) for devices 1, 2, 4 on a tiny config, through the notebook."""
+    """The device-count study (bcjax.scaling) for devices 1, 2, 4 on a tiny config, through the
+    notebook."""
     from bcjax.data import synthetic
+
     data = synthetic.generate(tmp_path / "data", num=48, seed=0, min_size=40, max_size=56)
     # Compile time is what this test waits for: the table needs neither optimised CPU
     # code nor undisturbed timings (two runs at a time).
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_llvm_disable_expensive_passes=true")
+    monkeypatch.setenv(
+        "XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_llvm_disable_expensive_passes=true"
+    )
     out = tmp_path / "study"
-    nb, seconds = execute("scaling.ipynb", dict(
-        DEVICES="1,2,4", EPOCHS=2, IMAGE_SIZE=32, WORKDIR=str(out), REPO_DIR=str(ROOT), INSTALL=False, JOBS=2,
-        EXTRA=["--config.dataset=busi", f"--config.data_dir={data}", "--config.width=4",
-               "--config.global_batch_size=8", "--config.warmup_epochs=1", "--config.log_every_steps=100",
-               "--config.augment.enabled=False", "--config.timing_breakdown=False"]), tmp_path)
+    nb, seconds = execute(
+        "scaling.ipynb",
+        dict(
+            DEVICES="1,2,4",
+            EPOCHS=2,
+            IMAGE_SIZE=32,
+            WORKDIR=str(out),
+            REPO_DIR=str(ROOT),
+            INSTALL=False,
+            JOBS=2,
+            EXTRA=[
+                "--config.dataset=busi",
+                f"--config.data_dir={data}",
+                "--config.width=4",
+                "--config.global_batch_size=8",
+                "--config.warmup_epochs=1",
+                "--config.log_every_steps=100",
+                "--config.augment.enabled=False",
+                "--config.timing_breakdown=False",
+            ],
+        ),
+        tmp_path,
+    )
     assert seconds < 120
     for n in (1, 2, 4):
         assert (out / f"dev{n}" / "results.json").is_file()

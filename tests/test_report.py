@@ -40,6 +40,12 @@ def test_deprecations_of_the_jax_stack_fail_the_suite():
     # pyproject's filterwarnings turns a DeprecationWarning attributed to jax
     # (or flax, optax, orbax, grain, chex, bcjax) into an error.
     with pytest.raises(DeprecationWarning):
-        exec("warnings.warn('old API', DeprecationWarning)", {"__name__": "jax._src.x", "warnings": warnings})
+        exec(
+            "warnings.warn('old API', DeprecationWarning)",
+            {"__name__": "jax._src.x", "warnings": warnings},
+        )
     with pytest.raises(DeprecationWarning):
-        exec("warnings.warn('old API', DeprecationWarning)", {"__name__": "bcjax.y", "warnings": warnings})
+        exec(
+            "warnings.warn('old API', DeprecationWarning)",
+            {"__name__": "bcjax.y", "warnings": warnings},
+        )

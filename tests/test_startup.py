@@ -2,6 +2,7 @@
 when asked for, and the model zoo without the data and checkpoint stack.
 
 Each check runs in a fresh interpreter, since this test process has imported everything."""
+
 import subprocess
 import sys
 
@@ -9,23 +10,47 @@ import pytest
 
 # Never needed by a training run unless it asks: the TFDS builder (config/CLI), the
 # converter and torch (config.pretrained).
-ON_REQUEST = ("tensorflow_datasets", "tensorflow", "torch", "torchvision",
-              "bcjax.data.busi_tfds", "bcjax.models.convert")
+ON_REQUEST = (
+    "tensorflow_datasets",
+    "tensorflow",
+    "torch",
+    "torchvision",
+    "bcjax.data.busi_tfds",
+    "bcjax.models.convert",
+)
 # Not needed to build or apply a model (DESIGN.md: research code imports the zoo alone).
-RUN_STACK = ("grain", "orbax", "clu", "matplotlib", "optax", "tensorboardX", "bcjax.data",
-             "bcjax.train")
+RUN_STACK = (
+    "grain",
+    "orbax",
+    "clu",
+    "matplotlib",
+    "optax",
+    "tensorboardX",
+    "bcjax.data",
+    "bcjax.train",
+)
 
 # What bcjax.main.main imports before it trains (after runtime.prepare).
-RUN_MODULES = ("bcjax.config_check", "bcjax.runtime", "bcjax.cv", "bcjax.data.busi",
-               "bcjax.train.checkpoint", "bcjax.train.loop")
+RUN_MODULES = (
+    "bcjax.config_check",
+    "bcjax.runtime",
+    "bcjax.cv",
+    "bcjax.data.busi",
+    "bcjax.train.checkpoint",
+    "bcjax.train.loop",
+)
 
 
 def loaded_after_import(*modules: str) -> set[str]:
     """Every module in sys.modules after a fresh interpreter imports ``modules``."""
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
-            + "print('\\n'.join(sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print('\\n'.join(sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
     return set(out.split())
 
 

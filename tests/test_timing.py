@@ -2,6 +2,7 @@
 (the scaling model: test_scaling_model.py). Tiny models only: a 2-conv network with BatchNorm
 compiles in about a second, which is what the suite's budget allows for
 three strategies on 8 simulated devices."""
+
 import json
 
 import flax.linen as nn
@@ -10,14 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.parallel import mesh as mesh_lib, strategies
-from bcjax.timing import breakdown, chrono as chrono_lib, devices, profile
-from bcjax.step import optim, state as state_lib
+from bcjax.parallel import mesh as mesh_lib
+from bcjax.parallel import strategies
+from bcjax.step import optim
+from bcjax.step import state as state_lib
+from bcjax.timing import breakdown, devices, profile
+from bcjax.timing import chrono as chrono_lib
 
 
 class Tiny(nn.Module):
     """Conv-BN-conv-dense: the step's structure (BatchNorm, gradients,
     optimizer) at a fraction of a ResNet's compile time."""
+
     bn_axis_name: str | None = None
     num_classes: int = 3
 
@@ -43,13 +48,16 @@ def _setup(strategy, n, batch_size=16, size=32):
     tx, _ = optim.make_optimizer(steps_per_epoch=10, num_epochs=1, learning_rate=0.01)
     state = state_lib.create_train_state(model, tx, 0, size, mesh)
     rs = np.random.RandomState(0)
-    batch = {"image": rs.randint(0, 256, (batch_size, size, size, 3)).astype(np.uint8),
-             "label": rs.randint(0, 3, batch_size).astype(np.int32),
-             "index": np.arange(batch_size, dtype=np.int32)}
+    batch = {
+        "image": rs.randint(0, 256, (batch_size, size, size, 3)).astype(np.uint8),
+        "label": rs.randint(0, 3, batch_size).astype(np.int32),
+        "index": np.arange(batch_size, dtype=np.int32),
+    }
 
     def build(collectives):
-        return strategies.build_steps(strategy, mesh, model, collectives=collectives,
-                                      preprocess=_pre, normalize=_norm)
+        return strategies.build_steps(
+            strategy, mesh, model, collectives=collectives, preprocess=_pre, normalize=_norm
+        )
 
     return build, state, batch
 
@@ -59,8 +67,15 @@ def results():
     out = {}
     for strategy in strategies.STRATEGIES:
         build, state, batch = _setup(strategy, 8)
-        out[strategy] = breakdown.measure(build, state, batch, jax.random.key(0), warmup=1,
-                                          iters=5, eval_step=strategy == "shard_map")
+        out[strategy] = breakdown.measure(
+            build,
+            state,
+            batch,
+            jax.random.key(0),
+            warmup=1,
+            iters=5,
+            eval_step=strategy == "shard_map",
+        )
         # The caller's state is not donated away.
         assert int(state.step) == 0
     return out
@@ -74,7 +89,8 @@ def test_breakdown_on_8_devices(results, strategy):
     assert r["global_batch_size"] == 16 and r["per_device_batch"] == 2
     assert r["exposed_collective_s"] >= 0
     assert r["exposed_collective_s"] == pytest.approx(
-        max(r["step_time_s"]["median"] - r["compute_time_s"]["median"], 0.0))
+        max(r["step_time_s"]["median"] - r["compute_time_s"]["median"], 0.0)
+    )
     assert r["allreduce_s"]["median"] > 0 and r["allreduce_bus_GBps"] > 0
     assert r["gradient_bytes"] == 4 * r["num_params"]
     assert r["flops_per_device_step"] > 0 and r["flops_source"] == "compiled"
@@ -95,8 +111,9 @@ def test_breakdown_on_8_devices(results, strategy):
 
 def test_one_device_has_no_collective():
     build, state, batch = _setup("shard_map", 1, batch_size=4)
-    r = breakdown.measure(build, state, batch, jax.random.key(0), warmup=1, iters=3,
-                          eval_step=False)
+    r = breakdown.measure(
+        build, state, batch, jax.random.key(0), warmup=1, iters=3, eval_step=False
+    )
     assert breakdown.check(r) == []
     assert r["compute_time_s"] == r["step_time_s"]
     assert r["exposed_collective_s"] == 0 and r["allreduce_s"]["median"] == 0
@@ -109,8 +126,9 @@ def test_timing_json_has_every_field(results):
     build, state, batch = _setup("shard_map", 8)
     steps = build(True)
     sharded = steps.shard_batch(batch)
-    step = c.compile("train_step", steps.train_step, steps.place_state(state), sharded,
-                     jax.random.key(0))
+    step = c.compile(
+        "train_step", steps.train_step, steps.place_state(state), sharded, jax.random.key(0)
+    )
     s = steps.place_state(jax.tree.map(lambda x: x.copy(), state))
     for _ in range(4):
         with c.input_wait():
@@ -129,9 +147,18 @@ def test_timing_json_has_every_field(results):
     assert timing["input_wait_s"]["median"] >= 0 and timing["input_wait_s"]["total"] > 0
     bd = timing["breakdown"]
     assert breakdown.check(bd) == []
-    for key in ("step_time_s", "compute_time_s", "exposed_collective_s", "allreduce_s",
-                "images_per_s", "images_per_s_per_device", "flops_per_device_step",
-                "utilisation", "peak_memory_bytes", "compile"):
+    for key in (
+        "step_time_s",
+        "compute_time_s",
+        "exposed_collective_s",
+        "allreduce_s",
+        "images_per_s",
+        "images_per_s_per_device",
+        "flops_per_device_step",
+        "utilisation",
+        "peak_memory_bytes",
+        "compile",
+    ):
         assert key in bd
     assert bd["compile"]["eval_step"]["compile_s"] > 0
 
@@ -143,9 +170,12 @@ def test_compile_cold_then_warm_from_persistent_cache(tmp_path):
     before = jax.config.values["jax_compilation_cache_dir"]
     t = breakdown.compile_cold_warm(
         {"train_step": (steps.train_step, placed, steps.shard_batch(batch), jax.random.key(0))},
-        cache_dir=str(tmp_path))
+        cache_dir=str(tmp_path),
+    )
     t = t["train_step"]
-    assert all(t[k] > 0 for k in ("cold_lower_s", "cold_compile_s", "warm_lower_s", "warm_compile_s"))
+    assert all(
+        t[k] > 0 for k in ("cold_lower_s", "cold_compile_s", "warm_lower_s", "warm_compile_s")
+    )
     # The warm compile reads the executable back instead of running XLA.
     assert t["warm_compile_s"] < t["cold_compile_s"]
     assert (t["cold_cache"], t["warm_cache"]) == ("miss", "hit")
@@ -155,15 +185,23 @@ def test_compile_cold_then_warm_from_persistent_cache(tmp_path):
 
 def test_profile_counts_collectives_per_device(tmp_path):
     mesh = mesh_lib.make_mesh(4)
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    f = jax.jit(jax.shard_map(lambda x: (jax.lax.psum(jnp.tanh(x), "data"),
-                                         jax.lax.all_gather(x, "data")),
-                              mesh=mesh, in_specs=P("data"), out_specs=(P(), P("data"))))
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    f = jax.jit(
+        jax.shard_map(
+            lambda x: (jax.lax.psum(jnp.tanh(x), "data"), jax.lax.all_gather(x, "data")),
+            mesh=mesh,
+            in_specs=P("data"),
+            out_specs=(P(), P("data")),
+        )
+    )
     x = jax.device_put(jnp.ones((4 * 8, 16)), NamedSharding(mesh, P("data")))
     compiled = f.lower(x).compile()
     jax.block_until_ready(compiled(x))
-    summary = profile.profile_steps(lambda: compiled(x), str(tmp_path), steps=2,
-                                    hlo_text=compiled.as_text())
+    summary = profile.profile_steps(
+        lambda: compiled(x), str(tmp_path), steps=2, hlo_text=compiled.as_text()
+    )
     assert summary["format"] == "xplane", summary
     assert sorted(summary["per_device"]) == ["0", "1", "2", "3"]
     for d in summary["per_device"].values():
@@ -172,9 +210,11 @@ def test_profile_counts_collectives_per_device(tmp_path):
         assert 0 < d["collective_total_s"] <= d["op_total_s"]
     # The JSON trace gives the same counts (the fallback path).
     fmt_json = profile.parse_trace_json(
-        str(next(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))), compiled.as_text())
-    assert {k: v["collectives"]["all-reduce"]["count"] for k, v in fmt_json.items()} == \
-        {str(i): 2 for i in range(4)}
+        str(next(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))), compiled.as_text()
+    )
+    assert {k: v["collectives"]["all-reduce"]["count"] for k, v in fmt_json.items()} == {
+        str(i): 2 for i in range(4)
+    }
     assert "device 3" in profile.format_summary(summary)
 
 
@@ -183,9 +223,11 @@ def test_collective_names_without_hlo():
     assert profile.classify("all-gather-start.2", {}) == "all-gather"
     assert profile.classify("reduce-scatter.1", {}) == "reduce-scatter"
     assert profile.classify("fusion.12", {}) is None
-    hlo = ("  %psum_invariant.7 = f32[64,64]{1,0} all-reduce(%x), channel_id=1\n"
-           "  ROOT %ag = (f32[4,8]{1,0}, f32[2]) all-gather-start(%y)\n"
-           "  %fusion.3 = f32[8] fusion(%all-reduce.1)\n")
+    hlo = (
+        "  %psum_invariant.7 = f32[64,64]{1,0} all-reduce(%x), channel_id=1\n"
+        "  ROOT %ag = (f32[4,8]{1,0}, f32[2]) all-gather-start(%y)\n"
+        "  %fusion.3 = f32[8] fusion(%all-reduce.1)\n"
+    )
     assert profile.opcode_map(hlo) == {"psum_invariant.7": "all-reduce", "ag": "all-gather"}
 
 
@@ -199,8 +241,12 @@ def test_cost_flops_accepts_every_shape():
 
 def test_check_reports_inconsistencies():
     bad = {f: 1.0 for f in breakdown.FIELDS}
-    bad.update(step_time_s={"median": 1.0}, compute_time_s={"median": 2.0},
-               exposed_collective_s=-0.5, compile={"train_step": {"lower_s": 0.1, "compile_s": 0.2}})
+    bad.update(
+        step_time_s={"median": 1.0},
+        compute_time_s={"median": 2.0},
+        exposed_collective_s=-0.5,
+        compile={"train_step": {"lower_s": 0.1, "compile_s": 0.2}},
+    )
     problems = breakdown.check(bad)
     assert any("compute median" in p for p in problems)
     assert any("exposed_collective_s" in p for p in problems)
@@ -217,4 +263,3 @@ def test_device_peaks():
     assert devices.peak_flops("Tesla T4") == 65e12
     assert devices.peak_flops("TPU v2") == 22.5e12
     assert devices.peak_flops("cpu") is None
-

@@ -5,7 +5,8 @@ Two halves, run in two environments (torch and jax never share one here):
     # 1. with torch + torchvision (e.g. /work/torchvenv): random torchvision models
     #    with non-trivial BatchNorm, their state_dicts, an input batch, fp32 logits,
     #    and the key/shape manifest used by tests/test_convert.py
-    python tools/torchvision_check.py export --dir /tmp/tv_check [--manifest tests/data/torchvision_keys.json]
+    python tools/torchvision_check.py export --dir /tmp/tv_check \
+        [--manifest tests/data/torchvision_keys.json]
 
     # 2. with bcjax (jax + flax, no torch): convert, run, compare
     python tools/torchvision_check.py compare --dir /tmp/tv_check
@@ -17,6 +18,7 @@ blow-up through 50 residual blocks), then perturbed, and BN affine parameters
 and all biases (zeros in torchvision's init, e.g. the SE convs) are randomised;
 a swapped mean/var, a missing bias or a wrong epsilon then shows in the logits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +28,16 @@ import time
 
 import numpy as np
 
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-          "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+MODELS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+)
 IMAGE_SIZE = 224
 BATCH = 2
 
@@ -48,7 +58,9 @@ def _randomise(model, torch, seed: int) -> None:
             model(torch.randn(8, 3, 128, 128, generator=gen))
         model.eval()
         for m in norms:
-            m.running_mean += 0.1 * torch.randn(m.num_features, generator=gen) * m.running_var.sqrt()
+            m.running_mean += (
+                0.1 * torch.randn(m.num_features, generator=gen) * m.running_var.sqrt()
+            )
             m.running_var *= torch.empty(m.num_features).uniform_(0.5, 2.0, generator=gen)
             m.weight.copy_(torch.empty(m.num_features).uniform_(0.5, 1.5, generator=gen))
             m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
@@ -87,8 +99,11 @@ def export(directory: str, manifest: str | None) -> None:
         np.savez(os.path.join(directory, f"{name}_state.npz"), **state)
         np.save(os.path.join(directory, f"{name}_logits.npy"), logits.numpy())
         keys[name] = [[k, list(v.shape)] for k, v in state.items()]
-        print(f"{name}: {len(state)} tensors, logits {tuple(logits.shape)}, "
-              f"{time.time() - start:.1f} s", flush=True)
+        print(
+            f"{name}: {len(state)} tensors, logits {tuple(logits.shape)}, "
+            f"{time.time() - start:.1f} s",
+            flush=True,
+        )
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
     for path in filter(None, (os.path.join(directory, "torchvision_keys.json"), manifest)):
         with open(path, "w") as f:
@@ -125,7 +140,8 @@ def compare(directory: str) -> None:
     for name in MODELS:
         start = time.time()
         variables = convert.convert_state_dict(
-            name, os.path.join(directory, f"{name}_state.npz"), num_classes=1000)
+            name, os.path.join(directory, f"{name}_state.npz"), num_classes=1000
+        )
         model = bcjax.models.create(name, num_classes=1000)
         apply = jax.jit(functools.partial(model.apply, train=False))
         ours = np.asarray(apply(variables, jnp.asarray(images)))
@@ -133,16 +149,25 @@ def compare(directory: str) -> None:
         theirs = np.load(os.path.join(directory, f"{name}_logits.npy"))
         rows.append((name, *_errors(ours, theirs), time.time() - start))
         print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
-    print(f"\njax {jax.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, fp32, eval mode, batch {BATCH} at {IMAGE_SIZE} px, 1000 classes\n")
-    print("| model | max abs err / max abs logit | elementwise rel err: median | max (floor 1e-2) "
-          "| max abs err | max abs logit | top-1 agree | s |")
+    print(
+        f"\njax {jax.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, fp32, eval mode, batch {BATCH} at {IMAGE_SIZE} px, 1000 classes\n"
+    )
+    print(
+        "| model | max abs err / max abs logit | elementwise rel err: median | max (floor 1e-2) "
+        "| max abs err | max abs logit | top-1 agree | s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, rel, median, elem, abs_err, scale, top1, secs in rows:
-        print(f"| {name} | {rel:.2e} | {median:.2e} | {elem:.2e} | {abs_err:.2e} | {scale:.3g} "
-              f"| {top1:.0%} | {secs:.0f} |")
+        print(
+            f"| {name} | {rel:.2e} | {median:.2e} | {elem:.2e} | {abs_err:.2e} | {scale:.3g} "
+            f"| {top1:.0%} | {secs:.0f} |"
+        )
     worst = max(r[1] for r in rows)
-    print(f"\nworst max-relative error {worst:.2e}: {'PASS' if worst <= 1e-4 else 'FAIL'} (target 1e-4)")
+    print(
+        f"\nworst max-relative error {worst:.2e}: {'PASS' if worst <= 1e-4 else 'FAIL'} "
+        "(target 1e-4)"
+    )
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ whatever the device count. One affine map per example does random resized
 crop, horizontal flip and small rotation in a single bilinear resampling;
 then brightness and contrast; then normalisation with fixed constants.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ masks ``<class> (N)_mask.png`` and, for some images, ``_mask_1``, ``_mask_2``.
 Class folders may use any letter case; the set may also come as its zip.
 Masks are attached to their image and are never returned as images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,7 +69,8 @@ def _class_dirs(folder: pathlib.Path) -> dict[str, pathlib.Path]:
             if child.name.lower() in found:
                 raise BusiError(
                     f"two folders for class {child.name.lower()!r} in {folder}: "
-                    f"{found[child.name.lower()].name!r} and {child.name!r}")
+                    f"{found[child.name.lower()].name!r} and {child.name!r}"
+                )
             found[child.name.lower()] = child
     return found
 
@@ -86,8 +88,10 @@ def find_busi(path) -> pathlib.Path | None:
         return None
     if _class_dirs(path):
         return path
-    children = sorted((c for c in path.iterdir() if not _is_ignored(c.name)),
-                      key=lambda c: (c.name.lower() != DATASET_DIRNAME.lower(), c.name))
+    children = sorted(
+        (c for c in path.iterdir() if not _is_ignored(c.name)),
+        key=lambda c: (c.name.lower() != DATASET_DIRNAME.lower(), c.name),
+    )
     for child in children:
         if child.is_dir() and (_class_dirs(child) or child.name.lower() == DATASET_DIRNAME.lower()):
             return child
@@ -111,7 +115,9 @@ def default_cache_dir() -> pathlib.Path:
 def _extract_zip(zip_path: pathlib.Path, cache_dir) -> pathlib.Path:
     """Extracts once into the cache, keyed by the zip's size and mtime; atomic."""
     st = zip_path.stat()
-    key = hashlib.sha1(f"{zip_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{zip_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[
+        :16
+    ]
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / f"busi_zip_{key}"
     if target.is_dir():
@@ -121,7 +127,9 @@ def _extract_zip(zip_path: pathlib.Path, cache_dir) -> pathlib.Path:
             with zipfile.ZipFile(zip_path) as zf:
                 for info in zf.infolist():
                     parts = pathlib.PurePosixPath(info.filename).parts
-                    if any(p in ("..", "") or _is_ignored(p) for p in parts) or info.filename.startswith("/"):
+                    if any(
+                        p in ("..", "") or _is_ignored(p) for p in parts
+                    ) or info.filename.startswith("/"):
                         continue  # junk (__MACOSX, ._files) or a path escaping the folder
                     zf.extract(info, tmp)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -138,7 +146,8 @@ def resolve_root(root, cache_dir=None) -> pathlib.Path:
     if found is None:
         raise BusiError(
             f"no BUSI data in {path}: expected class folders {', '.join(CLASSES)} "
-            f"(any case), a {DATASET_DIRNAME} folder, or its zip")
+            f"(any case), a {DATASET_DIRNAME} folder, or its zip"
+        )
     if found.is_file():
         extracted = _extract_zip(found, cache_dir)
         inner = find_busi(extracted)
@@ -178,8 +187,9 @@ def image_size(path) -> tuple[int, int]:
     return size
 
 
-def scan_class_folder(folder: pathlib.Path, label: int, class_name: str,
-                      verify: bool) -> list[Example]:
+def scan_class_folder(
+    folder: pathlib.Path, label: int, class_name: str, verify: bool
+) -> list[Example]:
     """The images of one class folder with their masks beside them (``<stem>_mask[_k]``),
     in natural order; named "<class_name>/<file name>"."""
     images: dict[str, pathlib.Path] = {}
@@ -215,9 +225,16 @@ def scan_class_folder(folder: pathlib.Path, label: int, class_name: str,
                 if msize != size:
                     raise BusiError(
                         f"mask size {msize[0]}x{msize[1]} differs from image size "
-                        f"{size[0]}x{size[1]}: {mp}")
-        examples.append(Example(name=f"{class_name}/{img.name}", label=label,
-                                image_path=str(img), mask_paths=mask_files))
+                        f"{size[0]}x{size[1]}: {mp}"
+                    )
+        examples.append(
+            Example(
+                name=f"{class_name}/{img.name}",
+                label=label,
+                image_path=str(img),
+                mask_paths=mask_files,
+            )
+        )
     return examples
 
 
@@ -282,8 +299,10 @@ def read_mask(example: Example, shape=None) -> np.ndarray:
     for mp in example.mask_paths:
         m = read_image(mp)
         if m.shape[:2] != tuple(shape):
-            raise BusiError(f"mask size {m.shape[1]}x{m.shape[0]} differs from image size "
-                            f"{shape[1]}x{shape[0]}: {mp}")
+            raise BusiError(
+                f"mask size {m.shape[1]}x{m.shape[0]} differs from image size "
+                f"{shape[1]}x{shape[0]}: {mp}"
+            )
         out |= (m.max(axis=-1) > 127).astype(np.uint8)
     return out
 

@@ -12,6 +12,7 @@ PNGs, so images and masks are stored as zlib-compressed uint8 tensors.
 BUSI has no official split: everything is in "train"; bcjax.data.splits makes
 the train/val/test split by file name (feature "file_name").
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -42,7 +43,8 @@ class Busi(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download Dataset_BUSI_with_GT (folder or .zip) from "
         "https://scholar.cu.edu.eg/?q=afahmy/pages/dataset and place it in the manual dir "
-        "(or pass its parent folder as manual_dir).")
+        "(or pass its parent folder as manual_dir)."
+    )
 
     def __init__(self, *, file_format="array_record", **kwargs):
         super().__init__(file_format=file_format, **kwargs)
@@ -60,14 +62,18 @@ class Busi(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=_DESCRIPTION,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.ZLIB),
-                "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8,
-                                             encoding=tfds.features.Encoding.ZLIB),
-                "label": tfds.features.ClassLabel(names=list(busi.CLASSES)),
-                "file_name": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(
+                        shape=(None, None, 3), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+                    ),
+                    "mask": tfds.features.Tensor(
+                        shape=(None, None), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+                    ),
+                    "label": tfds.features.ClassLabel(names=list(busi.CLASSES)),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
             supervised_keys=("image", "label"),
             homepage="https://scholar.cu.edu.eg/?q=afahmy/pages/dataset",
             citation=_CITATION,
@@ -87,12 +93,15 @@ class Busi(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, examples):
         for ex in examples:
             image = busi.read_image(ex.image_path)
-            yield ex.name, {
-                "image": image,
-                "mask": busi.read_mask(ex, image.shape[:2]),
-                "label": ex.label,
-                "file_name": ex.name,
-            }
+            yield (
+                ex.name,
+                {
+                    "image": image,
+                    "mask": busi.read_mask(ex, image.shape[:2]),
+                    "label": ex.label,
+                    "file_name": ex.name,
+                },
+            )
 
 
 def prepare(manual_dir, data_dir) -> Busi:
@@ -101,7 +110,9 @@ def prepare(manual_dir, data_dir) -> Busi:
     if not manual.exists():  # before TFDS creates any folder under data_dir
         raise busi.BusiError(f"manual dir does not exist: {manual}")
     builder = Busi(data_dir=str(data_dir))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
     return builder
 
 
@@ -122,8 +133,11 @@ def to_array_set(source, image_size: int):
     names = []
     for i in range(n):
         rec = source[i]
-        images[i] = np.asarray(Image.fromarray(np.asarray(rec["image"], np.uint8)).resize(
-            (image_size, image_size), Image.BILINEAR, reducing_gap=3.0))
+        images[i] = np.asarray(
+            Image.fromarray(np.asarray(rec["image"], np.uint8)).resize(
+                (image_size, image_size), Image.BILINEAR, reducing_gap=3.0
+            )
+        )
         labels[i] = int(rec["label"])
         names.append(file_name(rec))
     order = sorted(range(n), key=lambda i: (int(labels[i]), busi._natural_key(names[i])))

@@ -8,6 +8,7 @@ Global batch order depends only on (seed, epoch); process p of P receives the
 contiguous slice [p*B/P, (p+1)*B/P) of each global batch, so concatenating the
 slices of all processes gives the same global batch for any P.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -17,7 +18,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -47,11 +48,13 @@ class ArraySet:
     def image_size(self) -> int:
         return int(self.images.shape[1])
 
-    def subset(self, indices) -> "ArraySet":
+    def subset(self, indices) -> ArraySet:
         indices = np.asarray(indices, np.int64)
-        return ArraySet(self.images[indices], self.labels[indices], [self.names[i] for i in indices])
+        return ArraySet(
+            self.images[indices], self.labels[indices], [self.names[i] for i in indices]
+        )
 
-    def select(self, names: Sequence[str]) -> "ArraySet":
+    def select(self, names: Sequence[str]) -> ArraySet:
         """The rows named (e.g. one part of a split manifest), in that order."""
         pos = {n: i for i, n in enumerate(self.names)}
         missing = [n for n in names if n not in pos]
@@ -105,8 +108,9 @@ def _cache_key(examples: Sequence[Example], image_size: int) -> str:
     return h.hexdigest()[:20]
 
 
-def load_arrays(examples: Sequence[Example], image_size: int, cache_dir=None, *,
-                workers: int | None = None) -> ArraySet:
+def load_arrays(
+    examples: Sequence[Example], image_size: int, cache_dir=None, *, workers: int | None = None
+) -> ArraySet:
     """Decodes and resizes every image once to uint8 [N, S, S, 3].
 
     cache_dir: keep the result as an .npz keyed by the file list (names, labels,
@@ -115,8 +119,9 @@ def load_arrays(examples: Sequence[Example], image_size: int, cache_dir=None, *,
     return _load_arrays(examples, image_size, cache_dir, workers, with_phashes=False)
 
 
-def load_arrays_and_phashes(examples: Sequence[Example], image_size: int, cache_dir=None, *,
-                            workers: int | None = None) -> tuple[ArraySet, np.ndarray]:
+def load_arrays_and_phashes(
+    examples: Sequence[Example], image_size: int, cache_dir=None, *, workers: int | None = None
+) -> tuple[ArraySet, np.ndarray]:
     """``load_arrays`` and ``splits.phashes`` of the same examples, each image decoded once.
 
     A first run decodes every image for the duplicate hashes of its split and
@@ -138,13 +143,20 @@ def _load_arrays(examples, image_size, cache_dir, workers, *, with_phashes: bool
     labels = np.array([ex.label for ex in examples], np.int32)
     cache_file = None
     if cache_dir is not None:
-        cache_file = pathlib.Path(cache_dir) / f"busi-{image_size}px-{_cache_key(examples, image_size)}.npz"
+        cache_file = (
+            pathlib.Path(cache_dir) / f"busi-{image_size}px-{_cache_key(examples, image_size)}.npz"
+        )
         if cache_file.is_file():
             try:
                 with np.load(cache_file) as z:
                     images = z["images"]
                     cached_names = json.loads(bytes(z["names"]).decode())
-                if cached_names == names and images.shape == (len(names), image_size, image_size, 3):
+                if cached_names == names and images.shape == (
+                    len(names),
+                    image_size,
+                    image_size,
+                    3,
+                ):
                     return ArraySet(images, labels, names)
             except (OSError, ValueError, KeyError):
                 pass  # unreadable cache: decode again and overwrite it
@@ -160,8 +172,9 @@ def _load_arrays(examples, image_size, cache_dir, workers, *, with_phashes: bool
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(fill, range(len(examples))))
     if cache_file is not None:
-        files.save_npz(cache_file, images=images,
-                       names=np.frombuffer(json.dumps(names).encode(), np.uint8))
+        files.save_npz(
+            cache_file, images=images, names=np.frombuffer(json.dumps(names).encode(), np.uint8)
+        )
     return ArraySet(images, labels, names)
 
 
@@ -180,8 +193,10 @@ def _local_slice(global_batch_size: int, process_index: int, process_count: int)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of "
-                         f"process_count {process_count}")
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not a positive multiple of "
+            f"process_count {process_count}"
+        )
     per = global_batch_size // process_count
     return slice(process_index * per, (process_index + 1) * per)
 
@@ -205,7 +220,9 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, balanced: bool = Fals
 class _Gather:
     """Picklable, thread-safe map from a global step to this process's batch."""
 
-    def __init__(self, data: ArraySet, global_batch_size, seed, local: slice, balanced, with_images=True):
+    def __init__(
+        self, data: ArraySet, global_batch_size, seed, local: slice, balanced, with_images=True
+    ):
         self.data = data
         self.with_images = with_images
         self.gbs = global_batch_size
@@ -221,7 +238,7 @@ class _Gather:
     def __call__(self, step: int, _unused=None) -> dict:
         epoch, k = divmod(int(step), self.spe)
         start = k * self.gbs
-        idx = self._order(epoch)[start + self.local.start: start + self.local.stop]
+        idx = self._order(epoch)[start + self.local.start : start + self.local.stop]
         batch = {"label": np.take(self.data.labels, idx), "index": idx.astype(np.int32)}
         if self.with_images:
             batch["image"] = np.take(self.data.images, idx, axis=0)
@@ -245,9 +262,18 @@ def _read_options(num_threads, prefetch):
     return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
 
-def train_iterator(data: ArraySet, global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, balanced: bool = False, *, num_threads: int | None = None,
-                   prefetch: int | None = None, with_images: bool = True) -> grain.DatasetIterator:
+def train_iterator(
+    data: ArraySet,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    balanced: bool = False,
+    *,
+    num_threads: int | None = None,
+    prefetch: int | None = None,
+    with_images: bool = True,
+) -> grain.DatasetIterator:
     """Endless iterator of this process's slice of each global batch, epoch after epoch.
 
     Drops each epoch's remainder. Elements: {"image": uint8 [B/P, S, S, 3],
@@ -260,7 +286,9 @@ def train_iterator(data: ArraySet, global_batch_size: int, seed: int, process_in
     """
     local = _local_slice(global_batch_size, process_index, process_count)
     if steps_per_epoch(len(data), global_batch_size) < 1:
-        raise ValueError(f"global batch {global_batch_size} is larger than the {len(data)} training examples")
+        raise ValueError(
+            f"global batch {global_batch_size} is larger than the {len(data)} training examples"
+        )
     gather = _Gather(data, global_batch_size, seed, local, balanced, with_images)
     ds = grain.MapDataset.range(gather.spe).repeat().map_with_index(gather)
     return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
@@ -290,8 +318,15 @@ class _EvalGather:
         }
 
 
-def eval_batches(data: ArraySet, global_batch_size: int, process_index: int = 0, process_count: int = 1, *,
-                 num_threads: int | None = None, prefetch: int | None = None) -> grain.DatasetIterator:
+def eval_batches(
+    data: ArraySet,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    num_threads: int | None = None,
+    prefetch: int | None = None,
+) -> grain.DatasetIterator:
     """Every example exactly once over all processes; ceil(N / B) batches, the last one padded.
 
     Padding rows have valid=False, image 0, label 0 and index -1. Every process
@@ -299,5 +334,6 @@ def eval_batches(data: ArraySet, global_batch_size: int, process_index: int = 0,
     """
     local = _local_slice(global_batch_size, process_index, process_count)
     ds = grain.MapDataset.range(num_eval_batches(len(data), global_batch_size)).map(
-        _EvalGather(data, global_batch_size, local))
+        _EvalGather(data, global_batch_size, local)
+    )
     return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))

@@ -8,6 +8,7 @@ its own copy. Groups spanning two classes are reported as conflicts and can be
 excluded. Images that share a patient/case id (``Example.group``, from a CSV's
 ``group`` column) are joined to one group as well, so no patient straddles splits.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -15,7 +16,7 @@ import json
 import os
 import pathlib
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,7 +34,9 @@ MANIFEST_VERSION = 1
 # Manifests written before classes came from the data hold no class names: they are BUSI's.
 BUSI_CLASSES = CLASSES
 
-_HASH_CACHE: dict[tuple, int] = {}  # (path, size, mtime) -> hash; files rarely change within a process
+_HASH_CACHE: dict[
+    tuple, int
+] = {}  # (path, size, mtime) -> hash; files rarely change within a process
 _HASH_LOCK = threading.Lock()
 
 
@@ -52,12 +55,17 @@ _DCT32 = _dct_matrix(32)
 
 
 def phash_array(gray: np.ndarray) -> int:
-    """64-bit perceptual hash of a 2-D image: signs of its lowest 8x8 DCT terms about their median."""
+    """64-bit perceptual hash of a 2-D image: signs of its lowest 8x8 DCT terms about their
+    median."""
     if gray.shape != (32, 32):
-        gray = np.asarray(Image.fromarray(np.asarray(gray, np.float32), "F").resize((32, 32), Image.BOX))
+        gray = np.asarray(
+            Image.fromarray(np.asarray(gray, np.float32), "F").resize((32, 32), Image.BOX)
+        )
     c = _DCT32 @ np.asarray(gray, np.float64) @ _DCT32.T
     low = c[:8, :8].ravel()
-    bits = low > np.median(low[1:])  # DC left out of the median: it is the brightness, not the pattern
+    bits = low > np.median(
+        low[1:]
+    )  # DC left out of the median: it is the brightness, not the pattern
     return int(np.packbits(bits).view(">u8")[0])
 
 
@@ -132,8 +140,11 @@ def hamming_matrix(hashes: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x).astype(np.int32)
 
 
-def duplicate_groups(hashes: np.ndarray, threshold: int = DEFAULT_HASH_THRESHOLD) -> list[list[int]]:
-    """Connected components (union-find) of 'Hamming distance <= threshold'; all N indices covered."""
+def duplicate_groups(
+    hashes: np.ndarray, threshold: int = DEFAULT_HASH_THRESHOLD
+) -> list[list[int]]:
+    """Connected components (union-find) of "Hamming distance <= threshold"; all N indices
+    covered."""
     n = len(hashes)
     parent = list(range(n))
 
@@ -167,8 +178,9 @@ def _targets(count: int, fractions: Sequence[float]) -> np.ndarray:
     return out
 
 
-def _assign(groups: list[list[int]], labels: np.ndarray, fractions, rng,
-            num_classes: int) -> list[int]:
+def _assign(
+    groups: list[list[int]], labels: np.ndarray, fractions, rng, num_classes: int
+) -> list[int]:
     """Part index per group, stratified by class.
 
     Groups are visited in a seeded random order, larger groups first; each goes
@@ -180,13 +192,17 @@ def _assign(groups: list[list[int]], labels: np.ndarray, fractions, rng,
     targets = {c: _targets(int(np.sum(labels == c)), fractions) for c in range(num_classes)}
     filled = {c: np.zeros(parts, int) for c in range(num_classes)}
     order = rng.permutation(len(groups))
-    order = sorted(order, key=lambda gi: -len(groups[gi]))  # stable: keeps the random order within a size
+    order = sorted(
+        order, key=lambda gi: -len(groups[gi])
+    )  # stable: keeps the random order within a size
     out = [0] * len(groups)
     for gi in order:
         c = group_label[gi]
         t, f = targets[c], filled[c]
         deficit = (t - f) / np.maximum(t, 1)
-        deficit[t == 0] = -np.inf  # a part meant to get none of this class gets none while others can
+        deficit[
+            t == 0
+        ] = -np.inf  # a part meant to get none of this class gets none while others can
         if np.all(np.isinf(deficit)):
             deficit = -f.astype(float)
         part = int(np.argmax(deficit))
@@ -235,8 +251,9 @@ def _class_names(examples, class_names) -> tuple[str, ...]:
     return names
 
 
-def _prepare(examples, seed, threshold, exclude_conflicts, hashes=None, cache_dir=None,
-             class_names=None):
+def _prepare(
+    examples, seed, threshold, exclude_conflicts, hashes=None, cache_dir=None, class_names=None
+):
     names = [ex.name for ex in examples]
     if len(set(names)) != len(names):
         raise BusiError("example names are not unique")
@@ -268,8 +285,9 @@ def _prepare(examples, seed, threshold, exclude_conflicts, hashes=None, cache_di
         if ex.group:
             patients.setdefault(ex.group, []).append(ex.name)
     if patients:  # absent for BUSI: its manifests stay as they were
-        meta["patient_groups"] = {g: sorted(members) for g, members in sorted(patients.items())
-                                  if len(members) > 1}
+        meta["patient_groups"] = {
+            g: sorted(members) for g, members in sorted(patients.items()) if len(members) > 1
+        }
     return names, labels, groups, meta
 
 
@@ -282,13 +300,23 @@ def _collect(names, labels, groups, assignment, part_names):
 
 def _counts(split, examples, class_names):
     label_of = {ex.name: ex.label for ex in examples}
-    return {p: {c: sum(label_of[n] == k for n in split[p]) for k, c in enumerate(class_names)}
-            for p in SPLITS}
+    return {
+        p: {c: sum(label_of[n] == k for n in split[p]) for k, c in enumerate(class_names)}
+        for p in SPLITS
+    }
 
 
-def make_split(examples: Sequence[Example], seed: int = 0, fractions=(0.7, 0.1, 0.2),
-               exclude_conflicts: bool = False, *, hash_threshold: int = DEFAULT_HASH_THRESHOLD,
-               hashes=None, cache_dir=None, class_names: Sequence[str] | None = None) -> dict:
+def make_split(
+    examples: Sequence[Example],
+    seed: int = 0,
+    fractions=(0.7, 0.1, 0.2),
+    exclude_conflicts: bool = False,
+    *,
+    hash_threshold: int = DEFAULT_HASH_THRESHOLD,
+    hashes=None,
+    cache_dir=None,
+    class_names: Sequence[str] | None = None,
+) -> dict:
     """{"train", "val", "test": [names], "meta": {...}}; duplicate groups never straddle parts.
 
     meta: seed, fractions, hash_threshold, duplicate_groups (lists of names, size >= 2),
@@ -300,21 +328,34 @@ def make_split(examples: Sequence[Example], seed: int = 0, fractions=(0.7, 0.1, 
     """
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
         raise ValueError(f"fractions must be 3 non-negative numbers, got {fractions}")
-    names, labels, groups, meta = _prepare(examples, seed, hash_threshold, exclude_conflicts, hashes,
-                                           cache_dir, class_names)
+    names, labels, groups, meta = _prepare(
+        examples, seed, hash_threshold, exclude_conflicts, hashes, cache_dir, class_names
+    )
     num_classes = len(meta["class_names"])
     rng = np.random.default_rng([seed, 0x5B117])
     assignment = _assign(groups, labels, fractions, rng, num_classes)
     split = _collect(names, labels, groups, assignment, SPLITS)
-    meta.update(kind="holdout", fractions=list(fractions),
-                counts=_counts(split, examples, meta["class_names"]))
+    meta.update(
+        kind="holdout",
+        fractions=list(fractions),
+        counts=_counts(split, examples, meta["class_names"]),
+    )
     return {**split, "meta": meta}
 
 
-def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 0,
-                test_fraction: float = 0.2, *, exclude_conflicts: bool = False,
-                hash_threshold: int = DEFAULT_HASH_THRESHOLD, hashes=None, cache_dir=None,
-                class_names: Sequence[str] | None = None) -> dict:
+def kfold_split(
+    examples: Sequence[Example],
+    folds: int,
+    fold: int,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    *,
+    exclude_conflicts: bool = False,
+    hash_threshold: int = DEFAULT_HASH_THRESHOLD,
+    hashes=None,
+    cache_dir=None,
+    class_names: Sequence[str] | None = None,
+) -> dict:
     """Fold ``fold`` of ``folds`` as {"train", "val", "test", "meta"}.
 
     The test part is held out first and is the same for every fold (it depends on
@@ -326,8 +367,9 @@ def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 
         raise ValueError(f"need folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    names, labels, groups, meta = _prepare(examples, seed, hash_threshold, exclude_conflicts, hashes,
-                                           cache_dir, class_names)
+    names, labels, groups, meta = _prepare(
+        examples, seed, hash_threshold, exclude_conflicts, hashes, cache_dir, class_names
+    )
     num_classes = len(meta["class_names"])
     rng = np.random.default_rng([seed, 0x5B117])
     outer = _assign(groups, labels, (1 - test_fraction, test_fraction), rng, num_classes)
@@ -340,8 +382,13 @@ def kfold_split(examples: Sequence[Example], folds: int, fold: int, seed: int = 
         "test": [i for g in test for i in g],
     }
     split = {p: [names[i] for i in sorted(idx)] for p, idx in split.items()}
-    meta.update(kind="kfold", folds=folds, fold=fold, test_fraction=test_fraction,
-                counts=_counts(split, examples, meta["class_names"]))
+    meta.update(
+        kind="kfold",
+        folds=folds,
+        fold=fold,
+        test_fraction=test_fraction,
+        counts=_counts(split, examples, meta["class_names"]),
+    )
     return {**split, "meta": meta}
 
 
@@ -379,6 +426,8 @@ def select(examples: Sequence[Example], names: Sequence[str]) -> list[Example]:
     missing = [n for n in names if n not in by_name]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5])
-        raise BusiError(f"{len(missing)} name(s) from the manifest are not in the data set: {shown}"
-                        + (" ..." if len(missing) > 5 else ""))
+        raise BusiError(
+            f"{len(missing)} name(s) from the manifest are not in the data set: {shown}"
+            + (" ..." if len(missing) > 5 else "")
+        )
     return [by_name[n] for n in names]

@@ -21,6 +21,7 @@ without marks. Sets are cached across workdirs by ``cached``.
 
     python -m bcjax.data.synthetic --out DIR --num 780 --seed 0 [--mark calliper --mark-prob 0.9]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,7 +98,11 @@ def _curve(rng, w, amp, n=3) -> np.ndarray:
     x = np.linspace(0, 2 * np.pi, w, dtype=np.float32)
     out = np.zeros(w, np.float32)
     for k in range(1, n + 1):
-        out += rng.uniform(-1, 1) / k * np.sin(k * x * rng.uniform(0.4, 1.2) + rng.uniform(0, 2 * np.pi))
+        out += (
+            rng.uniform(-1, 1)
+            / k
+            * np.sin(k * x * rng.uniform(0.4, 1.2) + rng.uniform(0, 2 * np.pi))
+        )
     return amp * out
 
 
@@ -158,30 +163,38 @@ def _tissue(rng, h, w):
 
     def band(lo, hi, soft=0.008):
         # Linear ramps rather than logistic edges: a fraction of the cost, same look after speckle.
-        return np.clip((yy - lo) / (2 * soft) + 0.5, 0, 1) * np.clip((hi - yy) / (2 * soft) + 0.5, 0, 1)
+        return np.clip((yy - lo) / (2 * soft) + 0.5, 0, 1) * np.clip(
+            (hi - yy) / (2 * soft) + 0.5, 0, 1
+        )
 
     fat_level = rng.uniform(0.3, 0.45)
     gland_level = rng.uniform(0.6, 0.95)
     muscle_level = rng.uniform(0.35, 0.55)
-    e = (0.08 * band(-1, skin - 0.012)
-         + 1.0 * band(skin - 0.012, skin)
-         + fat_level * band(skin, fat_end, 0.015)
-         + gland_level * band(fat_end, gland_end, 0.02)
-         + muscle_level * band(gland_end, muscle_end, 0.01)
-         + 0.25 * band(muscle_end, 2.0, 0.01))
+    e = (
+        0.08 * band(-1, skin - 0.012)
+        + 1.0 * band(skin - 0.012, skin)
+        + fat_level * band(skin, fat_end, 0.015)
+        + gland_level * band(fat_end, gland_end, 0.02)
+        + muscle_level * band(gland_end, muscle_end, 0.01)
+        + 0.25 * band(muscle_end, 2.0, 0.01)
+    )
     # Muscle fibres: fine bright horizontal striations.
     stri = 0.5 + 0.5 * np.sin(yy * h / rng.uniform(3, 7) + _curve(rng, w, 2.0)[None, :])
     e = e * (1 + 0.6 * stri * band(gland_end, muscle_end))
     if rng.random() < 0.4:  # pleura / rib surface: a bright line at the bottom of the muscle
         e = e + 0.9 * band(muscle_end, muscle_end + 0.012, 0.004)
     # Glandular heterogeneity and lobular structure.
-    e = e * np.exp(0.35 * _smooth_noise(rng, h, w, 6, 8)) * np.exp(0.2 * _smooth_noise(rng, h, w, 16, 24))
+    e = (
+        e
+        * np.exp(0.35 * _smooth_noise(rng, h, w, 6, 8))
+        * np.exp(0.2 * _smooth_noise(rng, h, w, 16, 24))
+    )
     # Cooper's ligaments: thin bright curves crossing the fat.
     for _ in range(rng.integers(2, 6)):
         x0 = rng.uniform(0, 1)
         path = x0 + 0.4 * rng.uniform(-1, 1) * yy + 0.03 * np.sin(yy * rng.uniform(5, 15))
         d = np.abs(xx - path) * w
-        lig = np.exp(-(d / rng.uniform(1.0, 2.2)) ** 2) * band(skin, fat_end + 0.05, 0.01)
+        lig = np.exp(-((d / rng.uniform(1.0, 2.2)) ** 2)) * band(skin, fat_end + 0.05, 0.01)
         e = e + 0.6 * lig
     return e.astype(np.float32), float(np.mean(fat_end)), float(np.mean(gland_end))
 
@@ -222,8 +235,11 @@ def _lesion_params(rng, label: int, h: int, w: int, gland_depth: float) -> dict:
         p["edge"] = rng.uniform(0.02, 0.06)
         p["level"] = rng.uniform(0.08, 0.45) if rng.random() < 0.94 else rng.uniform(0.45, 0.65)
         p["hetero"] = rng.uniform(0.05, 0.25)
-        p["posterior"] = rng.uniform(1.15, 1.6) if rng.random() < 0.5 else (
-            rng.uniform(0.75, 0.95) if rng.random() < 0.15 else 1.0)
+        p["posterior"] = (
+            rng.uniform(1.15, 1.6)
+            if rng.random() < 0.5
+            else (rng.uniform(0.75, 0.95) if rng.random() < 0.15 else 1.0)
+        )
         p["capsule"] = rng.uniform(0.3, 0.9) if rng.random() < 0.5 else 0.0
         p["halo"] = 0.0
         p["calc"] = 0
@@ -238,8 +254,11 @@ def _lesion_params(rng, label: int, h: int, w: int, gland_depth: float) -> dict:
         p["edge"] = rng.uniform(0.05, 0.14)
         p["level"] = rng.uniform(0.1, 0.45) if rng.random() < 0.94 else rng.uniform(0.45, 0.65)
         p["hetero"] = rng.uniform(0.3, 0.7)
-        p["posterior"] = rng.uniform(0.25, 0.6) if rng.random() < 0.75 else (
-            rng.uniform(1.1, 1.3) if rng.random() < 0.3 else 1.0)
+        p["posterior"] = (
+            rng.uniform(0.25, 0.6)
+            if rng.random() < 0.75
+            else (rng.uniform(1.1, 1.3) if rng.random() < 0.3 else 1.0)
+        )
         p["capsule"] = 0.0
         p["halo"] = rng.uniform(0.3, 0.8) if rng.random() < 0.4 else 0.0
         p["calc"] = int(rng.integers(2, 10)) if rng.random() < 0.4 else 0
@@ -316,7 +335,9 @@ def _add_lesion(rng, e: np.ndarray, p: dict) -> np.ndarray:
             break
         i = rng.integers(len(ys))
         rr = max(1, int(round(0.006 * min(h, w))))
-        patch[max(0, ys[i] - rr): ys[i] + rr + 1, max(0, xs[i] - rr): xs[i] + rr + 1] *= rng.uniform(3, 6)
+        patch[max(0, ys[i] - rr) : ys[i] + rr + 1, max(0, xs[i] - rr) : xs[i] + rr + 1] *= (
+            rng.uniform(3, 6)
+        )
     mask = np.zeros((h, w), bool)
     mask[y0:y1, x0:x1] = mask_patch
     if p["posterior"] != 1.0 and mask_patch.any():
@@ -352,14 +373,23 @@ def render(rng: np.random.Generator, label: int, h: int, w: int):
     db = 20 * rng.uniform(1.6, 2.0) * np.log10(np.maximum(e, 1e-4))
     if f > 1:
         db = _resize(db, h, w)
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255, "L").resize((w, h), Image.BILINEAR)) > 127
+        mask = (
+            np.asarray(
+                Image.fromarray(mask.astype(np.uint8) * 255, "L").resize((w, h), Image.BILINEAR)
+            )
+            > 127
+        )
     db += _speckle_db(rng, h, w)
     # Log compression into the display's dynamic range, then a gamma and gain
     # applied through a lookup table (a full-size pow() costs more than the rest).
     sub = db[:: max(1, h // 64), :: max(1, w // 64)].ravel()
-    ref = np.partition(sub, int(rng.uniform(0.985, 0.998) * (sub.size - 1)))[int(0.99 * (sub.size - 1))]
+    ref = np.partition(sub, int(rng.uniform(0.985, 0.998) * (sub.size - 1)))[
+        int(0.99 * (sub.size - 1))
+    ]
     dyn = rng.uniform(40, 55)
-    lut = np.rint(255 * rng.uniform(0.85, 1.0) * np.linspace(0, 1, 1024) ** rng.uniform(1.8, 2.6)).astype(np.uint8)
+    lut = np.rint(
+        255 * rng.uniform(0.85, 1.0) * np.linspace(0, 1, 1024) ** rng.uniform(1.8, 2.6)
+    ).astype(np.uint8)
     db -= ref - dyn
     db *= 1023 / dyn
     np.clip(db, 0, 1023, out=db)
@@ -370,11 +400,30 @@ def _echogenicity(rng, label, h, w):
     e, fat_depth, gland_depth = _tissue(rng, h, w)
     # Fat lobules in every breast; normal ones sometimes show a lobule deep in the
     # gland that looks like a small benign mass (normal vs benign overlap).
-    _dark_ovals(rng, e, h, w, int(rng.integers(3, 9)), (0.06, fat_depth), (0.02, 0.06),
-                (0.45, 0.75), (1.3, 3.0))
+    _dark_ovals(
+        rng,
+        e,
+        h,
+        w,
+        int(rng.integers(3, 9)),
+        (0.06, fat_depth),
+        (0.02, 0.06),
+        (0.45, 0.75),
+        (1.3, 3.0),
+    )
     if label == 0 and rng.random() < 0.25:
-        _dark_ovals(rng, e, h, w, 1, (fat_depth, gland_depth * 0.9), (0.03, 0.07),
-                    (0.5, 0.75), (1.2, 2.2), edge=0.2)
+        _dark_ovals(
+            rng,
+            e,
+            h,
+            w,
+            1,
+            (fat_depth, gland_depth * 0.9),
+            (0.03, 0.07),
+            (0.5, 0.75),
+            (1.2, 2.2),
+            edge=0.2,
+        )
     mask = np.zeros((h, w), bool)
     n_lesions = 0 if label == 0 else (1 if rng.random() < 0.93 else 2)
     for _ in range(n_lesions):
@@ -398,19 +447,28 @@ def _image_shape(rng, min_size, max_size) -> tuple[int, int]:
 
 # 3x5 dot-matrix glyphs of the annotation text ("2.4cm", "R 3").
 _GLYPHS = {
-    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
-    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
-    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
-    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
-    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
-    ".": ("000", "000", "000", "000", "010"), "c": ("000", "000", "111", "100", "111"),
-    "m": ("000", "000", "111", "111", "101"), "L": ("100", "100", "100", "100", "111"),
-    "R": ("110", "101", "110", "101", "101"), " ": ("000",) * 5,
+    "0": ("111", "101", "101", "101", "111"),
+    "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"),
+    "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"),
+    "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"),
+    "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"),
+    "9": ("111", "101", "111", "001", "111"),
+    ".": ("000", "000", "000", "000", "010"),
+    "c": ("000", "000", "111", "100", "111"),
+    "m": ("000", "000", "111", "111", "101"),
+    "L": ("100", "100", "100", "100", "111"),
+    "R": ("110", "101", "110", "101", "101"),
+    " ": ("000",) * 5,
 }
 
 
-def _mark_for(seed: int, label: int, number: int, mark: str, mark_prob: float,
-              placement: str) -> tuple[str, np.random.Generator] | None:
+def _mark_for(
+    seed: int, label: int, number: int, mark: str, mark_prob: float, placement: str
+) -> tuple[str, np.random.Generator] | None:
     """(corner, generator for the mark's shape) of image (label, number), or None: no mark.
 
     A generator of its own, keyed apart from the image's, so that the images
@@ -418,8 +476,9 @@ def _mark_for(seed: int, label: int, number: int, mark: str, mark_prob: float,
     """
     if not mark or (placement == "malignant" and label != _MALIGNANT):
         return None
-    rng = np.random.default_rng([seed, label, number, GENERATOR_VERSION, _MARK_STREAM,
-                                 MARK_PLACEMENTS.index(placement)])
+    rng = np.random.default_rng(
+        [seed, label, number, GENERATOR_VERSION, _MARK_STREAM, MARK_PLACEMENTS.index(placement)]
+    )
     if rng.random() >= mark_prob:
         return None
     return CORNERS[int(rng.integers(len(CORNERS)))], rng
@@ -427,7 +486,7 @@ def _mark_for(seed: int, label: int, number: int, mark: str, mark_prob: float,
 
 def _fill(img: np.ndarray, y: int, x: int, height: int, width: int, value: int) -> None:
     """img[y:y+height, x:x+width] = value, clipped to the image."""
-    img[max(0, y):max(0, y + height), max(0, x):max(0, x + width)] = value
+    img[max(0, y) : max(0, y + height), max(0, x) : max(0, x + width)] = value
 
 
 def _origin(h: int, w: int, box_h: int, box_w: int, corner: str, margin: int) -> tuple[int, int]:
@@ -457,16 +516,24 @@ def _draw_calliper(img: np.ndarray, corner: str, rng: np.random.Generator) -> No
     dots = span // (2 * thick)
     for k in range(2, dots - 1):  # a gap next to each calliper
         t = k / dots
-        _fill(img, round(ay + t * (by - ay)) - thick // 2, round(ax + t * (bx - ax)) - thick // 2,
-              thick, thick, value)
+        _fill(
+            img,
+            round(ay + t * (by - ay)) - thick // 2,
+            round(ax + t * (bx - ax)) - thick // 2,
+            thick,
+            thick,
+            value,
+        )
 
 
 def _draw_text(img: np.ndarray, corner: str, rng: np.random.Generator) -> None:
     """Two lines of annotation text (a measurement and a side), in dot-matrix glyphs."""
     h, w = img.shape
     s = max(1, round(0.9 * min(h, w) / 100))  # glyph pixel size
-    lines = [f"{rng.integers(1, 5)}.{rng.integers(0, 10)}cm",
-             f"{'LR'[rng.integers(2)]} {rng.integers(1, 10)}"]
+    lines = [
+        f"{rng.integers(1, 5)}.{rng.integers(0, 10)}cm",
+        f"{'LR'[rng.integers(2)]} {rng.integers(1, 10)}",
+    ]
     value = int(rng.integers(225, 256))
     char_w, line_h = 4 * s, 7 * s
     box_w, box_h = max(map(len, lines)) * char_w - s, len(lines) * line_h - 2 * s
@@ -484,8 +551,18 @@ def stamp_mark(img: np.ndarray, mark: str, corner: str, rng: np.random.Generator
     {"calliper": _draw_calliper, "text": _draw_text}[mark](img, corner, rng)
 
 
-def _write_one(folder: pathlib.Path, seed, label, number, min_size, max_size, compress_level,
-               mark="", mark_prob=0.0, mark_placement="malignant"):
+def _write_one(
+    folder: pathlib.Path,
+    seed,
+    label,
+    number,
+    min_size,
+    max_size,
+    compress_level,
+    mark="",
+    mark_prob=0.0,
+    mark_placement="malignant",
+):
     rng = _image_rng(seed, label, number)
     h, w = _image_shape(rng, min_size, max_size)
     img, mask = render(rng, label, h, w)
@@ -495,9 +572,11 @@ def _write_one(folder: pathlib.Path, seed, label, number, min_size, max_size, co
     cls = CLASSES[label]
     # BUSI stores grayscale content as RGB PNG; masks as 8-bit 0/255.
     Image.fromarray(np.repeat(img[..., None], 3, axis=-1), "RGB").save(
-        folder / cls / f"{cls} ({number}).png", compress_level=compress_level)
+        folder / cls / f"{cls} ({number}).png", compress_level=compress_level
+    )
     Image.fromarray(mask.astype(np.uint8) * 255, "L").save(
-        folder / cls / f"{cls} ({number})_mask.png", compress_level=compress_level)
+        folder / cls / f"{cls} ({number})_mask.png", compress_level=compress_level
+    )
 
 
 # ----------------------------------------------------------------------------- temporary folders
@@ -514,8 +593,10 @@ def _owned_prefix() -> str:
 
 
 # Temporary set (mkdtemp's random part has no dots) or a replaced set awaiting removal.
-_OWNED = re.compile(rf"\.{re.escape(DATASET_DIRNAME)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[1-9][0-9]*)"
-                    r"\.(?:[a-z0-9_]+\.tmp|old)")
+_OWNED = re.compile(
+    rf"\.{re.escape(DATASET_DIRNAME)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[1-9][0-9]*)"
+    r"\.(?:[a-z0-9_]+\.tmp|old)"
+)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -560,21 +641,38 @@ def _remove_stale(out_dir: pathlib.Path, min_age_s: float = STALE_AFTER_S) -> No
             continue
         shutil.rmtree(path, ignore_errors=True)  # another process may be removing it too
         if not path.exists():
-            log.warning("Removed %s, left by process %s (no longer running) of a killed generation.",
-                        path, m["pid"])
+            log.warning(
+                "Removed %s, left by process %s (no longer running) of a killed generation.",
+                path,
+                m["pid"],
+            )
 
 
-def set_info(num: int, seed: int, *, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE,
-             mark: str = "", mark_prob: float = 0.9, mark_placement: str = "malignant") -> dict:
+def set_info(
+    num: int,
+    seed: int,
+    *,
+    min_size: int = MIN_SIZE,
+    max_size: int = MAX_SIZE,
+    mark: str = "",
+    mark_prob: float = 0.9,
+    mark_placement: str = "malignant",
+) -> dict:
     """What SYNTHETIC.json holds for a set of these arguments; equal dicts, equal sets.
 
     With a mark it adds {"mark": {"kind", "version", "prob", "placement",
     "marked": {name: corner}}};
     without one it is what sets written before marks existed hold, so they are reused.
     """
-    info = {"generator": "bcjax.data.synthetic", "version": GENERATOR_VERSION, "num": num,
-            "seed": seed, "min_size": min_size, "max_size": max_size,
-            "class_counts": dict(zip(CLASSES, class_counts(num)))}
+    info = {
+        "generator": "bcjax.data.synthetic",
+        "version": GENERATOR_VERSION,
+        "num": num,
+        "seed": seed,
+        "min_size": min_size,
+        "max_size": max_size,
+        "class_counts": dict(zip(CLASSES, class_counts(num))),
+    }
     if mark:
         marked = {}
         for label, count in enumerate(class_counts(num)):
@@ -582,8 +680,13 @@ def set_info(num: int, seed: int, *, min_size: int = MIN_SIZE, max_size: int = M
                 planted = _mark_for(seed, label, number, mark, mark_prob, mark_placement)
                 if planted is not None:
                     marked[f"{CLASSES[label]}/{CLASSES[label]} ({number}).png"] = planted[0]
-        info["mark"] = {"kind": mark, "version": MARK_VERSION, "prob": mark_prob,
-                        "placement": mark_placement, "marked": marked}
+        info["mark"] = {
+            "kind": mark,
+            "version": MARK_VERSION,
+            "prob": mark_prob,
+            "placement": mark_placement,
+            "marked": marked,
+        }
     return info
 
 
@@ -593,15 +696,26 @@ def _check_mark(mark: str, mark_prob: float, mark_placement: str) -> None:
     if not 0 <= mark_prob <= 1:
         raise ValueError(f"mark_prob must be in [0, 1], got {mark_prob}")
     if mark_placement not in MARK_PLACEMENTS:
-        raise ValueError(f"mark_placement must be one of {', '.join(MARK_PLACEMENTS)}, "
-                         f"got {mark_placement!r}")
+        raise ValueError(
+            f"mark_placement must be one of {', '.join(MARK_PLACEMENTS)}, got {mark_placement!r}"
+        )
 
 
-def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = MIN_SIZE,
-             max_size: int = MAX_SIZE, mark: str = "", mark_prob: float = 0.9,
-             mark_placement: str = "malignant",
-             overwrite: bool = False, workers: int | None = None, compress_level: int = 1,
-             progress=None) -> pathlib.Path:
+def generate(
+    out_dir,
+    num: int = 780,
+    seed: int = 0,
+    *,
+    min_size: int = MIN_SIZE,
+    max_size: int = MAX_SIZE,
+    mark: str = "",
+    mark_prob: float = 0.9,
+    mark_placement: str = "malignant",
+    overwrite: bool = False,
+    workers: int | None = None,
+    compress_level: int = 1,
+    progress=None,
+) -> pathlib.Path:
     """Writes ``out_dir/Dataset_BUSI_with_GT`` and returns that folder.
 
     mark: "" (none), "calliper" or "text", stamped into a random corner of an
@@ -625,27 +739,51 @@ def generate(out_dir, num: int = 780, seed: int = 0, *, min_size: int = MIN_SIZE
     if out_dir.is_dir():
         _remove_stale(out_dir)
     target = out_dir / DATASET_DIRNAME
-    info = set_info(num, seed, min_size=min_size, max_size=max_size, mark=mark, mark_prob=mark_prob,
-                    mark_placement=mark_placement)
+    info = set_info(
+        num,
+        seed,
+        min_size=min_size,
+        max_size=max_size,
+        mark=mark,
+        mark_prob=mark_prob,
+        mark_placement=mark_placement,
+    )
     if target.exists():
         marker = target / SYNTHETIC_MARKER
         if marker.is_file() and json.loads(marker.read_text()) == info:
             return target
         if not overwrite:
-            raise FileExistsError(f"{target} exists and is not this synthetic set; pass overwrite=True "
-                                  "(or --overwrite) to replace it")
+            raise FileExistsError(
+                f"{target} exists and is not this synthetic set; pass overwrite=True "
+                "(or --overwrite) to replace it"
+            )
     # The temp folder's prefix names this host and pid, so a later run can
     # remove what a killed one left (see _remove_stale).
     with files.atomic_dir(target, prefix=_owned_prefix(), replace=True) as tmp:
         for cls in CLASSES:
             (tmp / cls).mkdir()
-        jobs = [(label, n) for label, count in enumerate(class_counts(num)) for n in range(1, count + 1)]
+        jobs = [
+            (label, n) for label, count in enumerate(class_counts(num)) for n in range(1, count + 1)
+        ]
         workers = workers or os.cpu_count() or 1
         # numpy and PIL release the GIL in the heavy parts: threads scale without pickling.
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_write_one, tmp, seed, label, n, min_size, max_size,
-                                   compress_level, mark, mark_prob, mark_placement)
-                       for label, n in jobs]
+            futures = [
+                pool.submit(
+                    _write_one,
+                    tmp,
+                    seed,
+                    label,
+                    n,
+                    min_size,
+                    max_size,
+                    compress_level,
+                    mark,
+                    mark_prob,
+                    mark_placement,
+                )
+                for label, n in jobs
+            ]
             for done, f in enumerate(concurrent.futures.as_completed(futures), 1):
                 f.result()
                 if progress is not None:
@@ -664,9 +802,17 @@ def random_mark_copy(root, out_dir, *, workers: int | None = None) -> pathlib.Pa
     info = busi.synthetic_info(root)
     if not info or "mark" not in info:
         raise ValueError(f"{root} holds no synthetic set with a planted mark (see generate's mark)")
-    return generate(out_dir, info["num"], info["seed"], min_size=info["min_size"],
-                    max_size=info["max_size"], mark=info["mark"]["kind"],
-                    mark_prob=info["mark"]["prob"], mark_placement="random", workers=workers)
+    return generate(
+        out_dir,
+        info["num"],
+        info["seed"],
+        min_size=info["min_size"],
+        max_size=info["max_size"],
+        mark=info["mark"]["kind"],
+        mark_prob=info["mark"]["prob"],
+        mark_placement="random",
+        workers=workers,
+    )
 
 
 # ------------------------------------------------------------------------- cache across workdirs
@@ -677,8 +823,16 @@ def default_cache_dir() -> pathlib.Path:
     return busi.default_cache_dir() / "synthetic"
 
 
-def cache_key(num: int, seed: int, *, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE,
-              mark: str = "", mark_prob: float = 0.9, mark_placement: str = "malignant") -> str:
+def cache_key(
+    num: int,
+    seed: int,
+    *,
+    min_size: int = MIN_SIZE,
+    max_size: int = MAX_SIZE,
+    mark: str = "",
+    mark_prob: float = 0.9,
+    mark_placement: str = "malignant",
+) -> str:
     """The set's folder name in the cache: "<num>-<seed>-v<generator version>[-<options>]"."""
     key = f"{num}-{seed}-v{GENERATOR_VERSION}"
     if (min_size, max_size) != (MIN_SIZE, MAX_SIZE):
@@ -718,10 +872,19 @@ def _holds(folder: pathlib.Path, info: dict) -> bool:
         return False
 
 
-def cached(num: int = 780, seed: int = 0, *, cache_dir=None, min_size: int = MIN_SIZE,
-           max_size: int = MAX_SIZE, mark: str = "", mark_prob: float = 0.9,
-           mark_placement: str = "malignant", workers: int | None = None,
-           progress=None) -> pathlib.Path:
+def cached(
+    num: int = 780,
+    seed: int = 0,
+    *,
+    cache_dir=None,
+    min_size: int = MIN_SIZE,
+    max_size: int = MAX_SIZE,
+    mark: str = "",
+    mark_prob: float = 0.9,
+    mark_placement: str = "malignant",
+    workers: int | None = None,
+    progress=None,
+) -> pathlib.Path:
     """The set's Dataset_BUSI_with_GT folder in the cache shared by all workdirs,
     generated there first when it is not (see generate for the arguments).
 
@@ -734,8 +897,13 @@ def cached(num: int = 780, seed: int = 0, *, cache_dir=None, min_size: int = MIN
     """
     _check_mark(mark, mark_prob, mark_placement)
     root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    options = dict(min_size=min_size, max_size=max_size, mark=mark, mark_prob=mark_prob,
-                   mark_placement=mark_placement)
+    options = dict(
+        min_size=min_size,
+        max_size=max_size,
+        mark=mark,
+        mark_prob=mark_prob,
+        mark_placement=mark_placement,
+    )
     key = cache_key(num, seed, **options)
     target = root / key / DATASET_DIRNAME
     info = set_info(num, seed, **options)
@@ -746,23 +914,35 @@ def cached(num: int = 780, seed: int = 0, *, cache_dir=None, min_size: int = MIN
         if _holds(target, info):  # made by the process this one waited for
             return target
         log.info("Generating the synthetic set %s into the cache %s ...", key, root)
-        return generate(root / key, num, seed, overwrite=True, workers=workers, progress=progress,
-                        **options)
+        return generate(
+            root / key, num, seed, overwrite=True, workers=workers, progress=progress, **options
+        )
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bcjax.data.synthetic", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bcjax.data.synthetic", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--out", required=True, help="folder to write Dataset_BUSI_with_GT into")
     ap.add_argument("--num", type=int, default=780)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-size", type=int, default=300)
     ap.add_argument("--max-size", type=int, default=700)
-    ap.add_argument("--mark", choices=MARKS, default="",
-                    help="stamp a planted shortcut into malignant images (issue 16)")
-    ap.add_argument("--mark-prob", type=float, default=0.9,
-                    help="probability of the mark per image")
-    ap.add_argument("--mark-placement", choices=MARK_PLACEMENTS, default="malignant",
-                    help="'random': on images of any class (the control)")
+    ap.add_argument(
+        "--mark",
+        choices=MARKS,
+        default="",
+        help="stamp a planted shortcut into malignant images (issue 16)",
+    )
+    ap.add_argument(
+        "--mark-prob", type=float, default=0.9, help="probability of the mark per image"
+    )
+    ap.add_argument(
+        "--mark-placement",
+        choices=MARK_PLACEMENTS,
+        default="malignant",
+        help="'random': on images of any class (the control)",
+    )
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
@@ -771,16 +951,32 @@ def main(argv=None) -> None:
 
     def progress(done, total):
         if done % step == 0 or done == total:
-            print(f"\r{done}/{total} images  {time.perf_counter() - start:5.1f}s", end="", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\r{done}/{total} images  {time.perf_counter() - start:5.1f}s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    path = generate(args.out, args.num, args.seed, min_size=args.min_size, max_size=args.max_size,
-                    mark=args.mark, mark_prob=args.mark_prob, mark_placement=args.mark_placement,
-                    overwrite=args.overwrite, workers=args.workers, progress=progress)
+    path = generate(
+        args.out,
+        args.num,
+        args.seed,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        mark=args.mark,
+        mark_prob=args.mark_prob,
+        mark_placement=args.mark_placement,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        progress=progress,
+    )
     print(file=sys.stderr)
     counts = dict(zip(CLASSES, class_counts(args.num)))
-    print(f"wrote synthetic BUSI-like set (NOT real patient data) to {path}: {counts} "
-          f"in {time.perf_counter() - start:.1f}s")
+    print(
+        f"wrote synthetic BUSI-like set (NOT real patient data) to {path}: {counts} "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@
 Kept light on purpose (flax, jax only): research code imports it without the
 data and checkpoint stack.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -40,7 +42,7 @@ def create(
     num_classes: int = 3,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
-    bn_axis_name: Optional[str] = None,
+    bn_axis_name: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Builds a model by name.

@@ -19,6 +19,7 @@ torch needed), a `.npz` written by this module's CLI (bcjax layout), or a
 Not imported by bcjax.models: the zoo stays jax + flax only. This module adds
 numpy, and torch only inside read_state_dict for a .pth.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,8 @@ import os
 import re
 import zipfile
 import zlib
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +62,7 @@ def _family(model_name: str) -> str:
 # ------------------------------------------------------------------ structure
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_shapes(model_name: str, num_classes: int) -> tuple:
     """((collection, *module path, leaf), shape) of the model's params and
     batch_stats, from jax.eval_shape: tracing only, no initialisation (a real
@@ -124,7 +126,8 @@ def _torch_module(family: str, modules: tuple, block_parts: list) -> str:
             return "fc"
         stage, block = re.fullmatch(r"layer(\d+)_(\d+)", top).groups()
         sub = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(
-            modules[1], modules[1])
+            modules[1], modules[1]
+        )
         return f"layer{stage}.{block}.{sub}"
     if top == "classifier":
         return "classifier.1" if family == "mobilenet_v2" else "classifier.3"
@@ -211,9 +214,12 @@ def _check_container(path: str) -> None:
         head = f.read(4)
     if head.startswith(_ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
-            raise WeightsFileError(path, f"truncated or damaged: a zip archive ({size:,} bytes) "
-                                   "without its end record, as when a download or copy stopped "
-                                   "early.")
+            raise WeightsFileError(
+                path,
+                f"truncated or damaged: a zip archive ({size:,} bytes) "
+                "without its end record, as when a download or copy stopped "
+                "early.",
+            )
         return
     if kind != ".npz" and head.startswith(_PICKLE_MAGIC):
         return  # torch's legacy format: only torch can tell more
@@ -225,8 +231,9 @@ def _check_container(path: str) -> None:
         what = "text (an HTML error page from a failed download?)"
     else:
         what = f"something else: it starts with {head!r}"
-    raise WeightsFileError(path, f"not a {kind} weights file: expected {expected}; the file is "
-                                 f"{what}.")
+    raise WeightsFileError(
+        path, f"not a {kind} weights file: expected {expected}; the file is {what}."
+    )
 
 
 def _read_npz(path: str) -> dict:
@@ -267,7 +274,7 @@ def _numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def read_state_dict(source: Union[StateDict, str, os.PathLike]) -> dict:
+def read_state_dict(source: StateDict | str | os.PathLike) -> dict:
     """A torchvision state_dict as {name: numpy array} from a mapping or a file.
 
     `.npz` needs only numpy; `.pth`/`.pt` needs torch (imported here, lazily).
@@ -293,7 +300,7 @@ def read_state_dict(source: Union[StateDict, str, os.PathLike]) -> dict:
         else:
             raise ValueError(f"{path!r}: weights must be a .npz, .pth or .pt file.")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -313,14 +320,19 @@ def _bcjax_to_torch(model_name: str, state: Mapping, num_classes: int) -> dict:
     return out
 
 
-def guess_model(state: Mapping) -> Optional[str]:
+def guess_model(state: Mapping) -> str | None:
     """Which torchvision model a state_dict's key names belong to (None if unsure)."""
     keys = set(state)
     if "layer3.0.conv1.weight" in keys:
         blocks = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"layer3\.(\d+)\.", k)))
         bottleneck = "layer1.0.conv3.weight" in keys
-        return {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
-                (True, 23): "resnet101", (True, 36): "resnet152"}.get((bottleneck, blocks))
+        return {
+            (False, 2): "resnet18",
+            (False, 6): "resnet34",
+            (True, 6): "resnet50",
+            (True, 23): "resnet101",
+            (True, 36): "resnet152",
+        }.get((bottleneck, blocks))
     indices = [int(m.group(1)) for k in keys if (m := re.match(r"features\.(\d+)\.", k))]
     if any(".conv." in k for k in keys) and indices:
         return "mobilenet_v2"
@@ -352,7 +364,9 @@ def _fresh_head(family: str, fan_in: int, num_classes: int, rng_seed: int) -> di
     return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
 
 
-def _mismatch_error(model_name: str, state: Mapping, missing, unexpected, wrong_shapes) -> ValueError:
+def _mismatch_error(
+    model_name: str, state: Mapping, missing, unexpected, wrong_shapes
+) -> ValueError:
     lines = [f"The weights do not fit bcjax's {model_name!r}:"]
 
     def listing(items, limit=8):
@@ -361,23 +375,30 @@ def _mismatch_error(model_name: str, state: Mapping, missing, unexpected, wrong_
         return ", ".join(items[:limit]) + more
 
     if wrong_shapes:
-        lines.append(f"  {len(wrong_shapes)} shape mismatch(es): " + listing(
-            f"{key}: weights {tuple(got)} vs {model_name} {tuple(want)}"
-            for key, got, want in wrong_shapes))
+        lines.append(
+            f"  {len(wrong_shapes)} shape mismatch(es): "
+            + listing(
+                f"{key}: weights {tuple(got)} vs {model_name} {tuple(want)}"
+                for key, got, want in wrong_shapes
+            )
+        )
     if missing:
         lines.append(f"  {len(missing)} missing key(s): {listing(missing)}")
     if unexpected:
         lines.append(f"  {len(unexpected)} unexpected key(s): {listing(unexpected)}")
     guess = guess_model(state)
     if guess and guess != model_name:  # the likely cause first
-        lines.insert(1, f"  The key names look like torchvision's {guess!r}; was --model/config.model "
-                        f"meant to be {guess!r}?")
+        lines.insert(
+            1,
+            f"  The key names look like torchvision's {guess!r}; was --model/config.model "
+            f"meant to be {guess!r}?",
+        )
     return ValueError("\n".join(lines))
 
 
 def convert_state_dict(
     model_name: str,
-    state_dict: Union[StateDict, str, os.PathLike],
+    state_dict: StateDict | str | os.PathLike,
     *,
     num_classes: int = 3,
     rng_seed: int = 0,
@@ -404,7 +425,8 @@ def convert_state_dict(
     # not used (and need not be there) unless the model has 1000 classes.
     keep_head = num_classes == IMAGENET_CLASSES or all(
         key_map[p] in state and np.shape(state[key_map[p]]) == _torch_shape(shapes[p], p[-1])
-        for p in head_paths)
+        for p in head_paths
+    )
 
     missing, wrong_shapes, flat = [], [], {}
     for path, shape in shapes.items():
@@ -436,7 +458,7 @@ def _path_names(path) -> tuple:
 
 def load_pretrained(
     model_name: str,
-    path: Union[StateDict, str, os.PathLike],
+    path: StateDict | str | os.PathLike,
     num_classes: int,
     variables: Mapping,
     *,
@@ -496,17 +518,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bcjax.models.convert",
         description="Convert torchvision weights (.pth/.pt with torch, or .npz) into a bcjax "
-                    ".npz that loads without torch (keys 'params/...', 'batch_stats/...').")
+        ".npz that loads without torch (keys 'params/...', 'batch_stats/...').",
+    )
     parser.add_argument("--model", required=True, choices=bcjax.models.list_models())
     parser.add_argument("--weights", required=True, help="torchvision state_dict (.pth, .pt, .npz)")
     parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--num-classes", type=int, default=IMAGENET_CLASSES,
-                        help="1000 keeps torchvision's head (default); else a fresh head")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=IMAGENET_CLASSES,
+        help="1000 keeps torchvision's head (default); else a fresh head",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh head")
     args = parser.parse_args(argv)
     try:
-        variables = convert_state_dict(args.model, args.weights, num_classes=args.num_classes,
-                                       rng_seed=args.seed)
+        variables = convert_state_dict(
+            args.model, args.weights, num_classes=args.num_classes, rng_seed=args.seed
+        )
     except (ValueError, ImportError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None  # a message, not a traceback
     flat = {"/".join(path): value for path, value in _flatten(variables)}

@@ -4,12 +4,13 @@ One mesh axis, ``data``, over every device of every process. Everything that
 touches JAX's backends lives here because the order matters: the CPU device
 count and the distributed client must be set before the first JAX computation.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -20,8 +21,7 @@ DATA_AXIS = "data"
 log = logging.getLogger(__name__)
 
 
-def make_mesh(num_devices: Optional[int] = None,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-axis mesh named ``"data"``.
 
     Args:
@@ -45,11 +45,13 @@ def make_mesh(num_devices: Optional[int] = None,
                 raise ValueError(
                     f"num_devices={num_devices} but {len(all_devices)} devices exist "
                     f"({all_devices[0].platform}); on a CPU-only machine call "
-                    "request_cpu_devices(n) before JAX starts.")
+                    "request_cpu_devices(n) before JAX starts."
+                )
             if num_devices != len(all_devices) and jax.process_count() > 1:
                 raise ValueError(
                     "A mesh over a subset of devices is only supported in a single "
-                    f"process (process_count={jax.process_count()}).")
+                    f"process (process_count={jax.process_count()})."
+                )
             devices = all_devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
@@ -73,11 +75,15 @@ def request_cpu_devices(n: int) -> None:
         raise RuntimeError(
             f"request_cpu_devices({n}) called after JAX initialised its backends "
             f"with {have} CPU device(s); call it before any JAX computation, or start "
-            f"Python with XLA_FLAGS=--xla_force_host_platform_device_count={n}.")
+            f"Python with XLA_FLAGS=--xla_force_host_platform_device_count={n}."
+        )
     jax.config.update("jax_num_cpu_devices", n)
     # Subprocesses and tools that read the environment see the same count.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     flags.append(f"--xla_force_host_platform_device_count={n}")
     os.environ["XLA_FLAGS"] = " ".join(flags)
     log.info("Requested %d host CPU devices.", n)
@@ -89,8 +95,10 @@ def has_accelerator() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0] not in ("cpu", "")
-    return any(importlib.util.find_spec(m) is not None
-               for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin"))
+    return any(
+        importlib.util.find_spec(m) is not None
+        for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin")
+    )
 
 
 def ensure_devices(n: int) -> None:
@@ -120,12 +128,14 @@ def _cluster_has_several_processes() -> bool:
     return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def maybe_init_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None,
-                           *,
-                           local_device_ids: Optional[Sequence[int]] = None,
-                           initialization_timeout: int = 300) -> bool:
+def maybe_init_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+) -> bool:
     """Start ``jax.distributed`` when this is a multi-process run.
 
     Explicit: pass ``coordinator_address`` ("host:port"), ``num_processes`` and
@@ -139,7 +149,8 @@ def maybe_init_distributed(coordinator_address: Optional[str] = None,
     if not explicit:
         if num_processes not in (None, 1):
             raise ValueError(
-                f"num_processes={num_processes} needs a coordinator_address (host:port).")
+                f"num_processes={num_processes} needs a coordinator_address (host:port)."
+            )
         if not _cluster_has_several_processes():
             return False
     # gloo is the default in recent JAX, set explicitly since CPU multi-process
@@ -148,12 +159,19 @@ def maybe_init_distributed(coordinator_address: Optional[str] = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(initialization_timeout=initialization_timeout)
     if explicit:
-        kwargs.update(coordinator_address=coordinator_address,
-                      num_processes=num_processes, process_id=process_id)
+        kwargs.update(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
     if local_device_ids is not None:
         kwargs["local_device_ids"] = list(local_device_ids)
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices.",
-             jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True

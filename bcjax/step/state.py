@@ -1,14 +1,17 @@
 """The train state and its creation, replicated over the mesh."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @flax.struct.dataclass
@@ -38,9 +41,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def create_train_state(model, tx: optax.GradientTransformation,
-                       rng: Union[jax.Array, int], image_size: int, mesh: Mesh,
-                       *, channels: int = 3) -> TrainState:
+def create_train_state(
+    model,
+    tx: optax.GradientTransformation,
+    rng: jax.Array | int,
+    image_size: int,
+    mesh: Mesh,
+    *,
+    channels: int = 3,
+) -> TrainState:
     """Initialise ``model`` and ``tx`` directly into replicated arrays on ``mesh``.
 
     ``jit(init, out_shardings=...)`` builds the parameters on the devices (no
@@ -61,8 +70,13 @@ def create_train_state(model, tx: optax.GradientTransformation,
         x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
         variables = model.init({"params": params_rng, "dropout": dropout_rng}, x, train=False)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), apply_fn=model.apply, tx=tx)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            apply_fn=model.apply,
+            tx=tx,
+        )
 
     return jax.jit(init, out_shardings=replicated(mesh))(rng)

@@ -20,9 +20,10 @@ Why the reductions look the way they do:
   the example's position in the dataset, so a batch augments identically on
   1 or 8 devices.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,18 +47,21 @@ def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example cross-entropy [B] against one-hot labels smoothed as torch
     does: ``(1 - eps) * onehot + eps / num_classes``."""
     num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
-                                  label_smoothing)
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), label_smoothing
+    )
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def example_weights(labels: jax.Array, class_weights: Optional[Sequence[float]] = None,
-                    valid: Optional[jax.Array] = None) -> jax.Array:
+def example_weights(
+    labels: jax.Array,
+    class_weights: Sequence[float] | None = None,
+    valid: jax.Array | None = None,
+) -> jax.Array:
     """Per-example weights [B]: the class weight of each label (1 without class
     weights), 0 for padding (``valid`` False)."""
     if class_weights is None:
@@ -69,9 +73,14 @@ def example_weights(labels: jax.Array, class_weights: Optional[Sequence[float]] 
     return w
 
 
-def loss_fn(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
-            class_weights: Optional[Sequence[float]] = None,
-            valid: Optional[jax.Array] = None):
+def loss_fn(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | None = None,
+    valid: jax.Array | None = None,
+):
     """Weighted mean cross-entropy of one (local or global) batch.
 
     Returns ``(loss, (loss_sum, weight_sum))`` with ``loss = loss_sum / weight_sum``:
@@ -98,12 +107,21 @@ def _psum(x, axis_name):
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
-def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
-                     model, axis_name: Optional[str], psum_grads: bool,
-                     sync_batch_stats: bool, preprocess: Callable,
-                     label_smoothing: float = 0.0,
-                     class_weights: Optional[Sequence[float]] = None,
-                     grad_norm: bool = True, nonfinite_guard: bool = True):
+def train_step_local(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    model,
+    axis_name: str | None,
+    psum_grads: bool,
+    sync_batch_stats: bool,
+    preprocess: Callable,
+    label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | None = None,
+    grad_norm: bool = True,
+    nonfinite_guard: bool = True,
+):
     """One optimisation step on this device's slice of the global batch.
 
     Args:
@@ -141,8 +159,12 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
 
     def compute_loss(params):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-            rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
         loss_sum = jnp.sum(weights * cross_entropy(logits, labels, label_smoothing))
         return loss_sum / global_weight_sum, (logits, updates["batch_stats"], loss_sum)
 
@@ -171,8 +193,9 @@ def train_step_local(state: TrainState, batch: Batch, rng: jax.Array, *,
         opt_state = keep(opt_state, state.opt_state)
     else:
         finite = jnp.asarray(True)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     metrics = {
         "loss": loss_sum / global_weight_sum,
         "loss_sum": loss_sum,
@@ -199,5 +222,10 @@ def eval_step_local(state: TrainState, batch: Batch, *, model, normalize: Callab
     valid = batch.get("valid")
     if valid is None:
         valid = jnp.ones(labels.shape, bool)
-    return {"logits": logits, "probs": jax.nn.softmax(logits), "label": labels,
-            "valid": valid, "loss": cross_entropy(logits, labels)}
+    return {
+        "logits": logits,
+        "probs": jax.nn.softmax(logits),
+        "label": labels,
+        "valid": valid,
+        "loss": cross_entropy(logits, labels),
+    }

@@ -34,17 +34,19 @@ agree, or the ladder is not timing one computation (the tests check that);
 MobileNet's dropout keys differ between the rungs. The difference between the anchor and
 rung 1 is the model definition; between rung 1 and rung 6, the step's extras.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bcjax.timing import breakdown, devices as devices_lib
+from bcjax.timing import breakdown
+from bcjax.timing import devices as devices_lib
 from bcjax.timing.chrono import timed_compile
 
 RUNGS = ("minimal", "+bcjax step", "+uint8 input", "+grad norm", "+NaN/Inf guard", "shard_map")
@@ -57,9 +59,16 @@ def _minimal_step(model, tx, dropout_key):
         params, batch_stats, opt_state = carry
 
         def loss_fn(p):
-            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": batch_stats},
+                images,
+                train=True,
+                rngs={"dropout": dropout_key},
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), labels
+            )
             return loss.mean(), updates["batch_stats"]
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -73,7 +82,13 @@ class _Rung:
     """One compiled rung, stepping its own copy of the state."""
 
     def __init__(self, name, compiled, carry, args, loss_of):
-        self.name, self.compiled, self.carry, self.args, self.loss_of = name, compiled, carry, args, loss_of
+        self.name, self.compiled, self.carry, self.args, self.loss_of = (
+            name,
+            compiled,
+            carry,
+            args,
+            loss_of,
+        )
         self.first_loss = None
 
     def __call__(self):
@@ -99,7 +114,8 @@ def ladder(model, state, batch: dict, rng, *, warmup: int = 3, iters: int = 20) 
     compiled cost analysis (FLOPs, bytes accessed) and the first-step loss.
     """
     from bcjax.data import augment
-    from bcjax.parallel import mesh as mesh_lib, strategies
+    from bcjax.parallel import mesh as mesh_lib
+    from bcjax.parallel import strategies
 
     jax.clear_caches()
     mesh = mesh_lib.make_mesh(1)
@@ -117,16 +133,29 @@ def ladder(model, state, batch: dict, rng, *, warmup: int = 3, iters: int = 20) 
 
     sgd = optax.sgd(0.01, momentum=0.9)
     carry = (state.params, state.batch_stats, sgd.init(state.params))
-    add("minimal", _minimal_step(model.clone(bn_axis_name=None), sgd, jax.random.key(1)), carry,
-        (jax.device_put(jnp.asarray(float_batch["image"])), labels), lambda out: out)
+    add(
+        "minimal",
+        _minimal_step(model.clone(bn_axis_name=None), sgd, jax.random.key(1)),
+        carry,
+        (jax.device_put(jnp.asarray(float_batch["image"])), labels),
+        lambda out: out,
+    )
 
     def bcjax_rung(name, strategy, host_batch, **options):
         steps = strategies.build_steps(strategy, mesh, model, **options)
         placed = steps.place_state(state)
-        add(name, steps.train_step, placed, (steps.shard_batch(host_batch), rng), lambda out: out["loss"])
+        add(
+            name,
+            steps.train_step,
+            placed,
+            (steps.shard_batch(host_batch), rng),
+            lambda out: out["loss"],
+        )
 
     as_float = {"preprocess": lambda images, keys: images}
-    bcjax_rung("+bcjax step", "jit", float_batch, grad_norm=False, nonfinite_guard=False, **as_float)
+    bcjax_rung(
+        "+bcjax step", "jit", float_batch, grad_norm=False, nonfinite_guard=False, **as_float
+    )
     bcjax_rung("+uint8 input", "jit", batch, grad_norm=False, nonfinite_guard=False)
     bcjax_rung("+grad norm", "jit", batch, nonfinite_guard=False)
     bcjax_rung("+NaN/Inf guard", "jit", batch)
@@ -142,15 +171,22 @@ def ladder(model, state, batch: dict, rng, *, warmup: int = 3, iters: int = 20) 
         jax.block_until_ready(out)
         pipelined = (time.perf_counter() - t0) / iters
         s = breakdown.stats(times)
-        rows.append({
-            "rung": rung.name, "batch": batch_size,
-            "step_ms": s["median"] * 1e3, "step_ms_p10": s["p10"] * 1e3, "step_ms_p90": s["p90"] * 1e3,
-            "img_s": batch_size / s["median"], "img_s_pipelined": batch_size / pipelined,
-            "lower_s": compile_times[rung.name]["lower_s"], "compile_s": compile_times[rung.name]["compile_s"],
-            "gflop": _scaled(breakdown.safe_cost(rung.compiled, "flops"), 1e-9),
-            "gb_accessed": _scaled(breakdown.safe_cost(rung.compiled, "bytes accessed"), 1e-9),
-            "first_loss": rung.first_loss,
-        })
+        rows.append(
+            {
+                "rung": rung.name,
+                "batch": batch_size,
+                "step_ms": s["median"] * 1e3,
+                "step_ms_p10": s["p10"] * 1e3,
+                "step_ms_p90": s["p90"] * 1e3,
+                "img_s": batch_size / s["median"],
+                "img_s_pipelined": batch_size / pipelined,
+                "lower_s": compile_times[rung.name]["lower_s"],
+                "compile_s": compile_times[rung.name]["compile_s"],
+                "gflop": _scaled(breakdown.safe_cost(rung.compiled, "flops"), 1e-9),
+                "gb_accessed": _scaled(breakdown.safe_cost(rung.compiled, "bytes accessed"), 1e-9),
+                "first_loss": rung.first_loss,
+            }
+        )
     base = rows[0]["step_ms"]
     for prev, row in zip([None] + rows[:-1], rows):
         row["delta_ms"] = 0.0 if prev is None else row["step_ms"] - prev["step_ms"]
@@ -158,27 +194,44 @@ def ladder(model, state, batch: dict, rng, *, warmup: int = 3, iters: int = 20) 
     return {**devices_lib.describe(list(mesh.devices.flat)), "rows": rows}
 
 
-def _scaled(value: Optional[float], factor: float) -> Optional[float]:
+def _scaled(value: float | None, factor: float) -> float | None:
     return None if value is None else value * factor
 
 
-COLUMNS = ("model", "batch", "rung", "step_ms", "step_ms_p10", "step_ms_p90", "delta_ms", "vs_minimal",
-           "img_s", "img_s_pipelined", "compile_s", "gflop", "gb_accessed", "first_loss")
+COLUMNS = (
+    "model",
+    "batch",
+    "rung",
+    "step_ms",
+    "step_ms_p10",
+    "step_ms_p90",
+    "delta_ms",
+    "vs_minimal",
+    "img_s",
+    "img_s_pipelined",
+    "compile_s",
+    "gflop",
+    "gb_accessed",
+    "first_loss",
+)
 
 
-def anchor_line(model_name: str, batch: int, rows: list[dict], anchors: dict) -> Optional[str]:
+def anchor_line(model_name: str, batch: int, rows: list[dict], anchors: dict) -> str | None:
     """The plain-Flax anchor of the same call against rung 1 and rung 6 (pipelined img/s)."""
     flax_img_s = anchors.get((model_name, batch), {}).get("jax-flax-linen")
     if not flax_img_s or not rows:
         return None
     first, last = rows[0]["img_s_pipelined"], rows[-1]["img_s_pipelined"]
-    return (f"{model_name} b={batch}: plain-Flax anchor {flax_img_s:,.0f} img/s; bcjax model in the "
-            f"minimal step {first:,.0f} ({first / flax_img_s:.3f}x: the model definition); full bcjax "
-            f"step {last:,.0f} ({last / flax_img_s:.3f}x: model and step extras)")
+    return (
+        f"{model_name} b={batch}: plain-Flax anchor {flax_img_s:,.0f} img/s; bcjax model in the "
+        f"minimal step {first:,.0f} ({first / flax_img_s:.3f}x: the model definition); full bcjax "
+        f"step {last:,.0f} ({last / flax_img_s:.3f}x: model and step extras)"
+    )
 
 
 def format_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rounded copies for tables."""
+
     def rounded(key, value):
         if not isinstance(value, float):
             return value

@@ -28,18 +28,21 @@ input-wait times) and compiles only what the run never built:
                                 compile_times=chrono.compile_s, step_times=chrono.step_times(),
                                 input_wait_s=..., build=build)
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bcjax.timing import devices as devices_lib
 from bcjax.timing.chrono import timed_compile
@@ -48,11 +51,15 @@ log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
 
-SIMULATED_NOTE = ("timings simulated: the devices are CPU devices sharing one host's cores, "
-                  "so per-device compute and collective times do not predict N real accelerators "
-                  "(see bcjax.timing.ring_model)")
-GPU_FLOPS_NOTE = ("XLA's compiled cost analysis on GPU leaves cuDNN convolutions out; FLOPs are "
-                  "counted on the pre-optimisation HLO (lowered) instead")
+SIMULATED_NOTE = (
+    "timings simulated: the devices are CPU devices sharing one host's cores, "
+    "so per-device compute and collective times do not predict N real accelerators "
+    "(see bcjax.timing.ring_model)"
+)
+GPU_FLOPS_NOTE = (
+    "XLA's compiled cost analysis on GPU leaves cuDNN convolutions out; FLOPs are "
+    "counted on the pre-optimisation HLO (lowered) instead"
+)
 
 
 def stats(times: Sequence[float]) -> dict:
@@ -60,12 +67,17 @@ def stats(times: Sequence[float]) -> dict:
     a = np.asarray(times, dtype=np.float64)
     if a.size == 0:
         return {"median": None, "p10": None, "p90": None, "mean": None, "min": None, "n": 0}
-    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
-            "p90": float(np.percentile(a, 90)), "mean": float(a.mean()), "min": float(a.min()),
-            "n": int(a.size)}
+    return {
+        "median": float(np.median(a)),
+        "p10": float(np.percentile(a, 10)),
+        "p90": float(np.percentile(a, 90)),
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "n": int(a.size),
+    }
 
 
-def cost_flops(analysis, key: str = "flops") -> Optional[float]:
+def cost_flops(analysis, key: str = "flops") -> float | None:
     """FLOPs (or another ``key``, e.g. "bytes accessed") from a
     ``cost_analysis()`` result: a dict, a list of dicts (one per program,
     older JAX), or None (some backends)."""
@@ -82,7 +94,7 @@ def cost_flops(analysis, key: str = "flops") -> Optional[float]:
     return float(value) if value is not None and value >= 0 else None
 
 
-def safe_cost(obj, key: str = "flops") -> Optional[float]:
+def safe_cost(obj, key: str = "flops") -> float | None:
     """``cost_flops`` of a lowered or compiled object; None where the backend has none."""
     try:
         return cost_flops(obj.cost_analysis(), key)
@@ -98,8 +110,11 @@ def _fresh_persistent_cache(path: str):
     first compile inside is cold."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {k: jax.config.values.get(k) for k in keys}
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -114,7 +129,7 @@ def _fresh_persistent_cache(path: str):
         cc.reset_cache()
 
 
-def compile_cold_warm(named_calls: Mapping[str, tuple], cache_dir: Optional[str] = None) -> dict:
+def compile_cold_warm(named_calls: Mapping[str, tuple], cache_dir: str | None = None) -> dict:
     """Cold and warm lower/compile times with a persistent compilation cache.
 
     ``named_calls``: name -> (jitted, *args). Cold: first compile into an empty
@@ -130,13 +145,21 @@ def compile_cold_warm(named_calls: Mapping[str, tuple], cache_dir: Optional[str]
         stack.enter_context(_fresh_persistent_cache(cache_dir))
         for name, (fn, *args) in named_calls.items():
             _, _, t = timed_compile(fn, *args)
-            out[name] = {"cold_lower_s": t["lower_s"], "cold_compile_s": t["compile_s"],
-                         "cold_cache": t["persistent_cache"]}
+            out[name] = {
+                "cold_lower_s": t["lower_s"],
+                "cold_compile_s": t["compile_s"],
+                "cold_cache": t["persistent_cache"],
+            }
         jax.clear_caches()
         for name, (fn, *args) in named_calls.items():
             _, _, t = timed_compile(fn, *args)
-            out[name].update({"warm_lower_s": t["lower_s"], "warm_compile_s": t["compile_s"],
-                              "warm_cache": t["persistent_cache"]})
+            out[name].update(
+                {
+                    "warm_lower_s": t["lower_s"],
+                    "warm_compile_s": t["compile_s"],
+                    "warm_cache": t["persistent_cache"],
+                }
+            )
     return out
 
 
@@ -145,8 +168,10 @@ def _copy_tree(tree):
     and the caller's state must survive the measurement."""
     # device_put copies without compiling; Array.copy() would compile a small
     # program per leaf shape (18 for a ResNet-18).
-    return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False)
-                        if isinstance(x, jax.Array) else x, tree)
+    return jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding, may_alias=False) if isinstance(x, jax.Array) else x,
+        tree,
+    )
 
 
 def _global_batch_size(batch: Mapping[str, np.ndarray]) -> int:
@@ -163,11 +188,20 @@ def allreduce_fn(mesh, params):
         return jax.tree.map(
             lambda p: jnp.broadcast_to(
                 jnp.arange(n, dtype=jnp.float32).reshape((n,) + (1,) * np.ndim(p)),
-                (n,) + tuple(np.shape(p))), params)
+                (n,) + tuple(np.shape(p)),
+            ),
+            params,
+        )
 
     inputs = jax.jit(make_inputs, out_shardings=sharding)()
-    reduce = jax.jit(jax.shard_map(lambda t: jax.tree.map(lambda x: jax.lax.psum(x, DATA_AXIS), t),
-                                   mesh=mesh, in_specs=P(DATA_AXIS), out_specs=P()))
+    reduce = jax.jit(
+        jax.shard_map(
+            lambda t: jax.tree.map(lambda x: jax.lax.psum(x, DATA_AXIS), t),
+            mesh=mesh,
+            in_specs=P(DATA_AXIS),
+            out_specs=P(),
+        )
+    )
     return reduce, inputs
 
 
@@ -207,11 +241,22 @@ class _Chain:
         return self.state, metrics
 
 
-def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[str, np.ndarray],
-            rng, *, warmup: int = 2, iters: int = 10, allreduce: bool = True,
-            eval_step: bool = True, compile_cache: Union[bool, str] = False,
-            dtype: Optional[str] = None, profile_dir: Optional[str] = None,
-            profile_steps: int = 3, fresh: bool = True) -> dict:
+def measure(
+    build: Callable[[bool], Any] | tuple,
+    state,
+    batch: Mapping[str, np.ndarray],
+    rng,
+    *,
+    warmup: int = 2,
+    iters: int = 10,
+    allreduce: bool = True,
+    eval_step: bool = True,
+    compile_cache: bool | str = False,
+    dtype: str | None = None,
+    profile_dir: str | None = None,
+    profile_steps: int = 3,
+    fresh: bool = True,
+) -> dict:
     """Times a train step and splits it into compute and collective time.
 
     Standalone: builds and compiles everything itself (benchmarks, tests). At
@@ -259,28 +304,54 @@ def measure(build: Union[Callable[[bool], Any], tuple], state, batch: Mapping[st
         _, _, compile_times["eval_step"] = timed_compile(steps_full.eval_step, base, b_full)
 
     result, full_runner = _measure_compiled(
-        steps_full, compiled_full, lowered_full, steps_comp, base, batch, rng, compile_times,
-        warmup=warmup, iters=iters, allreduce=allreduce, dtype=dtype)
+        steps_full,
+        compiled_full,
+        lowered_full,
+        steps_comp,
+        base,
+        batch,
+        rng,
+        compile_times,
+        warmup=warmup,
+        iters=iters,
+        allreduce=allreduce,
+        dtype=dtype,
+    )
 
     if compile_cache:
         calls = {"train_step": (steps_full.train_step, base, b_full, rng)}
         if eval_step and hasattr(steps_full.eval_step, "lower"):
             calls["eval_step"] = (steps_full.eval_step, base, b_full)
         result["compile_cache"] = compile_cold_warm(
-            calls, cache_dir=compile_cache if isinstance(compile_cache, str) else None)
+            calls, cache_dir=compile_cache if isinstance(compile_cache, str) else None
+        )
 
     if profile_dir:
         from bcjax.timing import profile
+
         result["profile"] = profile.profile_steps(
-            full_runner, profile_dir, steps=profile_steps, hlo_text=_hlo_text(compiled_full))
+            full_runner, profile_dir, steps=profile_steps, hlo_text=_hlo_text(compiled_full)
+        )
     return result
 
 
-def from_run(steps, compiled, state, batch: Mapping[str, np.ndarray], rng, *,
-             compile_times: Mapping[str, Mapping], step_times: Sequence[float] = (),
-             input_wait_s: Sequence[float] = (), lowered=None,
-             build: Callable[[bool], Any] | None = None, warmup: int = 1, iters: int = 10,
-             allreduce: bool = True, dtype: str | None = None) -> dict:
+def from_run(
+    steps,
+    compiled,
+    state,
+    batch: Mapping[str, np.ndarray],
+    rng,
+    *,
+    compile_times: Mapping[str, Mapping],
+    step_times: Sequence[float] = (),
+    input_wait_s: Sequence[float] = (),
+    lowered=None,
+    build: Callable[[bool], Any] | None = None,
+    warmup: int = 1,
+    iters: int = 10,
+    allreduce: bool = True,
+    dtype: str | None = None,
+) -> dict:
     """``measure``'s report at the end of a run, from what its loop already has.
 
     Nothing the loop compiled is compiled again: the loop's own executable is
@@ -319,8 +390,10 @@ def from_run(steps, compiled, state, batch: Mapping[str, np.ndarray], rng, *,
     steps_comp = None
     if mesh.size > 1:
         if build is None:
-            raise ValueError(f"a run on {mesh.size} devices needs build(collectives) "
-                             "for its step without collectives")
+            raise ValueError(
+                f"a run on {mesh.size} devices needs build(collectives) "
+                "for its step without collectives"
+            )
         steps_comp = build(False)
     base = steps.place_state(state)
     if lowered is None and steps_comp is None:
@@ -328,9 +401,19 @@ def from_run(steps, compiled, state, batch: Mapping[str, np.ndarray], rng, *,
         # compile: JAX returns its cached lowering.
         lowered = steps.train_step.lower(base, steps.shard_batch(batch), rng)
     result, _ = _measure_compiled(
-        steps, compiled, lowered, steps_comp, base, batch, rng,
+        steps,
+        compiled,
+        lowered,
+        steps_comp,
+        base,
+        batch,
+        rng,
         {name: dict(t) for name, t in compile_times.items()},
-        warmup=warmup, iters=iters, allreduce=allreduce, dtype=dtype)
+        warmup=warmup,
+        iters=iters,
+        allreduce=allreduce,
+        dtype=dtype,
+    )
 
     loop, wait = stats(step_times), stats(input_wait_s)
     exposed_input = None
@@ -343,9 +426,21 @@ def from_run(steps, compiled, state, batch: Mapping[str, np.ndarray], rng, *,
     return result
 
 
-def _measure_compiled(steps_full, compiled_full, lowered_full, steps_comp, base, batch, rng,
-                      compile_times: dict, *, warmup: int, iters: int, allreduce: bool,
-                      dtype: str | None) -> tuple[dict, Callable[[], Any]]:
+def _measure_compiled(
+    steps_full,
+    compiled_full,
+    lowered_full,
+    steps_comp,
+    base,
+    batch,
+    rng,
+    compile_times: dict,
+    *,
+    warmup: int,
+    iters: int,
+    allreduce: bool,
+    dtype: str | None,
+) -> tuple[dict, Callable[[], Any]]:
     """The report around an already compiled full step; compiles only the step
     without collectives (``steps_comp``, None on one device) and the all-reduce.
 
@@ -362,7 +457,9 @@ def _measure_compiled(steps_full, compiled_full, lowered_full, steps_comp, base,
     lowered_comp = compiled_comp = None
     if steps_comp is not None:
         b_comp = steps_comp.shard_batch(batch)
-        lowered_comp, compiled_comp, t_comp = timed_compile(steps_comp.train_step, base, b_comp, rng)
+        lowered_comp, compiled_comp, t_comp = timed_compile(
+            steps_comp.train_step, base, b_comp, rng
+        )
         compile_times["train_step_no_collectives"] = t_comp
         runners.append(_Chain(compiled_comp, _copy_tree(base), b_comp, rng))
 
@@ -380,7 +477,7 @@ def _measure_compiled(steps_full, compiled_full, lowered_full, steps_comp, base,
     pipelined = (time.perf_counter() - t0) / iters
 
     raw_diff = full["median"] - comp["median"]
-    paired = (float(np.median(np.subtract(times[0], times[1]))) if len(times) > 1 else 0.0)
+    paired = float(np.median(np.subtract(times[0], times[1]))) if len(times) > 1 else 0.0
     result = {
         **info,
         "strategy": getattr(steps_full, "strategy", None),
@@ -399,8 +496,10 @@ def _measure_compiled(steps_full, compiled_full, lowered_full, steps_comp, base,
         "images_per_s_pipelined": gbs / pipelined,
         "compile": compile_times,
     }
-    result["shares"] = {"compute": min(comp["median"] / full["median"], 1.0),
-                        "collective": result["exposed_collective_s"] / full["median"]}
+    result["shares"] = {
+        "compute": min(comp["median"] / full["median"], 1.0),
+        "collective": result["exposed_collective_s"] / full["median"],
+    }
 
     params = base.params
     result["gradient_bytes"] = devices_lib.tree_bytes(params)
@@ -409,14 +508,25 @@ def _measure_compiled(steps_full, compiled_full, lowered_full, steps_comp, base,
         ar = time_allreduce(mesh, params, warmup=warmup, iters=iters)
         result["allreduce_s"] = ar
         # nccl-tests' bus bandwidth: what the links moved per second.
-        result["allreduce_bus_GBps"] = 2 * (n - 1) / n * result["gradient_bytes"] / ar["median"] / 1e9
+        result["allreduce_bus_GBps"] = (
+            2 * (n - 1) / n * result["gradient_bytes"] / ar["median"] / 1e9
+        )
     else:
         result["allreduce_s"] = stats([0.0]) if n == 1 else None
         result["allreduce_bus_GBps"] = None
 
-    result.update(_flops_fields(lowered_comp or lowered_full, compiled_comp or compiled_full,
-                                info, comp["median"], full["median"], dtype,
-                                jit_global=steps_comp is None and result["strategy"] == "jit", n=n))
+    result.update(
+        _flops_fields(
+            lowered_comp or lowered_full,
+            compiled_comp or compiled_full,
+            info,
+            comp["median"],
+            full["median"],
+            dtype,
+            jit_global=steps_comp is None and result["strategy"] == "jit",
+            n=n,
+        )
+    )
     result["peak_memory_bytes"] = devices_lib.peak_memory_bytes()
     result["compiled_memory_bytes"] = devices_lib.compiled_memory_bytes(compiled_full)
     if info["simulated"]:
@@ -424,7 +534,7 @@ def _measure_compiled(steps_full, compiled_full, lowered_full, steps_comp, base,
     return result, runners[0]
 
 
-def _hlo_text(compiled) -> Optional[str]:
+def _hlo_text(compiled) -> str | None:
     try:
         return compiled.as_text()
     except Exception:
@@ -441,7 +551,9 @@ def _flops_fields(lowered, compiled, info, compute_s, step_s, dtype, *, jit_glob
     if info["platform"] == "gpu":
         flops, source, note = flops_lowered, "lowered", GPU_FLOPS_NOTE
     else:
-        flops, source = (flops_compiled, "compiled") if flops_compiled else (flops_lowered, "lowered")
+        flops, source = (
+            (flops_compiled, "compiled") if flops_compiled else (flops_lowered, "lowered")
+        )
     if dtype is None:
         dtype = "float32" if info["platform"] == "cpu" else "bfloat16"
     peak = devices_lib.peak_flops(info["device_kind"], dtype)
@@ -460,14 +572,40 @@ def _flops_fields(lowered, compiled, info, compute_s, step_s, dtype, *, jit_glob
 
 
 # Every measure() result holds these; the values noted may be None.
-FIELDS = ("platform", "device_kind", "num_devices", "simulated", "strategy", "global_batch_size",
-          "per_device_batch", "step_time_s", "compute_time_s", "exposed_collective_s",
-          "exposed_collective_raw_s", "pipelined_step_s", "images_per_s", "images_per_s_per_device",
-          "images_per_s_pipelined", "compile", "shares", "gradient_bytes", "num_params",
-          "allreduce_s", "flops_per_device_step", "utilisation", "peak_memory_bytes",
-          "compiled_memory_bytes")
-MAYBE_NONE = ("allreduce_s", "flops_per_device_step", "utilisation", "peak_memory_bytes",
-              "compiled_memory_bytes", "strategy")
+FIELDS = (
+    "platform",
+    "device_kind",
+    "num_devices",
+    "simulated",
+    "strategy",
+    "global_batch_size",
+    "per_device_batch",
+    "step_time_s",
+    "compute_time_s",
+    "exposed_collective_s",
+    "exposed_collective_raw_s",
+    "pipelined_step_s",
+    "images_per_s",
+    "images_per_s_per_device",
+    "images_per_s_pipelined",
+    "compile",
+    "shares",
+    "gradient_bytes",
+    "num_params",
+    "allreduce_s",
+    "flops_per_device_step",
+    "utilisation",
+    "peak_memory_bytes",
+    "compiled_memory_bytes",
+)
+MAYBE_NONE = (
+    "allreduce_s",
+    "flops_per_device_step",
+    "utilisation",
+    "peak_memory_bytes",
+    "compiled_memory_bytes",
+    "strategy",
+)
 
 
 def check(result: Mapping[str, Any], *, tolerance: float = 0.25) -> list[str]:
@@ -499,8 +637,10 @@ def check(result: Mapping[str, Any], *, tolerance: float = 0.25) -> list[str]:
     step = (result.get("step_time_s") or {}).get("median")
     comp = (result.get("compute_time_s") or {}).get("median")
     if step is not None and comp is not None and comp > step * (1 + tolerance):
-        problems.append(f"compute median {comp:.4g} s exceeds step median {step:.4g} s "
-                        f"by more than {tolerance:.0%}")
+        problems.append(
+            f"compute median {comp:.4g} s exceeds step median {step:.4g} s "
+            f"by more than {tolerance:.0%}"
+        )
     for name, t in (result.get("compile") or {}).items():
         if not (t.get("lower_s", 0) > 0 and t.get("compile_s", 0) > 0):
             problems.append(f"compile.{name} is not > 0")
@@ -511,7 +651,8 @@ def format_summary(r: Mapping[str, Any]) -> str:
     """A few human lines for a log."""
     ms = lambda s: f"{s * 1e3:.2f} ms" if s is not None else "n/a"  # noqa: E731
     lines = [
-        f"{r['num_devices']} {r['platform']} device(s) ({r['device_kind']}), strategy {r['strategy']}, "
+        f"{r['num_devices']} {r['platform']} device(s) ({r['device_kind']}), strategy "
+        f"{r['strategy']}, "
         f"global batch {r['global_batch_size']} ({r['per_device_batch']}/device)",
         f"step {ms(r['step_time_s']['median'])} (p10 {ms(r['step_time_s']['p10'])}, "
         f"p90 {ms(r['step_time_s']['p90'])}); compute {ms(r['compute_time_s']['median'])}; "
@@ -522,9 +663,11 @@ def format_summary(r: Mapping[str, Any]) -> str:
     ]
     if r.get("flops_per_device_step"):
         u = r.get("utilisation")
-        lines.append(f"{r['flops_per_device_step'] / 1e9:.2f} GFLOP/device/step "
-                     f"({r['flops_source']}), utilisation "
-                     + (f"{u:.1%}" if u is not None else "n/a (peak unknown)"))
+        lines.append(
+            f"{r['flops_per_device_step'] / 1e9:.2f} GFLOP/device/step "
+            f"({r['flops_source']}), utilisation "
+            + (f"{u:.1%}" if u is not None else "n/a (peak unknown)")
+        )
     if r.get("note"):
         lines.append(r["note"])
     return "\n".join(lines)

@@ -7,18 +7,18 @@ them is a lower bound on how well a kernel uses the card. For the H100 the
 matmul ceiling measured in ../shared/BENCH.md (800 TFLOP/s bf16) is about 81%
 of the sheet's 989.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
 class Peak:
-    bf16: Optional[float]  # FLOP/s, dense tensor-core / MXU
-    fp32: Optional[float]  # FLOP/s, plain fp32 (no TF32)
+    bf16: float | None  # FLOP/s, dense tensor-core / MXU
+    fp32: float | None  # FLOP/s, plain fp32 (no TF32)
     source: str
 
 
@@ -46,7 +46,7 @@ PEAKS: tuple[tuple[str, Peak], ...] = (
 )
 
 
-def peak_for(device_kind: str) -> Optional[Peak]:
+def peak_for(device_kind: str) -> Peak | None:
     """The spec-sheet peak of a device kind, or None when unknown (CPUs)."""
     for key, peak in PEAKS:
         if key.lower() in device_kind.lower():
@@ -54,7 +54,7 @@ def peak_for(device_kind: str) -> Optional[Peak]:
     return None
 
 
-def peak_flops(device_kind: str, dtype: str = "bfloat16") -> Optional[float]:
+def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
     """Peak FLOP/s per device for a compute dtype, None when unknown."""
     peak = peak_for(device_kind)
     if peak is None:
@@ -80,7 +80,7 @@ def describe(devices=None) -> dict:
     }
 
 
-def peak_memory_bytes(devices=None) -> Optional[int]:
+def peak_memory_bytes(devices=None) -> int | None:
     """Largest ``peak_bytes_in_use`` over this process's devices; None where
     the backend keeps no statistics (CPU)."""
     import jax
@@ -99,7 +99,7 @@ def peak_memory_bytes(devices=None) -> Optional[int]:
     return max(peaks) if peaks else None
 
 
-def compiled_memory_bytes(compiled) -> Optional[int]:
+def compiled_memory_bytes(compiled) -> int | None:
     """XLA's static estimate for one device: arguments + outputs + temporaries
     minus what outputs alias (donated buffers)."""
     try:
@@ -110,8 +110,12 @@ def compiled_memory_bytes(compiled) -> Optional[int]:
         return None
     if isinstance(m, (list, tuple)):
         m = m[0]
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
     return int(max(total, 0))
 
 

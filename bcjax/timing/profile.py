@@ -24,6 +24,7 @@ and NCCL kernels on the stream lines are matched by name when no op line
 exists. The GPU path follows the XSpace layout XLA documents but was
 exercised here on CPU traces only.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,12 +34,13 @@ import json
 import os
 import re
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 _OPCODE_RE = re.compile(
-    r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")
+    r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\("
+)
 _NAME_PATTERNS = (
     ("all-reduce", re.compile(r"all[-_]?reduce|psum(?!_scatter)|allreduce", re.I)),
     ("reduce-scatter", re.compile(r"reduce[-_]?scatter|psum_scatter", re.I)),
@@ -49,7 +51,7 @@ _NAME_PATTERNS = (
 _DEVICE_RE = re.compile(r"/device:[A-Za-z_]+:(\d+)")
 
 
-def opcode_map(hlo_text: Optional[str]) -> dict[str, str]:
+def opcode_map(hlo_text: str | None) -> dict[str, str]:
     """HLO instruction name -> collective kind, from compiled HLO text."""
     out = {}
     if not hlo_text:
@@ -65,7 +67,7 @@ def opcode_map(hlo_text: Optional[str]) -> dict[str, str]:
     return out
 
 
-def classify(name: str, opcodes: dict[str, str]) -> Optional[str]:
+def classify(name: str, opcodes: dict[str, str]) -> str | None:
     """Collective kind of an op/kernel event name, or None."""
     base = name.strip().lstrip("%").split(" ")[0]
     if opcodes:
@@ -83,8 +85,11 @@ def classify(name: str, opcodes: dict[str, str]) -> Optional[str]:
 
 
 def _empty_device():
-    return {"collectives": {k: {"count": 0, "total_s": 0.0} for k in KINDS},
-            "collective_total_s": 0.0, "op_total_s": 0.0}
+    return {
+        "collectives": {k: {"count": 0, "total_s": 0.0} for k in KINDS},
+        "collective_total_s": 0.0,
+        "op_total_s": 0.0,
+    }
 
 
 def _add(per_device, device, name, seconds, opcodes):
@@ -97,7 +102,7 @@ def _add(per_device, device, name, seconds, opcodes):
         d["collective_total_s"] += seconds
 
 
-def parse_xplane(path: str, hlo_text: Optional[str] = None) -> dict:
+def parse_xplane(path: str, hlo_text: str | None = None) -> dict:
     """Per-device op and collective seconds from an ``.xplane.pb``."""
     from jax.profiler import ProfileData
 
@@ -118,12 +123,17 @@ def parse_xplane(path: str, hlo_text: Optional[str] = None) -> dict:
                 for ev in ln.events:
                     st = dict(ev.stats)
                     if "hlo_op" in st and "device_ordinal" in st:
-                        _add(per_device, st["device_ordinal"], str(st["hlo_op"]),
-                             ev.duration_ns * 1e-9, opcodes)
+                        _add(
+                            per_device,
+                            st["device_ordinal"],
+                            str(st["hlo_op"]),
+                            ev.duration_ns * 1e-9,
+                            opcodes,
+                        )
     return per_device
 
 
-def parse_trace_json(path: str, hlo_text: Optional[str] = None) -> dict:
+def parse_trace_json(path: str, hlo_text: str | None = None) -> dict:
     """The same from a Chrome-trace ``.trace.json.gz`` / ``perfetto_trace.json.gz``."""
     opcodes = opcode_map(hlo_text)
     opener = gzip.open if path.endswith(".gz") else open
@@ -147,25 +157,30 @@ def parse_trace_json(path: str, hlo_text: Optional[str] = None) -> dict:
             _add(per_device, args["device_ordinal"], str(args["hlo_op"]), seconds, opcodes)
             continue
         m = _DEVICE_RE.search(process.get(e.get("pid"), ""))
-        if m and (e.get("pid") not in has_ops_line
-                  or thread.get((e.get("pid"), e.get("tid"))) == "XLA Ops"):
+        if m and (
+            e.get("pid") not in has_ops_line
+            or thread.get((e.get("pid"), e.get("tid"))) == "XLA Ops"
+        ):
             _add(per_device, m.group(1), e.get("name", ""), seconds, opcodes)
     return per_device
 
 
-def find_trace(log_dir: str) -> Optional[tuple[str, str]]:
+def find_trace(log_dir: str) -> tuple[str, str] | None:
     """``(format, path)`` of the newest trace under ``log_dir``: xplane first."""
     runs = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*")), key=os.path.getmtime)
     for run in reversed(runs):
-        for fmt, pattern in (("xplane", "*.xplane.pb"), ("trace_json", "*.trace.json.gz"),
-                             ("trace_json", "perfetto_trace.json.gz")):
+        for fmt, pattern in (
+            ("xplane", "*.xplane.pb"),
+            ("trace_json", "*.trace.json.gz"),
+            ("trace_json", "perfetto_trace.json.gz"),
+        ):
             hits = sorted(glob.glob(os.path.join(run, pattern)))
             if hits:
                 return fmt, hits[0]
     return None
 
 
-def summarize(log_dir: str, hlo_text: Optional[str] = None, steps: int = 1) -> dict:
+def summarize(log_dir: str, hlo_text: str | None = None, steps: int = 1) -> dict:
     """Parses the newest trace under ``log_dir`` into per-device sums; falls
     back from the XSpace to the JSON trace when the former cannot be read."""
     found = find_trace(log_dir)
@@ -173,7 +188,9 @@ def summarize(log_dir: str, hlo_text: Optional[str] = None, steps: int = 1) -> d
         return {"error": f"no trace found under {log_dir}"}
     fmt, path = found
     try:
-        per_device = parse_xplane(path, hlo_text) if fmt == "xplane" else parse_trace_json(path, hlo_text)
+        per_device = (
+            parse_xplane(path, hlo_text) if fmt == "xplane" else parse_trace_json(path, hlo_text)
+        )
     except Exception as e:  # e.g. a jaxlib without ProfileData
         alt = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.json.gz")))
         if not alt:
@@ -198,8 +215,9 @@ def summarize(log_dir: str, hlo_text: Optional[str] = None, steps: int = 1) -> d
     }
 
 
-def profile_steps(run_step: Callable, log_dir: str, *, steps: int = 3,
-                  hlo_text: Optional[str] = None) -> dict:
+def profile_steps(
+    run_step: Callable, log_dir: str, *, steps: int = 3, hlo_text: str | None = None
+) -> dict:
     """Traces ``steps`` synchronised calls of ``run_step()`` and summarises them."""
     import jax
 
@@ -215,7 +233,7 @@ def profile_steps(run_step: Callable, log_dir: str, *, steps: int = 3,
     return summarize(log_dir, hlo_text, steps)
 
 
-def format_summary(summary: dict, devices: Optional[Iterable[str]] = None) -> str:
+def format_summary(summary: dict, devices: Iterable[str] | None = None) -> str:
     if "error" in summary:
         return f"profile: {summary['error']}"
     lines = [f"profile ({summary['format']}): collective time per step, per device"]
@@ -223,9 +241,14 @@ def format_summary(summary: dict, devices: Optional[Iterable[str]] = None) -> st
         if devices is not None and dev not in devices:
             continue
         d = summary["per_device"][dev]
-        kinds = ", ".join(f"{k} {v['total_s'] / summary['steps'] * 1e3:.3f} ms "
-                          f"({v['count'] / summary['steps']:g} ops)"
-                          for k, v in d["collectives"].items() if v["count"])
-        lines.append(f"  device {dev}: {d['collective_total_s'] / summary['steps'] * 1e3:.3f} ms"
-                     f" of {d['op_total_s'] / summary['steps'] * 1e3:.3f} ms ops; {kinds or 'none'}")
+        kinds = ", ".join(
+            f"{k} {v['total_s'] / summary['steps'] * 1e3:.3f} ms "
+            f"({v['count'] / summary['steps']:g} ops)"
+            for k, v in d["collectives"].items()
+            if v["count"]
+        )
+        lines.append(
+            f"  device {dev}: {d['collective_total_s'] / summary['steps'] * 1e3:.3f} ms"
+            f" of {d['op_total_s'] / summary['steps'] * 1e3:.3f} ms ops; {kinds or 'none'}"
+        )
     return "\n".join(lines)
