@@ -17,6 +17,7 @@ ON_REQUEST = (
     "torchvision",
     "bcjax.data.busi_tfds",
     "bcjax.models.convert",
+    "bcjax.models.weights_file",
 )
 # Not needed to build or apply a model (DESIGN.md: research code imports the zoo alone).
 RUN_STACK = (
