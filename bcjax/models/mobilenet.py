@@ -12,11 +12,13 @@ renaming; torchvision's inner Sequential indices become words:
   V2: classifier                                            <- classifier.1
   V3: pre_logits, classifier                                <- classifier.0, classifier.3
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -38,7 +40,7 @@ class InvertedResidual(nn.Module):
     kernel_size: int = 3
     strides: int = 1
     act: Callable = nn.relu
-    squeeze_features: Optional[int] = None
+    squeeze_features: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -97,14 +99,18 @@ class MobileNetV2(nn.Module):
     dropout_rate: float = 0.2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
+    bn_axis_name: str | None = None
     # torchvision: BatchNorm2d defaults (momentum 0.1, eps 1e-5).
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    # On XLA:CPU, compute the convolutions it would run in its slow generic loop
+    # (depthwise; kernels larger than the feature map) in an equivalent form
+    # (layers.cpu_friendly_conv). Same parameters; other platforms unaffected.
+    cpu_conv: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = layers.make_conv(self.dtype, self.param_dtype)
+        conv = layers.make_conv(self.dtype, self.param_dtype, self.cpu_conv)
         norm = layers.model_norm(self, train)
         block = functools.partial(layers.ConvBNAct, conv=conv, norm=norm, act=nn.relu6)
         wm = self.width_multiplier
@@ -203,14 +209,18 @@ class MobileNetV3(nn.Module):
     dropout_rate: float = 0.2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
+    bn_axis_name: str | None = None
     # torchvision: BatchNorm2d(eps=0.001, momentum=0.01); Flax momentum = 1 - 0.01.
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    # On XLA:CPU, compute the convolutions it would run in its slow generic loop
+    # (depthwise; kernels larger than the feature map) in an equivalent form
+    # (layers.cpu_friendly_conv). Same parameters; other platforms unaffected.
+    cpu_conv: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = layers.make_conv(self.dtype, self.param_dtype)
+        conv = layers.make_conv(self.dtype, self.param_dtype, self.cpu_conv)
         norm = layers.model_norm(self, train)
         adjust = lambda c: layers.make_divisible(c * self.width_multiplier)
         block = functools.partial(layers.ConvBNAct, conv=conv, norm=norm, act=layers.hard_swish)

@@ -8,10 +8,12 @@ Submodule names follow torchvision's state_dict so a converter is a renaming:
                                           <- layer{i}.{j}.{conv1,...,downsample.0,downsample.1}
   fc                                      <- fc
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Type
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -36,8 +38,13 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         residual = x
-        y = self.conv(self.features, (3, 3), (self.strides, self.strides),
-                      padding=layers.torch_padding(3), name="conv1")(x)
+        y = self.conv(
+            self.features,
+            (3, 3),
+            (self.strides, self.strides),
+            padding=layers.torch_padding(3),
+            name="conv1",
+        )(x)
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.features, (3, 3), padding=layers.torch_padding(3), name="conv2")(y)
         y = self.norm(name="bn2", **_last_bn_init(self.zero_init_residual))(y)
@@ -62,8 +69,13 @@ class Bottleneck(nn.Module):
         residual = x
         y = self.conv(self.features, (1, 1), name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))
-        y = self.conv(self.features, (3, 3), (self.strides, self.strides),
-                      padding=layers.torch_padding(3), name="conv2")(y)
+        y = self.conv(
+            self.features,
+            (3, 3),
+            (self.strides, self.strides),
+            padding=layers.torch_padding(3),
+            name="conv2",
+        )(y)
         y = self.act(self.norm(name="bn2")(y))
         y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
         y = self.norm(name="bn3", **_last_bn_init(self.zero_init_residual))(y)
@@ -89,7 +101,7 @@ def _downsample(x, features: int, strides: int, conv: ModuleDef, norm: ModuleDef
 
 class ResNet(nn.Module):
     stage_sizes: Sequence[int]
-    block_cls: Type[nn.Module]
+    block_cls: type[nn.Module]
     num_classes: int = 3
     width: int = 64
     zero_init_residual: bool = False
@@ -98,14 +110,18 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
+    bn_axis_name: str | None = None
     # torchvision: BatchNorm2d(momentum=0.1, eps=1e-5); Flax momentum = 1 - 0.1.
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    # On XLA:CPU, compute the convolutions it would run in its slow generic loop
+    # (depthwise; kernels larger than the feature map) in an equivalent form
+    # (layers.cpu_friendly_conv). Same parameters; other platforms unaffected.
+    cpu_conv: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = layers.make_conv(self.dtype, self.param_dtype)
+        conv = layers.make_conv(self.dtype, self.param_dtype, self.cpu_conv)
         norm = layers.model_norm(self, train)
         x = jnp.asarray(x, self.dtype)
         x = conv(self.width, (7, 7), (2, 2), padding=layers.torch_padding(7), name="conv_init")(x)
