@@ -12,10 +12,8 @@ from bcjax.timing.scaling_model import fitting, presets, published
 from bcjax.timing.scaling_model.__main__ import main
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "published_scaling_fixture.csv"
-SHARED = (
-    pathlib.Path(__file__).resolve().parents[2]
-    / "shared/data/published_scaling/published_scaling.csv"
-)
+# NVIDIA DeepLearningExamples' published rows as printed (source_path@commit per row).
+PUBLISHED = pathlib.Path(__file__).parent / "data" / "published_scaling.csv"
 # A fabric that costs exactly bytes / 1 GB/s per ring pass, with no latencies.
 UNIT_LINK = presets.Interconnect("unit", 1e9, 0.0, "test", base_latency=0.0)
 FREE_LINK = presets.Interconnect("free", 1e30, 0.0, "test", base_latency=0.0)
@@ -284,9 +282,8 @@ def test_fit_recovers_parameters_it_generated():
     assert all(x["mae"] < 0.05 for x in loo)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="shared published_scaling.csv not present")
 def test_shipped_parameters_are_the_declared_fit():
-    cases = published.prepare(published.read_published(SHARED))
+    cases = published.prepare(published.read_published(PUBLISHED))
     params = fitting.fit(c for c in cases if fitting.in_fit_subset(c))
     assert params.sync_cv == presets.SYNC_CV
     assert dict(params.input_ceilings) == presets.INPUT_CEILINGS

@@ -123,10 +123,11 @@ def hard_swish(x):
 #   of such a convolution, forward or input-gradient, into a form with window
 #   reversal. Here they become patches (pad + strided slices) times the kernel
 #   as one matrix product, whose gradients are matrix products as well.
-# - Depthwise convolutions (MobileNet): the grouped forward and input-gradient
-#   run as one Eigen convolution per channel, and the weight gradient (a
-#   batch-grouped convolution) is expanded to a dense C x C one. Here they are
-#   kh*kw shifted multiply-adds, which XLA fuses into one loop.
+# - Depthwise convolutions (MobileNet): the grouped forward and input gradient
+#   run as library convolutions working channel group by channel group, and
+#   the weight gradient (a batch-grouped convolution) is expanded to a dense
+#   C x C one. Here they are kh*kw shifted multiply-adds, which XLA fuses into
+#   one loop, with a gradient of the same kind (_depthwise_bwd).
 #
 # Both change only the order of the floating-point sums. They apply on CPU
 # only (lax.platform_dependent: other platforms lower the plain convolution,
