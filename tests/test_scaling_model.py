@@ -74,9 +74,14 @@ def test_sync_term_is_the_expected_slowest_of_n():
     assert sm.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), abs=1e-6)
     assert sm.expected_max_normal(4) == pytest.approx(1.0294, abs=1e-4)
     assert sm.expected_max_normal(8) == pytest.approx(1.4236, abs=1e-4)
-    row = sm.step_time(0.1, 0.0, 2, FREE_LINK, sync_cv=0.02)
+    row = sm.step_time(0.1, 0.0, 2, FREE_LINK, sync_cv=0.02, node_sync_cv=0.05)
     assert row["sync_s"] == pytest.approx(0.02 / math.sqrt(math.pi) * 0.1, rel=1e-6)
     assert row["step_s"] == pytest.approx(0.1 + row["sync_s"])
+    # 16 GPUs, 8 per host: two hosts, the slower of the two adds its own jitter.
+    row = sm.step_time(0.1, 0.0, 16, FREE_LINK, sync_cv=0.02, node_sync_cv=0.05)
+    e16 = sm.expected_max_normal(16)
+    assert 1.76 < e16 < 1.77  # tabulated: 1.7660
+    assert row["sync_s"] == pytest.approx((0.02 * e16 + 0.05 / math.sqrt(math.pi)) * 0.1)
 
 
 def test_input_bound_rows():
@@ -174,7 +179,7 @@ def test_validate_command_on_a_hand_written_table(tmp_path, capsys):
         "limit",
         "reason",
     } <= set(out[0])
-    assert len(out) == 11  # none dropped
+    assert len(out) == 13  # none dropped
     by_key = {(r["table_id"], int(r["gpus"])): r for r in out}
     for key, efficiency in _fixture_efficiencies().items():
         assert float(by_key[key]["published_efficiency"]) == pytest.approx(efficiency, abs=1e-4)
@@ -200,6 +205,13 @@ def test_validate_command_on_a_hand_written_table(tmp_path, capsys):
     assert float(a["error"]) == pytest.approx(
         float(a["predicted_efficiency"]) - float(a["published_efficiency"]), abs=2e-4
     )
+    # Series G's 1-GPU row is half of A's on the same chip (framework, model, precision and
+    # batch alike): its compute is A's, so it predicts A's throughput, efficiency vs its own.
+    g = by_key[("G", 8)]
+    assert "compute taken from table A" in g["assumptions"] and g["reason"] == ""
+    assert float(g["predicted_images_per_s"]) == pytest.approx(8000 * 0.256 / step, rel=1e-4)
+    assert float(g["predicted_efficiency"]) == pytest.approx(2 * 0.256 / step, abs=1e-4)
+    assert "compute taken" not in a["assumptions"]
     summary = (tmp_path / "summary.md").read_text()
     assert "naive MAE" in summary and "not in bcjax's zoo" in summary
     assert (tmp_path / "predicted_vs_published.png").stat().st_size > 10_000
@@ -231,8 +243,9 @@ def test_validate_names_missing_columns(tmp_path, capsys):
     assert "missing column(s)" in err and "interconnect" in err and "data_source" in err
 
 
-def _rows_from_model(cv, ceiling):
-    """Published-like rows whose figures the model itself produced (cv, one CPU ceiling)."""
+def _rows_from_model(cv, ceiling, node_cv=0.0):
+    """Published-like rows whose figures the model itself produced (cv, one CPU ceiling,
+    the hosts' jitter on 16 GPUs = two DGX A100)."""
     rows = []
     for i, (loader, batch) in enumerate(
         [
@@ -255,7 +268,7 @@ def _rows_from_model(cv, ceiling):
             "notes": "",
         }
         rows.append({**base, "gpus": "1", "images_per_s": "2500"})
-        for n in (2, 4, 8):
+        for n in (2, 4, 8, 16):
             ceil = ceiling if "CPU" in loader else None
             p = sm.weak_scaling(
                 2500,
@@ -264,6 +277,7 @@ def _rows_from_model(cv, ceiling):
                 n,
                 "nvlink3-nvswitch",
                 sync_cv=cv,
+                node_sync_cv=node_cv,
                 input_ceiling=ceil,
                 bucket_bytes=64 * 2**20,
             )
@@ -272,9 +286,10 @@ def _rows_from_model(cv, ceiling):
 
 
 def test_fit_recovers_parameters_it_generated():
-    cases = published.prepare(_rows_from_model(0.01, 15000.0))
+    cases = published.prepare(_rows_from_model(0.01, 15000.0, node_cv=0.04))
     params = fitting.fit(cases)
     assert params.sync_cv == pytest.approx(0.01)
+    assert params.node_sync_cv == pytest.approx(0.04)
     assert dict(params.input_ceilings) == {
         ("tensorflow 1/tf.data", "dgx-a100"): pytest.approx(15000.0, rel=1e-6)
     }
@@ -286,6 +301,7 @@ def test_shipped_parameters_are_the_declared_fit():
     cases = published.prepare(published.read_published(PUBLISHED))
     params = fitting.fit(c for c in cases if fitting.in_fit_subset(c))
     assert params.sync_cv == presets.SYNC_CV
+    assert params.node_sync_cv == presets.NODE_SYNC_CV
     assert dict(params.input_ceilings) == presets.INPUT_CEILINGS
 
 

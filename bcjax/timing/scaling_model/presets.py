@@ -2,8 +2,9 @@
 
 Each preset names its source: the shared ``hardware_facts.csv`` / ``allreduce_busbw.csv``
 (NCCL maintainers' statements and NCCL's own tuning-model constants), a framework's
-documented default, or a stated assumption. The two fitted quantities (``SYNC_CV`` and
-``INPUT_CEILINGS``) say how and on what they were fitted; see ``fitting.py``.
+documented default, or a stated assumption. The fitted quantities (``SYNC_CV``,
+``NODE_SYNC_CV`` and ``INPUT_CEILINGS``) say how and on what they were fitted; see
+``fitting.py``.
 """
 
 from __future__ import annotations
@@ -249,6 +250,30 @@ def host_system(gpu_text: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------- inconsistent inputs
+
+# A series' 1-GPU row is the model's measure of one GPU's compute. When another series of
+# the same framework, model, GPU chip, precision and batch ran more than PEER_GAP times
+# faster on one GPU, the chip demonstrably computes that fast and the slow 1-GPU figure is
+# not the compute its own multi-GPU rows ran at. In the shared tables same-chip 1-GPU
+# rows agree within 1.14x (16 vs 32 GB, SXM2 vs SXM3, container versions); the pairs
+# 1.34x and more apart are the ones whose sources print superlinear scaling.
+PEER_GAP = 1.25
+
+
+def gpu_chip(gpu_text: str) -> str:
+    """The GPU chip a ``gpu`` column names: 'V100-SXM2-16GB (DGX-1)' -> 'V100'; the first
+    word holding a digit, upper-cased (memory size and form factor do not change the chip)."""
+    for word in re.split(r"[\s\-_(),/]+", gpu_text or ""):
+        if (
+            re.search(r"\d", word)
+            and re.search(r"[A-Za-z]", word)
+            and not word.lower().endswith("gb")
+        ):
+            return word.upper()
+    return (gpu_text or "").strip().lower()
+
+
 # --------------------------------------------------------------- fitted
 
 # Fitted by `python -m bcjax.timing.scaling_model fit` on the declared subset: the rows of
@@ -260,6 +285,10 @@ def host_system(gpu_text: str) -> str | None:
 # the slowest of N GPUs does, ~ (1 + cv * E[max of N standard normals]); fitted on the
 # rows whose host decodes no images (DALI).
 SYNC_CV = 0.024
+# NODE_SYNC_CV: the same for a whole host, counted when a run spans several: each host's
+# input pipeline, OS and network port add their own jitter, and the step waits for the
+# slowest host ~ (1 + node_cv * E[max of nodes standard normals]).
+NODE_SYNC_CV = 0.07
 # Host input ceiling: images/s one host's data path delivers, by (pipeline, host) (see
 # ``pipeline``); a pipeline never fitted on a host has no ceiling (the row says so).
 INPUT_CEILINGS: dict[tuple[str, str], float] = {

@@ -4,6 +4,11 @@ A CSV with the shared ``published_scaling.csv``'s columns. Rows with the same ``
 form a series whose 1-GPU row is the measured input; every other row of the series is
 predicted from it, the parameter count, the per-GPU batch, the interconnect, the framework
 and the data source. Precision enters through the measured 1-GPU throughput.
+
+One check of the input itself: when another series of the same framework, model, GPU chip,
+precision and batch ran more than ``presets.PEER_GAP`` times faster on one GPU, the chip's
+compute is taken from that faster 1-GPU row (the row's ``assumptions`` say so) while the
+efficiency stays relative to the series' own printed 1-GPU figure.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class ModelParams:
 
     sync_cv: float = presets.SYNC_CV
     input_ceilings: tuple = tuple(sorted(presets.INPUT_CEILINGS.items()))
+    node_sync_cv: float = presets.NODE_SYNC_CV
 
     def ceiling(self, pipeline: str, loader: str, host: str | None) -> float | None:
         """images/s one host's data path delivers; None (no cap) for a pipeline never fitted
@@ -100,6 +106,7 @@ def prepare(rows: list[dict], *, bus_bandwidth: float | None = None) -> list[dic
     for r in rows:
         if _number(r["gpus"]) == 1 and _number(r["images_per_s"]):
             first_gpu_row.setdefault(r["table_id"], r)
+    fastest_peer = _fastest_peers(first_gpu_row.values())
     cases = []
     for r in rows:
         case = {"row": r, "table_id": r["table_id"], "reason": "", "assumptions": []}
@@ -121,12 +128,42 @@ def prepare(rows: list[dict], *, bus_bandwidth: float | None = None) -> list[dic
         case.update(_inputs(r, bus_bandwidth, case["assumptions"]))
         if case.get("reason"):
             continue
-        if case["published_efficiency"] > SUPERLINEAR:
+        peer = fastest_peer.get(_peer_key(base))
+        peer_ips = _number(peer["images_per_s"]) if peer else None
+        if peer_ips and peer_ips > presets.PEER_GAP * case["images_per_s_1"]:
+            own = case["images_per_s_1"]
+            case["compute_images_per_s"] = peer_ips
+            case["assumptions"].append(
+                f"1-GPU row ({own:g} img/s) is {peer_ips / own:.2f}x "
+                f"slower than table {peer['table_id']}'s ({peer_ips:g}) for the same framework, "
+                f"model, GPU chip, precision and batch: compute taken from table {peer['table_id']}"
+            )
+        elif case["published_efficiency"] > SUPERLINEAR:
             case["unmatchable"] = (
                 f"published efficiency {case['published_efficiency']:.2f} is "
                 f"above linear: inconsistent source figures"
             )
     return cases
+
+
+def _peer_key(row: dict) -> tuple:
+    return (
+        row["framework"].strip().lower(),
+        _zoo_key(row["model"]),
+        presets.gpu_chip(row["gpu"]),
+        row["precision"].strip().lower(),
+        _number(row["batch_per_gpu"]),
+    )
+
+
+def _fastest_peers(one_gpu_rows) -> dict:
+    """The fastest 1-GPU row of each (framework, model, chip, precision, batch)."""
+    best: dict = {}
+    for r in one_gpu_rows:
+        key = _peer_key(r)
+        if key not in best or _number(r["images_per_s"]) > _number(best[key]["images_per_s"]):
+            best[key] = r
+    return best
 
 
 def _inputs(r: dict, bus_bandwidth: float | None, assumptions: list) -> dict:
@@ -179,6 +216,8 @@ def predict_case(case: dict, params: ModelParams = ModelParams()) -> dict | None
         case["gpus"],
         case["link"],
         input_ceiling=ceiling,
+        compute_images_per_s=case.get("compute_images_per_s"),
         bucket_bytes=case["framework"].bucket_bytes,
         sync_cv=params.sync_cv,
+        node_sync_cv=params.node_sync_cv,
     )

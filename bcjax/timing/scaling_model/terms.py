@@ -9,7 +9,9 @@ A step on N devices takes
 - overlap: a bucket can start once the backward pass has produced it (buckets fill evenly
   through the backward, which is ``BACKWARD_FRACTION`` of the compute); only what is still
   running when the backward ends is exposed;
-- sync: the step ends when the slowest device does: t_sync = cv * E[max of N normals] * t_compute;
+- sync: the step ends when the slowest device does: t_sync = cv * E[max of N normals] * t_compute,
+  plus, past one host, the slowest host's own jitter (its input pipeline, OS, network):
+  node_cv * E[max of `nodes` normals] * t_compute;
 
 and the throughput is capped by the hosts' input pipeline, ``nodes * input_ceiling`` images/s.
 """
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 
 from bcjax.timing.scaling_model.presets import (
     BACKWARD_FRACTION,
+    NODE_SYNC_CV,
     SYNC_CV,
     Interconnect,
     framework,
@@ -112,12 +115,15 @@ def step_time(
     overlap: float | None = None,
     backward_fraction: float = BACKWARD_FRACTION,
     sync_cv: float = SYNC_CV,
+    node_sync_cv: float = NODE_SYNC_CV,
 ) -> dict:
     """One device's step on ``n`` devices, by term (seconds).
 
     ``overlap`` None: the bucket schedule against the backward pass decides what is exposed;
     a number in [0, 1]: that fraction of the all-reduce is hidden (ring_model's knob).
+    ``node_sync_cv`` counts only when the ``n`` devices span more than one of ``link``'s hosts.
     """
+    link = interconnect(link)
     if overlap is not None and not 0.0 <= overlap <= 1.0:
         raise ValueError(f"overlap must be in [0, 1] or None, got {overlap}")
     costs = bucket_costs(gradient_bytes, n, link, bucket_bytes)
@@ -126,7 +132,10 @@ def step_time(
         exposed = exposed_allreduce(costs, backward_fraction * compute_s)
     else:
         exposed = (1.0 - overlap) * allreduce
-    sync = sync_cv * expected_max_normal(n) * compute_s
+    nodes = math.ceil(n / link.gpus_per_node)
+    sync = (
+        sync_cv * expected_max_normal(n) + node_sync_cv * expected_max_normal(nodes)
+    ) * compute_s
     return {
         "compute_s": compute_s,
         "allreduce_s": allreduce,
@@ -155,12 +164,17 @@ def weak_scaling(
     link,
     *,
     input_ceiling: float | None = None,
+    compute_images_per_s: float | None = None,
     **step_kw,
 ) -> dict:
     """A published-table row: same per-device batch on n devices, from the measured
-    1-device throughput. ``input_ceiling``: images/s one host's data path delivers."""
+    1-device throughput. ``input_ceiling``: images/s one host's data path delivers.
+    ``compute_images_per_s``: what one device computes, when it is not ``images_per_s_1``
+    (a 1-device figure that its peers show to be wrong); efficiency stays relative to
+    ``images_per_s_1``, the figure the table prints."""
     link = interconnect(link)
-    row = step_time(batch_per_device / images_per_s_1, gradient_bytes, n, link, **step_kw)
+    per_device = compute_images_per_s or images_per_s_1
+    row = step_time(batch_per_device / per_device, gradient_bytes, n, link, **step_kw)
     images_per_s = n * batch_per_device / row["step_s"]
     nodes = math.ceil(n / link.gpus_per_node)
     input_bound = input_ceiling is not None and nodes * input_ceiling < images_per_s
@@ -232,6 +246,7 @@ def predict(
     global_batch_scaling: bool = False,
     bucket_bytes: float | None = DEFAULT_BUCKET_BYTES,
     sync_cv: float = SYNC_CV,
+    node_sync_cv: float = NODE_SYNC_CV,
     input_images_per_s: float | None = None,
 ) -> dict:
     """One row of the model (ring_model's signature; the new terms are keywords).
@@ -249,6 +264,7 @@ def predict(
         efficiency = t1 / (N t_N); otherwise t1 / t_N.
       bucket_bytes: gradient bucket size (XLA's 30 MiB by default; None = one bucket).
       sync_cv: spread of one device's step time (the straggler term; 0 turns it off).
+      node_sync_cv: spread of one host's step time, counted past one host.
       input_images_per_s: images/s the host's input pipeline delivers (None = no cap).
     """
     link = interconnect(link)
@@ -260,6 +276,7 @@ def predict(
         bucket_bytes=bucket_bytes,
         overlap=overlap,
         sync_cv=sync_cv,
+        node_sync_cv=node_sync_cv,
     )
     step = row["step_s"]
     input_bound = False

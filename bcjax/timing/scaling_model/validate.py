@@ -158,7 +158,8 @@ def summary_markdown(records: list[dict], params: ModelParams, source: str) -> s
     lines += [f"- {n} rows: {reason}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1])]
     lines += [
         "",
-        f"Parameters: sync_cv {params.sync_cv}; input ceilings (images/s per host): "
+        f"Parameters: sync_cv {params.sync_cv}, node_sync_cv {params.node_sync_cv}; "
+        "input ceilings (images/s per host): "
         + (", ".join(f"{p} on {h} {c:,.0f}" for (p, h), c in params.input_ceilings) or "none"),
     ]
     return "\n".join(lines) + "\n"
@@ -244,6 +245,7 @@ def fit_report(published: str, out: str) -> str:
         f"published efficiency <= {SUPERLINEAR}).",
         "",
         f"- sync_cv: {params.sync_cv} (shipped: {presets.SYNC_CV})",
+        f"- node_sync_cv: {params.node_sync_cv} (shipped: {presets.NODE_SYNC_CV})",
     ]
     shipped = presets.INPUT_CEILINGS
     for key, value in params.input_ceilings:
@@ -264,12 +266,12 @@ def fit_report(published: str, out: str) -> str:
             f"Leave one {name} out (fit on all other rows, both subsets): {rows} rows, "
             f"MAE {mae * 100:.1f} points (naive {naive * 100:.1f}).",
             "",
-            "| left out | rows | MAE | max | naive MAE | sync_cv fitted |",
-            "|---|---|---|---|---|---|",
+            "| left out | rows | MAE | max | naive MAE | sync_cv fitted | node_sync_cv fitted |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {x['left_out']} | {x['rows']} | {x['mae'] * 100:.1f} | {x['max'] * 100:.1f} | "
-            f"{x['naive_mae'] * 100:.1f} | {x['sync_cv']} |"
+            f"{x['naive_mae'] * 100:.1f} | {x['sync_cv']} | {x['node_sync_cv']} |"
             for x in loo
         ]
     text = "\n".join(lines) + "\n"
