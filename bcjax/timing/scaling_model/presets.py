@@ -253,8 +253,8 @@ def host_system(gpu_text: str) -> str | None:
 # --------------------------------------------------------------- inconsistent inputs
 
 # A series' 1-GPU row is the model's measure of one GPU's compute. When another series of
-# the same framework, model, GPU chip, precision and batch ran more than PEER_GAP times
-# faster on one GPU, the chip demonstrably computes that fast and the slow 1-GPU figure is
+# the same framework, model, GPU chip, precision, batch and loader ran more than PEER_GAP
+# times faster on one GPU, the chip demonstrably computes that fast and the slow 1-GPU figure is
 # not the compute its own multi-GPU rows ran at. In the shared tables same-chip 1-GPU
 # rows agree within 1.14x (16 vs 32 GB, SXM2 vs SXM3, container versions); the pairs
 # 1.34x and more apart are the ones whose sources print superlinear scaling.

@@ -6,9 +6,9 @@ predicted from it, the parameter count, the per-GPU batch, the interconnect, the
 and the data source. Precision enters through the measured 1-GPU throughput.
 
 One check of the input itself: when another series of the same framework, model, GPU chip,
-precision and batch ran more than ``presets.PEER_GAP`` times faster on one GPU, the chip's
-compute is taken from that faster 1-GPU row (the row's ``assumptions`` say so) while the
-efficiency stays relative to the series' own printed 1-GPU figure.
+precision, batch and data loader ran more than ``presets.PEER_GAP`` times faster on one GPU,
+the chip's compute is taken from that faster 1-GPU row (the row's ``assumptions`` say so)
+while the efficiency stays relative to the series' own printed 1-GPU figure.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def prepare(rows: list[dict], *, bus_bandwidth: float | None = None) -> list[dic
             case["assumptions"].append(
                 f"1-GPU row ({own:g} img/s) is {peer_ips / own:.2f}x "
                 f"slower than table {peer['table_id']}'s ({peer_ips:g}) for the same framework, "
-                f"model, GPU chip, precision and batch: compute taken from table {peer['table_id']}"
+                f"model, GPU chip, precision, batch and loader: compute taken from table "
+                f"{peer['table_id']}"
             )
         elif case["published_efficiency"] > SUPERLINEAR:
             case["unmatchable"] = (
@@ -153,11 +154,12 @@ def _peer_key(row: dict) -> tuple:
         presets.gpu_chip(row["gpu"]),
         row["precision"].strip().lower(),
         _number(row["batch_per_gpu"]),
+        presets.loader_kind(row["data_source"]),  # a synthetic-data peer is no peer of real data
     )
 
 
 def _fastest_peers(one_gpu_rows) -> dict:
-    """The fastest 1-GPU row of each (framework, model, chip, precision, batch)."""
+    """The fastest 1-GPU row of each (framework, model, chip, precision, batch, loader)."""
     best: dict = {}
     for r in one_gpu_rows:
         key = _peer_key(r)
