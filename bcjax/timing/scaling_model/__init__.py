@@ -3,9 +3,10 @@
 One model (it absorbed ``bcjax.timing.ring_model``): a data-parallel step costs the
 per-device compute, the all-reduce left exposed after the backward pass (per bucket:
 NCCL's latency + bytes / bus bandwidth), and a synchronisation term (the slowest of N
-devices); the hosts' input pipeline caps the throughput. ``terms`` holds the terms,
-``presets`` every constant and its source, ``published`` and ``validate`` the check against
-published tables (``python -m bcjax.timing.scaling_model validate --published CSV --out DIR``).
+devices, and past one host the slowest host); the hosts' input pipeline caps the
+throughput. ``terms`` holds the terms, ``presets`` every constant and its source,
+``published`` and ``validate`` the check against published tables
+(``python -m bcjax.timing.scaling_model validate --published CSV --out DIR``).
 """
 
 from bcjax.timing.scaling_model.presets import (

@@ -1,4 +1,4 @@
-"""Fitting the model's two free quantities, and judging them on rows they did not see.
+"""Fitting the model's free quantities, and judging them on rows they did not see.
 
 Declared fit subset: rows of DeepLearningExamples' *current* tables, i.e. whose ``notes``
 do not say HISTORICAL; the historical tables are held out. Rows whose published efficiency

@@ -150,6 +150,18 @@ def summary_markdown(records: list[dict], params: ModelParams, source: str) -> s
         f"{r['reason'] or '–'} |"
         for r in worst
     ]
+    peers = [r for r in predicted if r["_case"].get("compute_images_per_s")]
+    if peers:
+        lines += [
+            "",
+            f"1-GPU rows a faster same-chip peer overrode (compute from the peer, efficiency "
+            f"still against the printed figure; presets.PEER_GAP = {presets.PEER_GAP}):",
+            "",
+        ]
+        lines += [
+            f"- table {r['table_id']}, {r['gpus']} GPUs: {r['assumptions'].split('; ')[-1]}"
+            for r in peers
+        ]
     reasons = defaultdict(int)
     for r in records:
         if r["predicted_efficiency"] == "":
