@@ -213,6 +213,7 @@ def test_validate_command_on_a_hand_written_table(tmp_path, capsys):
     assert float(g["predicted_efficiency"]) == pytest.approx(2 * 0.256 / step, abs=1e-4)
     assert "compute taken" not in a["assumptions"]
     summary = (tmp_path / "summary.md").read_text()
+    assert "- table G, 8 GPUs: 1-GPU row (500 img/s) is 2.00x slower than table A's" in summary
     assert "naive MAE" in summary and "not in bcjax's zoo" in summary
     assert (tmp_path / "predicted_vs_published.png").stat().st_size > 10_000
     # A measured bus bandwidth makes the unknown fabric predictable.
@@ -295,6 +296,17 @@ def test_fit_recovers_parameters_it_generated():
     }
     loo = fitting.leave_one_out(cases, lambda c: c["table_id"])
     assert all(x["mae"] < 0.05 for x in loo)
+
+
+def test_a_ceiling_must_explain_more_than_noise(monkeypatch):
+    # No ceiling generated; one CPU row printed 0.2% below the model. A ceiling at that
+    # figure would "explain" it and cap any faster run of the pipeline: not kept.
+    rows = _rows_from_model(0.01, None)
+    row = next(r for r in rows if r["table_id"] == "2" and r["gpus"] == "8")
+    row["images_per_s"] = str(float(row["images_per_s"]) * 0.998)
+    assert fitting.fit(published.prepare(rows)).input_ceilings == ()
+    monkeypatch.setattr(fitting, "MIN_CEILING_GAIN", 0.0)
+    assert len(fitting.fit(published.prepare(rows)).input_ceilings) == 1
 
 
 def test_shipped_parameters_are_the_declared_fit():

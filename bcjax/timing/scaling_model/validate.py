@@ -205,12 +205,12 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
         ylabel="predicted efficiency",
         title="Scaling model vs published tables",
     )
-    off = [
-        r["published_efficiency"] for r in predicted if not 0.55 <= r["published_efficiency"] <= 1.1
-    ]
+    off = [r for r in predicted if not 0.55 <= r["published_efficiency"] <= 1.1]
     if off:
-        listed = ", ".join(f"{e:.2f}" for e in off)
-        ax.text(0.57, 1.07, f"{len(off)} rows off scale (published {listed})", fontsize=7)
+        listed = ", ".join(
+            f"{r['published_efficiency']:.2f}/{r['predicted_efficiency']:.2f}" for r in off
+        )
+        ax.text(0.57, 1.07, f"{len(off)} rows off scale (published/predicted {listed})", fontsize=7)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
