@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from bcjax.timing import scaling_model as sm
-from bcjax.timing.scaling_model import fitting, presets, published
+from bcjax.timing.scaling_model import fitting, presets, published, terms
 from bcjax.timing.scaling_model.__main__ import main
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "published_scaling_fixture.csv"
@@ -77,6 +77,13 @@ def test_sync_term_is_the_expected_slowest_of_n():
     row = sm.step_time(0.1, 0.0, 2, FREE_LINK, sync_cv=0.02, node_sync_cv=0.05)
     assert row["sync_s"] == pytest.approx(0.02 / math.sqrt(math.pi) * 0.1, rel=1e-6)
     assert row["step_s"] == pytest.approx(0.1 + row["sync_s"])
+    # Host contention: 14% of compute with all 8 of the host's GPUs busy, 3/7 of it with 4.
+    row = sm.step_time(0.1, 0.0, 8, FREE_LINK, sync_cv=0.0, host_contention=0.14)
+    assert row["contention_s"] == pytest.approx(0.014) and row["step_s"] == pytest.approx(0.114)
+    assert terms.limit_of(row, 0.1 / 0.114, False) == "host"
+    row = sm.step_time(0.1, 0.0, 4, FREE_LINK, sync_cv=0.0, host_contention=0.14)
+    assert row["contention_s"] == pytest.approx(0.14 * 3 / 7 * 0.1)
+    assert sm.step_time(0.1, 0.0, 1, FREE_LINK, host_contention=0.14)["contention_s"] == 0.0
     # 16 GPUs, 8 per host: two hosts, the slower of the two adds its own jitter.
     row = sm.step_time(0.1, 0.0, 16, FREE_LINK, sync_cv=0.02, node_sync_cv=0.05)
     e16 = sm.expected_max_normal(16)
@@ -244,7 +251,7 @@ def test_validate_names_missing_columns(tmp_path, capsys):
     assert "missing column(s)" in err and "interconnect" in err and "data_source" in err
 
 
-def _rows_from_model(cv, ceiling, node_cv=0.0):
+def _rows_from_model(cv, ceiling, node_cv=0.0, contention=0.0):
     """Published-like rows whose figures the model itself produced (cv, one CPU ceiling,
     the hosts' jitter on 16 GPUs = two DGX A100)."""
     rows = []
@@ -279,6 +286,7 @@ def _rows_from_model(cv, ceiling, node_cv=0.0):
                 "nvlink3-nvswitch",
                 sync_cv=cv,
                 node_sync_cv=node_cv,
+                host_contention=contention if "CPU" in loader else 0.0,
                 input_ceiling=ceil,
                 bucket_bytes=64 * 2**20,
             )
@@ -294,8 +302,15 @@ def test_fit_recovers_parameters_it_generated():
     assert dict(params.input_ceilings) == {
         ("tensorflow 1/tf.data", "dgx-a100"): pytest.approx(15000.0, rel=1e-6)
     }
+    assert params.host_contention == ()
     loo = fitting.leave_one_out(cases, lambda c: c["table_id"])
     assert all(x["mae"] < 0.05 for x in loo)
+    # The CPU loader's host loses 5% of compute to contention, and has no ceiling.
+    params = fitting.fit(published.prepare(_rows_from_model(0.01, None, contention=0.05)))
+    assert params.sync_cv == pytest.approx(0.01) and params.input_ceilings == ()
+    assert dict(params.host_contention) == {
+        ("tensorflow 1/tf.data", "dgx-a100"): pytest.approx(0.05, abs=1e-4)
+    }
 
 
 def test_a_ceiling_must_explain_more_than_noise(monkeypatch):
@@ -305,7 +320,7 @@ def test_a_ceiling_must_explain_more_than_noise(monkeypatch):
     row = next(r for r in rows if r["table_id"] == "2" and r["gpus"] == "8")
     row["images_per_s"] = str(float(row["images_per_s"]) * 0.998)
     assert fitting.fit(published.prepare(rows)).input_ceilings == ()
-    monkeypatch.setattr(fitting, "MIN_CEILING_GAIN", 0.0)
+    monkeypatch.setattr(fitting, "MIN_GROUP_GAIN", 0.0)
     assert len(fitting.fit(published.prepare(rows)).input_ceilings) == 1
 
 
@@ -314,6 +329,7 @@ def test_shipped_parameters_are_the_declared_fit():
     params = fitting.fit(c for c in cases if fitting.in_fit_subset(c))
     assert params.sync_cv == presets.SYNC_CV
     assert params.node_sync_cv == presets.NODE_SYNC_CV
+    assert dict(params.host_contention) == presets.HOST_CONTENTION
     assert dict(params.input_ceilings) == presets.INPUT_CEILINGS
 
 
@@ -347,3 +363,18 @@ def test_busi_question_against_hand_computation(tmp_path):
     assert busi.verdict(1.01, 1.01, 0.02) == "no clear change"
     text = busi.write_busi_question(tmp_path, validation)
     assert text.count("| resnet18 |") == 16 and (tmp_path / "busi_question.md").exists()
+
+
+def test_heldout_models_parameter_counts_against_the_zoo():
+    # tools/scaling_heldout_models.py counts (SE-)ResNeXt layer by layer; with one group of
+    # width 64 the same count is ResNet, which bcjax's zoo has (torchvision's counts).
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "scaling_heldout_models.py"
+    spec = importlib.util.spec_from_file_location("scaling_heldout_models", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    resnet = dict(groups=1, width_per_group=64)
+    assert tool.resnext_params((3, 4, 6, 3), **resnet) == published.zoo_params("resnet50")
+    assert tool.resnext_params((3, 4, 23, 3), **resnet) == published.zoo_params("resnet101")
+    assert tool.resnext_params() == 44_177_704 and tool.resnext_params(se=True) == 48_955_416

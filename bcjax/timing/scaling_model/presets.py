@@ -3,8 +3,8 @@
 Each preset names its source: the shared ``hardware_facts.csv`` / ``allreduce_busbw.csv``
 (NCCL maintainers' statements and NCCL's own tuning-model constants), a framework's
 documented default, or a stated assumption. The fitted quantities (``SYNC_CV``,
-``NODE_SYNC_CV`` and ``INPUT_CEILINGS``) say how and on what they were fitted; see
-``fitting.py``.
+``NODE_SYNC_CV``, ``HOST_CONTENTION`` and ``INPUT_CEILINGS``) say how and on what they were
+fitted; see ``fitting.py``.
 """
 
 from __future__ import annotations
@@ -288,7 +288,18 @@ SYNC_CV = 0.024
 # NODE_SYNC_CV: the same for a whole host, counted when a run spans several: each host's
 # input pipeline, OS and network port add their own jitter, and the step waits for the
 # slowest host ~ (1 + node_cv * E[max of nodes standard normals]).
-NODE_SYNC_CV = 0.07
+NODE_SYNC_CV = 0.04
+# HOST_CONTENTION: fraction of a step's compute lost when all of a host's GPUs train at once,
+# by (pipeline, host): their processes' launch threads share the host's CPUs with the
+# loader workers (scaled by (g - 1) / (G - 1) for g of G GPUs). Kept only where it cuts its
+# group's error by >= 1 point; 0 elsewhere.
+HOST_CONTENTION: dict[tuple[str, str], float] = {
+    ("mxnet/dali", "dgx-2"): 0.0088,
+    ("pytorch/pytorch", "dgx-1"): 0.008,
+    ("tensorflow 1/tf.data", "dgx-2"): 0.0188,
+    ("tensorflow 2/tf.data", "dgx-1"): 0.3032,
+    ("tensorflow 2/tf.data", "dgx-a100"): 0.0244,
+}
 # Host input ceiling: images/s one host's data path delivers, by (pipeline, host) (see
 # ``pipeline``); a pipeline never fitted on a host has no ceiling (the row says so).
 INPUT_CEILINGS: dict[tuple[str, str], float] = {
@@ -299,6 +310,6 @@ INPUT_CEILINGS: dict[tuple[str, str], float] = {
     ("tensorflow 1/tf.data", "dgx-1"): 9_510,
     ("tensorflow 1/tf.data", "dgx-2"): 17_250,
     ("tensorflow 1/tf.data", "dgx-a100"): 17_400,
-    ("tensorflow 2/tf.data", "dgx-1"): 4_504,
+    ("tensorflow 2/tf.data", "dgx-1"): 4_880,
     ("tensorflow 2/tf.data", "dgx-a100"): 20_647,
 }

@@ -46,6 +46,11 @@ class ModelParams:
     sync_cv: float = presets.SYNC_CV
     input_ceilings: tuple = tuple(sorted(presets.INPUT_CEILINGS.items()))
     node_sync_cv: float = presets.NODE_SYNC_CV
+    host_contention: tuple = tuple(sorted(presets.HOST_CONTENTION.items()))
+
+    def contention(self, pipeline: str, host: str | None) -> float:
+        """Fraction of compute a full host loses to CPU contention; 0 where none was fitted."""
+        return dict(self.host_contention).get((pipeline, host), 0.0)
 
     def ceiling(self, pipeline: str, loader: str, host: str | None) -> float | None:
         """images/s one host's data path delivers; None (no cap) for a pipeline never fitted
@@ -222,4 +227,5 @@ def predict_case(case: dict, params: ModelParams = ModelParams()) -> dict | None
         bucket_bytes=case["framework"].bucket_bytes,
         sync_cv=params.sync_cv,
         node_sync_cv=params.node_sync_cv,
+        host_contention=params.contention(case["pipeline"], case["host"]),
     )

@@ -12,6 +12,10 @@ A step on N devices takes
 - sync: the step ends when the slowest device does: t_sync = cv * E[max of N normals] * t_compute,
   plus, past one host, the slowest host's own jitter (its input pipeline, OS, network):
   node_cv * E[max of `nodes` normals] * t_compute;
+- host contention: the GPUs of one host share its CPUs (each training process's launch
+  thread against the loader workers), so a step loses a fraction of its compute that grows
+  with the GPUs in use on the host: contention * (g - 1) / (G - 1) * t_compute for g of
+  the host's G GPUs;
 
 and the throughput is capped by the hosts' input pipeline, ``nodes * input_ceiling`` images/s.
 """
@@ -116,12 +120,14 @@ def step_time(
     backward_fraction: float = BACKWARD_FRACTION,
     sync_cv: float = SYNC_CV,
     node_sync_cv: float = NODE_SYNC_CV,
+    host_contention: float = 0.0,
 ) -> dict:
     """One device's step on ``n`` devices, by term (seconds).
 
     ``overlap`` None: the bucket schedule against the backward pass decides what is exposed;
     a number in [0, 1]: that fraction of the all-reduce is hidden (ring_model's knob).
     ``node_sync_cv`` counts only when the ``n`` devices span more than one of ``link``'s hosts.
+    ``host_contention``: the fraction of compute lost when all of a host's GPUs are in use.
     """
     link = interconnect(link)
     if overlap is not None and not 0.0 <= overlap <= 1.0:
@@ -136,24 +142,37 @@ def step_time(
     sync = (
         sync_cv * expected_max_normal(n) + node_sync_cv * expected_max_normal(nodes)
     ) * compute_s
+    contention = host_contention * host_share(n, link.gpus_per_node) * compute_s
     return {
         "compute_s": compute_s,
         "allreduce_s": allreduce,
         "exposed_collective_s": exposed,
         "sync_s": sync,
-        "step_s": compute_s + exposed + sync,
+        "contention_s": contention,
+        "step_s": compute_s + exposed + sync + contention,
     }
+
+
+def host_share(n: int, gpus_per_node: int) -> float:
+    """(g - 1) / (G - 1): how much of a host's GPUs beyond the first a run of n uses."""
+    used = min(n, gpus_per_node)
+    return (used - 1) / (gpus_per_node - 1) if gpus_per_node > 1 else 0.0
 
 
 def limit_of(row: dict, efficiency: float, input_bound: bool) -> str:
     """What keeps the step from linear scaling: the input pipeline when it caps the
-    throughput, else the larger of the all-reduce and sync losses; 'compute' when both
-    together cost under 1% (nothing but the work itself)."""
+    throughput, else the largest of the all-reduce, sync and host-contention losses;
+    'compute' when together they cost under 1% (nothing but the work itself)."""
     if input_bound:
         return "input"
-    if efficiency >= 0.99 or row["exposed_collective_s"] + row["sync_s"] < 0.01 * row["step_s"]:
+    losses = {
+        "all-reduce": row["exposed_collective_s"],
+        "sync": row["sync_s"],
+        "host": row.get("contention_s", 0.0),
+    }
+    if efficiency >= 0.99 or sum(losses.values()) < 0.01 * row["step_s"]:
         return "compute"
-    return "all-reduce" if row["exposed_collective_s"] >= row["sync_s"] else "sync"
+    return max(losses, key=losses.get)
 
 
 def weak_scaling(
