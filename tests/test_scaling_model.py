@@ -377,4 +377,5 @@ def test_heldout_models_parameter_counts_against_the_zoo():
     resnet = dict(groups=1, width_per_group=64)
     assert tool.resnext_params((3, 4, 6, 3), **resnet) == published.zoo_params("resnet50")
     assert tool.resnext_params((3, 4, 23, 3), **resnet) == published.zoo_params("resnet101")
+    # timm lists resnext101_32x4d at 44.18 M and seresnext101_32x4d at 48.96 M parameters.
     assert tool.resnext_params() == 44_177_704 and tool.resnext_params(se=True) == 48_955_416

@@ -41,6 +41,7 @@ COLUMNS = (
     "compute_ms",
     "exposed_allreduce_ms",
     "sync_ms",
+    "contention_ms",
     "input_ceiling_images_per_s",
     "assumptions",
     "reason",
@@ -69,6 +70,7 @@ def _records(cases: list[dict], params: ModelParams) -> list[dict]:
                 compute_ms=round(pred["compute_s"] * 1e3, 2),
                 exposed_allreduce_ms=round(pred["exposed_collective_s"] * 1e3, 3),
                 sync_ms=round(pred["sync_s"] * 1e3, 2),
+                contention_ms=round(pred["contention_s"] * 1e3, 2),
                 input_ceiling_images_per_s=ceiling or "",
             )
         notes = list(case["assumptions"])
@@ -172,7 +174,9 @@ def summary_markdown(records: list[dict], params: ModelParams, source: str) -> s
         "",
         f"Parameters: sync_cv {params.sync_cv}, node_sync_cv {params.node_sync_cv}; "
         "input ceilings (images/s per host): "
-        + (", ".join(f"{p} on {h} {c:,.0f}" for (p, h), c in params.input_ceilings) or "none"),
+        + (", ".join(f"{p} on {h} {c:,.0f}" for (p, h), c in params.input_ceilings) or "none")
+        + "; host contention (fraction of compute, full host): "
+        + (", ".join(f"{p} on {h} {f}" for (p, h), f in params.host_contention) or "none"),
     ]
     return "\n".join(lines) + "\n"
 
@@ -259,6 +263,11 @@ def fit_report(published: str, out: str) -> str:
         f"- sync_cv: {params.sync_cv} (shipped: {presets.SYNC_CV})",
         f"- node_sync_cv: {params.node_sync_cv} (shipped: {presets.NODE_SYNC_CV})",
     ]
+    for key, value in params.host_contention:
+        lines.append(
+            f"- host contention {key[0]} on {key[1]}: {value} "
+            f"(shipped: {presets.HOST_CONTENTION.get(key, 'none')})"
+        )
     shipped = presets.INPUT_CEILINGS
     for key, value in params.input_ceilings:
         lines.append(
