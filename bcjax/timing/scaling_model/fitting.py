@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 
 from bcjax.timing.scaling_model import presets
 from bcjax.timing.scaling_model.published import ModelParams, predict_case
-from bcjax.timing.scaling_model.terms import host_share
+from bcjax.timing.scaling_model.terms import host_count, host_share
 
 CV_GRID = [i * 0.0005 for i in range(101)]
 NODE_CV_GRID = [i * 0.005 for i in range(31)]
@@ -56,7 +56,7 @@ def _abs_errors(cases, params) -> float:
 
 
 def _one_host(case: dict) -> bool:
-    return case["gpus"] <= case["link"].gpus_per_node
+    return host_count(case["gpus"], case["link"].gpus_per_node) == 1
 
 
 def _fit_cv(cases: list[dict]) -> float:
@@ -81,7 +81,7 @@ def _fit_group(cases: list[dict], cv: float, node_cv: float) -> tuple[float, flo
                 p["step_s"],
                 host_share(n, c["link"].gpus_per_node) * p["compute_s"],
                 n * batch,
-                math.ceil(n / c["link"].gpus_per_node),
+                host_count(n, c["link"].gpus_per_node),
                 n * c["images_per_s_1"],
                 c,
             )

@@ -138,12 +138,13 @@ def prepare(rows: list[dict], *, bus_bandwidth: float | None = None) -> list[dic
         if peer_ips and peer_ips > presets.PEER_GAP * case["images_per_s_1"]:
             own = case["images_per_s_1"]
             case["compute_images_per_s"] = peer_ips
-            case["assumptions"].append(
+            case["peer_note"] = (
                 f"1-GPU row ({own:g} img/s) is {peer_ips / own:.2f}x "
                 f"slower than table {peer['table_id']}'s ({peer_ips:g}) for the same framework, "
                 f"model, GPU chip, precision, batch and loader: compute taken from table "
                 f"{peer['table_id']}"
             )
+            case["assumptions"].append(case["peer_note"])
         elif case["published_efficiency"] > SUPERLINEAR:
             case["unmatchable"] = (
                 f"published efficiency {case['published_efficiency']:.2f} is "

@@ -66,7 +66,7 @@ def bucket_costs(num_bytes: float, n: int, link, bucket_bytes: float | None = No
     link = interconnect(link)
     if n == 1:
         return [0.0 for _ in bucket_sizes(num_bytes, bucket_bytes)]
-    nodes = math.ceil(n / link.gpus_per_node)
+    nodes = host_count(n, link.gpus_per_node)
     bandwidth = (
         link.bus_bandwidth if nodes == 1 else min(link.bus_bandwidth, link.network_bus_bandwidth)
     )
@@ -138,7 +138,7 @@ def step_time(
         exposed = exposed_allreduce(costs, backward_fraction * compute_s)
     else:
         exposed = (1.0 - overlap) * allreduce
-    nodes = math.ceil(n / link.gpus_per_node)
+    nodes = host_count(n, link.gpus_per_node)
     sync = (
         sync_cv * expected_max_normal(n) + node_sync_cv * expected_max_normal(nodes)
     ) * compute_s
@@ -151,6 +151,11 @@ def step_time(
         "contention_s": contention,
         "step_s": compute_s + exposed + sync + contention,
     }
+
+
+def host_count(n: int, gpus_per_node: int) -> int:
+    """Hosts a run of n devices spans, gpus_per_node to a host."""
+    return math.ceil(n / gpus_per_node)
 
 
 def host_share(n: int, gpus_per_node: int) -> float:
@@ -195,7 +200,7 @@ def weak_scaling(
     per_device = compute_images_per_s or images_per_s_1
     row = step_time(batch_per_device / per_device, gradient_bytes, n, link, **step_kw)
     images_per_s = n * batch_per_device / row["step_s"]
-    nodes = math.ceil(n / link.gpus_per_node)
+    nodes = host_count(n, link.gpus_per_node)
     input_bound = input_ceiling is not None and nodes * input_ceiling < images_per_s
     if input_bound:
         images_per_s = nodes * input_ceiling

@@ -152,7 +152,7 @@ def summary_markdown(records: list[dict], params: ModelParams, source: str) -> s
         f"{r['reason'] or '–'} |"
         for r in worst
     ]
-    peers = [r for r in predicted if r["_case"].get("compute_images_per_s")]
+    peers = [r for r in predicted if r["_case"].get("peer_note")]
     if peers:
         lines += [
             "",
@@ -161,8 +161,7 @@ def summary_markdown(records: list[dict], params: ModelParams, source: str) -> s
             "",
         ]
         lines += [
-            f"- table {r['table_id']}, {r['gpus']} GPUs: {r['assumptions'].split('; ')[-1]}"
-            for r in peers
+            f"- table {r['table_id']}, {r['gpus']} GPUs: {r['_case']['peer_note']}" for r in peers
         ]
     reasons = defaultdict(int)
     for r in records:
