@@ -84,7 +84,7 @@ def run_classes(workdir: pathlib.Path) -> tuple[tuple[str, ...], dict | None]:
 
 def external_report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
     """``metrics.classification_report`` with macro averages over the classes present (rule 5)."""
-    from bcjax.train import metrics  # the training stack, only when scoring
+    from bcjax.eval import metrics  # the training stack, only when scoring
 
     probs64 = np.asarray(probs, np.float64)
     picked = probs64[np.arange(len(labels)), labels]
@@ -298,7 +298,7 @@ def write_outputs(
     probs: np.ndarray,
 ) -> None:
     """The report files of the module doc, each written atomically."""
-    from bcjax.train import plots
+    from bcjax.eval import plots
 
     class_names = metrics["class_names"]
     files.write_json(metrics, out / "metrics.json")
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         absl_logger.setLevel(level)
-    from bcjax.train import metrics as metrics_lib
+    from bcjax.eval import metrics as metrics_lib
 
     evaluation = metrics["evaluation"]
     print(metrics_lib.format_report(metrics))

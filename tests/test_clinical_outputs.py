@@ -1,4 +1,4 @@
-"""bcjax.train.clinical_outputs: the clinical sections of a run and of a CV study.
+"""bcjax.eval.clinical_outputs: the clinical sections of a run and of a CV study.
 
 A randomly initialised ResNet-18 (width 8) on 12 generated images at 64 px:
 the numbers mean nothing, the wiring (sections, files, mask alignment) is tested.
@@ -17,7 +17,7 @@ import bcjax.models
 from bcjax import clinical
 from bcjax.clinical import plots as clinical_plots
 from bcjax.data import augment, pipeline, readers, synthetic
-from bcjax.train import clinical_outputs
+from bcjax.eval import clinical_outputs
 
 SIZE = 64
 NAMES = ("normal", "benign", "malignant")

@@ -91,7 +91,7 @@ def test_paired_difference_separates_effect_from_noise():
 
 
 def _report(probs, labels):
-    from bcjax.train import metrics
+    from bcjax.eval import metrics
 
     return metrics.classification_report(probs, labels, list(CLASSES))
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 from bcjax import evaluate
 from bcjax.data import class_map, synthetic
-from bcjax.train import loop, metrics
+from bcjax.eval import metrics
+from bcjax.train import loop
 
 CLASSES = ("normal", "benign", "malignant")
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.train import accumulators, metrics
+from bcjax.eval import accumulators, metrics
 
 NAMES = ("normal", "benign", "malignant")
 

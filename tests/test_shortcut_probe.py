@@ -25,8 +25,9 @@ from _tiny import tiny_config
 
 from bcjax.clinical import probes
 from bcjax.data import busi, pipeline, synthetic
+from bcjax.eval import clinical_outputs
 from bcjax.predict import Predictor
-from bcjax.train import clinical_outputs, loop
+from bcjax.train import loop
 
 SEED = 0
 TRAIN_IMAGES = 600  # 480 train, 60 val, 60 test (the run's own test part is not used)

@@ -287,7 +287,7 @@ def assert_png(path, min_bytes=8_000):
 
 
 def test_learning_curves_from_jsonl_log(tmp_path):
-    from bcjax.train import plots
+    from bcjax.eval import plots
 
     with writers.MetricWriter(tmp_path, tensorboard=False) as w:
         for epoch in range(1, 9):
@@ -316,7 +316,7 @@ def test_learning_curves_from_jsonl_log(tmp_path):
 
 
 def test_learning_curves_from_lists(tmp_path):
-    from bcjax.train import plots
+    from bcjax.eval import plots
 
     history = {
         "train_loss": [1.0, 0.6, 0.4],
@@ -331,7 +331,7 @@ def test_learning_curves_from_lists(tmp_path):
 
 
 def test_confusion_matrix_png(tmp_path):
-    from bcjax.train import plots
+    from bcjax.eval import plots
 
     names = ["normal", "benign", "malignant"]
     cm = [[20, 5, 2], [3, 80, 4], [0, 0, 0]]  # an empty row must not divide by 0

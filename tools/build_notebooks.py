@@ -153,7 +153,7 @@ def quickstart():
         v4.new_markdown_cell("## Learning curves, confusion matrix and the test report"),
         v4.new_code_cell(
             "from IPython.display import Image, display\n"
-            "from bcjax.train import metrics\n"
+            "from bcjax.eval import metrics\n"
             'display(Image(filename=f"{WORKDIR}/learning_curves.png"))\n'
             'display(Image(filename=f"{WORKDIR}/confusion_matrix.png"))\n'
             'print(metrics.format_report(results["test"]))'

@@ -11,7 +11,7 @@ metric below is a weighted metric of the original arrays and all resamples are
 computed at once with array operations: 2,000 resamples of a few hundred
 examples take milliseconds.
 
-Conventions match bcjax.train.metrics (and scikit-learn): macro-F1 averages the
+Conventions match bcjax.eval.metrics (and scikit-learn): macro-F1 averages the
 classes present in the labels or the predictions; macro AUC averages the
 one-vs-rest AUCs (Mann-Whitney, ties count one half) of classes with both
 positives and negatives.

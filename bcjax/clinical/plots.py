@@ -1,7 +1,7 @@
 """The clinical figures: reliability diagram, ROC and precision-recall curves,
 and the test images whose heat maps fall least on the lesion.
 
-Built with `matplotlib.figure.Figure` and the Agg canvas (as bcjax.train.plots):
+Built with `matplotlib.figure.Figure` and the Agg canvas (as bcjax.eval.plots):
 no pyplot, no global backend, nothing left registered. Each function draws
 from a report section (plain dicts, as in results.json) and returns the path.
 """

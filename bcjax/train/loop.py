@@ -28,11 +28,12 @@ import numpy as np
 
 from bcjax import report
 from bcjax.data import pipeline
+from bcjax.eval import accumulators, clinical_outputs
+from bcjax.eval import metrics as metrics_lib
 from bcjax.parallel import strategies
 from bcjax.timing import breakdown
 from bcjax.timing import chrono as chrono_lib
-from bcjax.train import accumulators, clinical_outputs, outputs
-from bcjax.train import metrics as metrics_lib
+from bcjax.train import outputs
 from bcjax.train.periodic import itstime
 
 # Also reached through this module (bcjax.main's error messages, bcjax.predict's model).

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from bcjax import files
-from bcjax.train import plots
+from bcjax.eval import plots
 from bcjax.train.run_setup import Run
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 `classification_report(probs, labels, ...)` is the report as a pure function
 of whole arrays; `report_from_confusion` is the same from confusion counts and
-per-class AUCs (what bcjax.train.accumulators.EvalAccumulator keeps over
+per-class AUCs (what bcjax.eval.accumulators.EvalAccumulator keeps over
 batches); `format_report(report)` renders it for the console.
 
 Conventions (match scikit-learn's defaults, so numbers can be compared):

@@ -2,7 +2,7 @@
 (image left, heat map overlaid right; ``save_overlay`` with its file name and title
 helpers) and the aligned text table the command line prints (``format_table``).
 
-Re-exported by ``bcjax.predict``, which calls them from ``predict_files`` and ``main``.
+Used by ``bcjax.predict``'s ``predict_files`` and ``main``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 from bcjax.data import busi
 
 
-def _unique_names(files: Sequence[pathlib.Path]) -> list[str]:
+def unique_names(files: Sequence[pathlib.Path]) -> list[str]:
     """``<stem>_gradcam.png``, numbered when two images share a stem."""
     seen: dict[str, int] = {}
     out = []
@@ -27,7 +27,7 @@ def _unique_names(files: Sequence[pathlib.Path]) -> list[str]:
     return out
 
 
-def _display_image(path, fallback: np.ndarray) -> np.ndarray:
+def display_image(path, fallback: np.ndarray) -> np.ndarray:
     # The original resolution reads better than the model's S x S copy.
     try:
         return busi.read_image(path)
@@ -35,7 +35,7 @@ def _display_image(path, fallback: np.ndarray) -> np.ndarray:
         return fallback
 
 
-def _title(path, probs, target: int, names) -> str:
+def title(path, probs, target: int, names) -> str:
     k = int(np.argmax(probs))
     title = f"{pathlib.Path(path).name}\npredicted {names[k]} ({probs[k]:.1%})"
     if target != k:
@@ -47,7 +47,7 @@ def save_overlay(
     path, image: np.ndarray, cam: np.ndarray, *, title: str = "", alpha: float = 0.45
 ) -> None:
     """PNG: ``image`` left, ``image`` with ``cam`` ([h, w] in [0, 1], resized to it) right."""
-    # Figure + Agg canvas, not pyplot: no global backend or figure registry (as bcjax.train.plots).
+    # Figure + Agg canvas, not pyplot: no global backend or figure registry (as bcjax.eval.plots).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

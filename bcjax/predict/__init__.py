@@ -21,8 +21,7 @@ few images is cheap, and float32 keeps the heat maps free of bf16 rounding.
 
 Grad-CAM (Selvaraju et al. 2017) is computed by ``bcjax.step.gradcam``, the
 same compiled function the training loop uses for its grounding report. The
-overlay PNGs and the printed table are drawn by ``bcjax.predict_overlays``
-(its ``save_overlay`` and ``format_table`` are importable from here too).
+overlay PNGs and the printed table are drawn by ``bcjax.predict.overlays``.
 """
 
 from __future__ import annotations
@@ -41,13 +40,7 @@ import ml_collections
 import numpy as np
 
 from bcjax.data import augment, busi, pipeline, splits
-from bcjax.predict_overlays import (  # noqa: F401  (part of this module's API)
-    _display_image,
-    _title,
-    _unique_names,
-    format_table,
-    save_overlay,
-)
+from bcjax.predict.overlays import display_image, format_table, save_overlay, title, unique_names
 from bcjax.step import gradcam
 from bcjax.step.gradcam import normalise_maps  # noqa: F401  (part of this module's API)
 
@@ -315,12 +308,12 @@ def predict_files(
         writer.writeheader()
         writer.writerows(rows)
     if overlays:
-        for i, name in enumerate(_unique_names(files)):
+        for i, name in enumerate(unique_names(files)):
             save_overlay(
                 out_dir / name,
-                _display_image(files[i], images[i]),
+                display_image(files[i], images[i]),
                 cams[i],
-                title=_title(files[i], probs[i], int(targets[i]), names),
+                title=title(files[i], probs[i], int(targets[i]), names),
             )
     return rows
 
@@ -389,7 +382,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f" ({len(rows)} image{'' if len(rows) == 1 else 's'})."
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

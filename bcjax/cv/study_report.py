@@ -129,7 +129,7 @@ def markdown(summary: dict) -> str:
             + ", ".join(f"{k} {'yes' if v else '**NO**'}" for k, v in checks.items())
         )
     if summary.get("clinical"):
-        from bcjax.train import clinical_outputs
+        from bcjax.eval import clinical_outputs
 
         lines += ["", clinical_outputs.format_folds(summary["clinical"])]
     if summary.get("dataset") == "synthetic":

@@ -4,7 +4,7 @@
 `valid` mask and keeps what one-vs-rest AUC needs: every score (clu's
 CollectingMetric), with the confusion counts (`ConfusionMatrix`, a clu Metric)
 and the mean loss (clu's Average). `compute()` returns the report of
-bcjax.train.metrics as plain Python types.
+bcjax.eval.metrics as plain Python types.
 
 `TrainAccumulator` averages the train step's metric sums over an epoch without
 a host sync per step.
@@ -23,7 +23,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from bcjax.train import metrics
+from bcjax.eval import metrics
 
 __all__ = ["ConfusionMatrix", "EvalAccumulator", "TrainAccumulator"]
 

@@ -13,7 +13,7 @@ Student-t 95% interval, the out-of-fold validation score (every non-test
 image scored once, by the model that did not train on it), and the test score
 of the fold ensemble (fold models' test probabilities averaged per image):
 cv_summary.json, cv_folds.csv, cv_report.md and cv_summary.png (drawn by
-bcjax.cv_report).
+bcjax.cv.study_report).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from bcjax import cv_report, files, report, stats
-from bcjax.cv_report import REPORT_METRICS, STAT_COLUMNS
+from bcjax import files, report, stats
+from bcjax.cv import study_report as cv_report
+from bcjax.cv.study_report import REPORT_METRICS, STAT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
     `write`) writes cv_summary.json, cv_folds.csv, cv_report.md, cv_summary.png
     and cv_ensemble_test_predictions.npz into `workdir`.
     """
-    from bcjax.train import metrics as metrics_lib
+    from bcjax.eval import metrics as metrics_lib
 
     workdir = pathlib.Path(workdir)
     plan = json.loads((workdir / PLAN_FILE).read_text()) if (workdir / PLAN_FILE).exists() else {}
@@ -339,7 +340,7 @@ def aggregate(workdir, *, confidence: float = 0.95, write: bool = True) -> dict:
         )
         ensemble["folds"] = sorted(test_preds)
         if all(results[k].get("calibration") for k in sorted(test_preds)):
-            from bcjax.train import clinical_outputs
+            from bcjax.eval import clinical_outputs
 
             clinical = clinical_outputs.aggregate_folds(
                 [results[k] for k in sorted(test_preds)],
