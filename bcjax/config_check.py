@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 
 from bcjax.data.busi import CLASSES as BUSI_CLASSES
-from bcjax.models import list_models
+from bcjax.models import family, list_models
+from bcjax.specs import OPTIMIZERS, STRATEGIES
 
 MODELS = tuple(list_models())
-STRATEGIES = ("shard_map", "pmap", "jit")
 DATASETS = ("auto", "busi", "synthetic", "folder", "csv")
 BUSI_DATASETS = ("auto", "busi", "synthetic")  # BUSI's three classes, in its order
 SYNTHETIC_MARKS = ("", "calliper", "text")
-OPTIMIZERS = ("sgd", "adamw")
-DTYPES = ("float32", "bfloat16")
+# "auto": the chip's fast dtype (bcjax.runtime resolves it before anything compiles).
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro", "loss")
 INPUT_ON_DEVICE = ("auto", "yes", "no")
 FLAGS = (
@@ -259,6 +259,12 @@ def _check_augment(a) -> None:
             f"{where}.crop_scale={scale!r} must be (low, high) with 0 < low <= high <= 1: "
             "the fraction of the image area a random crop keeps."
         )
+    ratio = _numbers(a, "crop_ratio", where)
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise ConfigError(
+            f"{where}.crop_ratio={ratio!r} must be (low, high) with 0 < low <= high: "
+            "the range of the crop's aspect ratio (width / height)."
+        )
 
 
 def _check_cv(c) -> None:
@@ -294,13 +300,10 @@ def _check_pretrained(c) -> None:
         )
     if not path.endswith((".npz", ".pth", ".pt")):
         raise ConfigError(f"config.pretrained={path!r} must be a .npz, .pth or .pt file.")
-    full = c.width == 64 if c.model.startswith("resnet") else c.width_multiplier == 1.0
-    if not full:
-        knob = (
-            f"width={c.width}"
-            if c.model.startswith("resnet")
-            else f"width_multiplier={c.width_multiplier}"
-        )
+    widths = {"width": c.width, "width_multiplier": c.width_multiplier}
+    if not family.is_full_width(c.model, **widths):
+        field = family.family_of(c.model).width_field
+        knob = f"{field}={widths[field]}"
         raise ConfigError(
             f"config.pretrained needs torchvision's full-width {c.model}; config.{knob} "
             "changes the layer shapes."

@@ -5,11 +5,13 @@
         --drop-class unsure --out runs/r18/external/other
 
 The data may be anything the readers accept (``bcjax.data.readers.detect``): BUSI's folder
-or zip, class folders, or a CSV. Its images are decoded and resized by the function a run
-uses (``bcjax.data.pipeline``) and scored by the run's best checkpoint (``--step N``:
-another) through ``bcjax.predict.Predictor``, in float32.
+or zip, class folders, or a CSV, of PNG, JPEG or DICOM images (``bcjax.data.dicom``). Its
+images are decoded and resized by the function a run uses (``bcjax.data.pipeline``) and
+scored by the run's best checkpoint (``--step N``: another) through
+``bcjax.predict.Predictor``, in float32.
 
-Classes are matched by name, never guessed (not even by letter case):
+Classes are matched by name, never guessed (not even by letter case; within the external
+set, labels that differ only in case or spaces are one class, ``bcjax.data.readers``):
 
 1. The model's classes, in order, are the run's (its manifest's ``class_names``; BUSI's
    three for runs older than that). The external set's come from its reader.
@@ -25,6 +27,10 @@ Classes are matched by name, never guessed (not even by letter case):
    model class (absent ones have empty rows). An absent class has support 0, AUC None and
    precision/recall/F1 0. Balanced accuracy, macro precision/recall/F1 and macro AUC average
    over the classes present only. metrics.json lists the absent ones as "classes_absent".
+6. One class is enough (50 biopsy-proven cancers from another hospital): metrics.json then
+   has a "class_subset" section (``bcjax.eval.class_subset``) with each present class's
+   recall and its bootstrap interval, its confusion row, the calibration, and the metrics
+   that are undefined on such a set and why (an AUC needs images of two classes).
 
 Written into ``--out`` (default ``RUN/external/<name>``, where ``<name>`` is the data's folder or
 CSV name), the files a run writes for its test part:
@@ -55,7 +61,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from bcjax import files, predict, report
+from bcjax import files, predict, report, specs
 from bcjax.data import overlap, pipeline, readers, splits
 from bcjax.data.busi import BusiError, Example
 from bcjax.data.class_map import ClassMapError, map_classes, parse_class_map
@@ -101,6 +107,10 @@ def external_report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence
         for key in ("precision", "recall", "f1"):
             out[f"macro_{key}"] = float(np.mean([per_class[c][key] for c in present]))
     out["classes_absent"] = absent
+    if absent:  # what a set with some of the classes defines, and what it does not
+        from bcjax.eval import class_subset
+
+        out["class_subset"] = class_subset.subset_report(probs, labels, class_names)
     return out
 
 
@@ -191,7 +201,7 @@ def load_predictor(workdir: pathlib.Path, step: int | None, class_names: tuple[s
 def read_external(data, class_names, class_map, drop, echo) -> tuple[readers.LabelledSet, dict]:
     """(the external set as its reader found it, external class -> model class for the kept)."""
     kind = reader_kind(data)
-    labelled = readers.read(kind, data)
+    labelled = readers.read(kind, data, min_classes=1)  # one class is a question too
     mapping = map_classes(class_names, labelled.class_names, class_map, drop)
     counts = labelled.class_counts()
     listed = ", ".join(f"{c} {n}" for c, n in counts.items())
@@ -201,6 +211,12 @@ def read_external(data, class_names, class_map, drop, echo) -> tuple[readers.Lab
             echo(f"  {c}: dropped ({report.count(counts[c], 'image')})")
         elif mapping[c] != c:
             echo(f"  {c}: scored as {mapping[c]}")
+    if labelled.dicom_files:
+        from bcjax.data import dicom
+
+        echo(f"DICOM: {report.count(len(labelled.dicom_files), 'file')}")
+        for line in dicom.notices(labelled.dicom_files):
+            echo(f"  {line}")
     return labelled, mapping
 
 
@@ -232,6 +248,7 @@ def evaluate_external(
     lines. Errors for bad input: EvaluateError, predict.PredictError, busi.BusiError."""
     workdir = pathlib.Path(workdir).expanduser()
     config, best = predict.read_run(workdir)  # PredictError unless a finished run
+    model_name = specs.from_config(config).model.name
     results = json.loads((workdir / "results.json").read_text())
     class_names, manifest = run_classes(workdir)
     name = data_name(data)
@@ -260,7 +277,7 @@ def evaluate_external(
     else:
         which = "the latest"  # results.json does not say which was best
     echo(
-        f"Run {workdir}: {config.model}, checkpoint step {predictor.step} (epoch {epoch}, "
+        f"Run {workdir}: {model_name}, checkpoint step {predictor.step} (epoch {epoch}, "
         f"{which}); scoring {report.count(len(examples), 'image')} at {predictor.image_size} px."
     )
     probs, hashes = score(predictor, examples, echo)
@@ -270,7 +287,7 @@ def evaluate_external(
     metrics["evaluation"] = {
         "workdir": str(workdir),
         "out": str(out),
-        "model": config.model,
+        "model": model_name,
         "checkpoint_step": predictor.step,
         "checkpoint_epoch": epoch,
         "data": labelled.path,
@@ -388,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     evaluation = metrics["evaluation"]
     print(metrics_lib.format_report(metrics))
+    if "class_subset" in metrics:
+        from bcjax.eval import class_subset
+
+        print("\n" + class_subset.format_subset(metrics["class_subset"]))
     print(
         f"\nWrote metrics.json, confusion_matrix.png, {evaluation['name']}_predictions.npz/.csv "
         f"and duplicates_with_training.json into {evaluation['out']}"

@@ -3,10 +3,11 @@
     python -m bcjax.main --config=configs/resnet_8dev.py --workdir=runs/r18
 
 Kept short on purpose (as flax examples/imagenet does): the configuration is
-checked and the devices are requested here, everything else lives in
-`bcjax.train.loop`.
+checked, the devices are requested and the workdir is locked here (one run per
+workdir at a time: bcjax.run_lock), everything else lives in `bcjax.train.loop`.
 """
 
+import contextlib
 import logging as std_logging
 import os
 import sys
@@ -45,14 +46,42 @@ def main(argv):
     # progress lines readable. Here, not at import: app.run resets absl's level
     # from --verbosity while it parses the flags.
     std_logging.getLogger("absl").setLevel(std_logging.WARNING)
-    from bcjax import config_check, runtime
+    from bcjax import config_check
 
     config = _CONFIG.value
     try:
-        runtime.prepare(config)  # checks the config, sets simulated CPU devices before JAX starts
+        _start(config)
     except config_check.ConfigError as e:
         sys.exit(f"error: {e}")
-    from bcjax import cv
+    from bcjax import run_lock
+
+    try:
+        with contextlib.ExitStack() as held:
+            # Before the training stack is imported: a second run is refused at once.
+            _lock_workdir(held, config, _WORKDIR.value)
+            _train(config, _WORKDIR.value)
+    except run_lock.RunLockError as e:
+        sys.exit(f"error: {e}")
+
+
+def _start(config) -> None:
+    """Checks the config, then starts JAX on the run's devices (bcjax.runtime) and makes
+    dtype "auto" the chip's dtype, so results.json and the checkpoints record that one."""
+    from bcjax import config_check, runtime, specs
+
+    config_check.validate(config)  # before minutes of compiling, not after
+    num_devices = runtime.prepare(specs.from_config(config))
+    if config.dtype == "auto":
+        import jax
+
+        config.dtype = runtime.default_dtype()
+        kind = jax.devices()[0].device_kind
+        std_logging.getLogger("bcjax.main").info("dtype 'auto' on %s: %s.", kind, config.dtype)
+    config_check.validate(config, num_devices_available=num_devices)
+
+
+def _train(config, workdir) -> None:
+    from bcjax import config_check, cv
     from bcjax.data import busi
     from bcjax.train import checkpoint, loop
 
@@ -67,13 +96,50 @@ def main(argv):
     )
     try:
         if config.cv.folds >= 2:
-            cv.run_cross_validation(
-                config, _WORKDIR.value
-            )  # one training per fold, then the report
+            cv.run_cross_validation(config, workdir)  # one training per fold, then the report
         else:
-            loop.train_and_evaluate(config, _WORKDIR.value)
+            loop.train_and_evaluate(config, workdir)
     except user_errors as e:
         sys.exit(f"error: {e}")
+
+
+def _lock_workdir(stack: contextlib.ExitStack, config, workdir) -> None:
+    """One run per workdir (bcjax.run_lock), held until ``stack`` closes.
+
+    Process 0 takes the lock for all processes and tells them whether it got it,
+    so that a refused multi-process run ends everywhere at once. Cross-validation
+    locks each fold's folder it trains: one job per fold (cv.fold=k) shares the
+    study's workdir with the others, not with a whole study (which also locks the
+    workdir itself, against a second whole study).
+    """
+    import jax
+
+    from bcjax import cv, run_lock
+
+    folders = [workdir]
+    if config.cv.folds >= 2:
+        folds = [config.cv.fold] if config.cv.fold >= 0 else range(config.cv.folds)
+        folders = [cv.fold_dir(workdir, k) for k in folds]
+        if config.cv.fold < 0:
+            folders.insert(0, workdir)
+    refusal = None
+    if jax.process_index() == 0:
+        try:
+            for folder in folders:
+                stack.enter_context(run_lock.hold(folder))
+        except run_lock.RunLockError as e:
+            refusal = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+        if int(refused) and refusal is None:
+            refusal = run_lock.RunLockError(
+                f"process 0 could not lock the workdir {workdir} (its log says why)."
+            )
+    if refusal is not None:
+        raise refusal
 
 
 def run():

@@ -10,7 +10,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from bcjax import files
 
-__all__ = ["count", "duration", "markdown_table", "number", "percent", "write_csv"]
+__all__ = [
+    "count",
+    "duration",
+    "markdown_table",
+    "number",
+    "percent",
+    "short_duration",
+    "write_csv",
+]
 
 
 def count(n: int, word: str) -> str:
@@ -22,6 +30,17 @@ def duration(seconds: float) -> str:
     """``H:MM:SS``, for ETAs and elapsed times (negative clamps to 0)."""
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def short_duration(seconds: float) -> str:
+    """``2h51m``, ``4m05s``, ``35s``: an estimate a user reads at a glance."""
+    seconds = int(round(max(seconds, 0)))
+    hours, minutes, secs = seconds // 3600, seconds // 60 % 60, seconds % 60
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
 
 
 def number(value, digits: int = 3, *, missing: str = "–") -> str:

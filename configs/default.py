@@ -16,7 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "resnet18"
     c.width = 64  # ResNet stem channels
     c.width_multiplier = 1.0  # MobileNet
-    c.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
+    # Compute dtype: "float32" | "bfloat16" | "float16" (dynamic loss scaling,
+    # bcjax.step.loss_scale) | "auto" (the chip's fast one, bcjax.runtime.dtype_for).
+    # Parameters, optimizer state and BN statistics stay float32.
+    # bfloat16 on TPUs and GPUs >= 8.0, float16 with dynamic loss scaling on 7.x and
+    # the P100, float32 elsewhere (bcjax.runtime.dtype_for).
+    c.dtype = "auto"
     c.bn_sync = True  # average BatchNorm statistics over all devices
     c.dropout_rate = 0.2  # MobileNet head
     # torchvision ImageNet weights to fine-tune from: a state_dict saved as .npz
@@ -66,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True
-    c.augment.crop_scale = (0.6, 1.0)
+    c.augment.crop_scale = (0.6, 1.0)  # fraction of the image area a random crop keeps
+    c.augment.crop_ratio = (3 / 4, 4 / 3)  # its aspect ratio range (log-uniform)
     c.augment.flip = True
     c.augment.rotate_deg = 10.0
     c.augment.brightness = 0.2

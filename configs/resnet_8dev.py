@@ -8,4 +8,5 @@ def get_config():
     c.model = "resnet18"
     c.num_devices = 8
     c.global_batch_size = 64
+    c.dtype = "auto"  # the chip's fast dtype: bfloat16, float16 (loss-scaled) or float32
     return c

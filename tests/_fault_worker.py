@@ -38,8 +38,9 @@ def tiny_config(data_dir, **overrides):
     return shared(data_dir, **{"num_epochs": NUM_EPOCHS, "num_devices": 2, **overrides})
 
 
-def tiny_model(config, *, num_classes, dtype=None):
-    """Stands in for run_setup.create_model: bcjax's ResNet cut to two stages of one
+def tiny_model(spec, *, num_classes, dtype=None):
+    """Stands in for bcjax.models.family.create_model (the one place a run's model is
+    built; the clinical report clones that model): bcjax's ResNet cut to two stages of one
     block. Faults concern the loop and the checkpoints, not the network, and
     ResNet-18 takes several times longer to trace and compile in every process."""
     import jax.numpy as jnp
@@ -49,9 +50,9 @@ def tiny_model(config, *, num_classes, dtype=None):
     return ResNet(
         stage_sizes=(1, 1),
         block_cls=BasicBlock,
-        width=config.width,
+        width=spec.width,
         num_classes=num_classes,
-        dtype=dtype or jnp.dtype(config.dtype),
+        dtype=jnp.dtype(dtype if dtype is not None else spec.dtype),
     )
 
 
@@ -114,9 +115,10 @@ def main() -> None:
         kind, n = args.kill.split(":")
         KILLERS[kind](int(n))
 
-    from bcjax.train import loop, run_setup
+    from bcjax.models import family
+    from bcjax.train import loop
 
-    run_setup.create_model = tiny_model
+    family.create_model = tiny_model
     results = loop.train_and_evaluate(
         tiny_config(args.data, **json.loads(args.config)), args.workdir
     )

@@ -1,4 +1,5 @@
-"""python -m bcjax.benchmark: tables from the breakdown, anchors, ring model."""
+"""python -m bcjax.benchmark: tables from the breakdown, anchors, scaling-model
+predictions, and the timed figures unit tests do not assert (clinical report, compile cache)."""
 
 import csv
 import json
@@ -63,13 +64,15 @@ def test_cli_writes_csv_json_markdown(tmp_path):
     assert float(rows[0]["img_s"]) > 0 and float(rows[0]["compute_ms"]) == float(rows[0]["step_ms"])
     assert float(rows[0]["exposed_collective_ms"]) == 0 and float(rows[0]["compile_s"]) > 0
     assert float(rows[0]["gflop_per_device_step"]) > 0
+    assert rows[0]["compile_cold_s"] == rows[0]["compile_warm_s"] == ""  # no --compile-cache
     saved = json.loads((out / "benchmark.json").read_text())
     assert not saved["simulated"] and saved["rows"][0]["error"] is None
     assert saved["breakdowns"][0]["num_devices"] == 1
     assert saved["anchors"][0]["ratio_vs_torch"] == round(
         float(rows[0]["img_s_pipelined"]) / 10.0, 2
     )
-    assert {p["interconnect"] for p in saved["ring_model"]} == {"pcie4", "nvlink_h100"}
+    assert {p["interconnect"] for p in saved["scaling_predictions"]} == {"pcie4", "nvlink_h100"}
+    assert saved["ring_model"] == saved["scaling_predictions"]  # the old key, for old readers
     md = (out / "benchmark.md").read_text()
     assert "| resnet18 | 1 | 2 |" in md
 
@@ -126,3 +129,69 @@ def test_input_throughput_is_reported(capsys):
     result = benchmark.measure_input(args)
     assert result["images_per_s"] > 0 and result["batch_size"] == 8
     assert "input pipeline:" in capsys.readouterr().out
+
+
+def test_clinical_report_time_is_reported_against_its_target():
+    result = benchmark.measure_clinical(repeats=2, resamples=50)
+    assert result["resamples"] == 50 and result["test_images"] == 160
+    assert len(result["seconds"]) == 2 and result["median_s"] > 0
+    assert result["met"] == (result["median_s"] < result["target_s"])
+    line = benchmark.clinical_line(result)
+    assert "50 bootstrap resamples of 160 test images" in line
+    assert ("MISSED" in line) != result["met"]
+    json.dumps(result)
+
+
+def test_cold_and_warm_compiles_are_reported():
+    def case(cold, warm):
+        t = {"cold_compile_s": cold, "warm_compile_s": warm, "cold_cache": "miss"}
+        t.update(warm_cache="hit", cold_lower_s=0.5, warm_lower_s=0.4)
+        return {"compile_cache": {"train_step": t}}
+
+    (faster,) = benchmark.compile_cache_lines("resnet18", case(2.0, 0.5))
+    assert "cold 2.00 s (miss), warm 0.50 s (hit), warm/cold 0.25" in faster
+    assert "MISSED" not in faster
+    (slower,) = benchmark.compile_cache_lines("resnet18", case(0.5, 0.6))
+    assert "MISSED" in slower
+    assert benchmark.compile_cache_lines("resnet18", {}) == []
+
+
+def test_clinical_flag_reports_and_saves_the_time(tmp_path, monkeypatch, capsys):
+    # The measurement itself is tested above; fewer resamples keep this one quick.
+    measure = benchmark.measure_clinical
+    monkeypatch.setattr(
+        benchmark.fixed_costs, "measure_clinical", lambda: measure(repeats=1, resamples=20)
+    )
+    benchmark.main(["--models=", "--clinical", "--ring=", f"--out={tmp_path}"])
+    assert "clinical report: 20 bootstrap resamples of 160 test images" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["clinical"]["resamples"] == 20 and saved["rows"] == []
+
+
+def test_compile_cache_figures_fill_their_columns():
+    timed = {"lower_s": 0.1, "compile_s": 0.2}
+    r = {
+        "strategy": "shard_map",
+        "num_devices": 1,
+        "per_device_batch": 2,
+        "global_batch_size": 2,
+        "step_time_s": {"median": 0.01, "p10": 0.01, "p90": 0.01},
+        "images_per_s": 200.0,
+        "images_per_s_per_device": 200.0,
+        "images_per_s_pipelined": 210.0,
+        "compute_time_s": {"median": 0.01},
+        "exposed_collective_s": 0.0,
+        "compile": {"train_step": timed},
+        "compile_cache": {"train_step": {"cold_compile_s": 1.234, "warm_compile_s": 0.456}},
+        "num_params": 10,
+        "gradient_bytes": 40,
+        "platform": "cpu",
+        "device_kind": "cpu",
+        "simulated": False,
+    }
+    args = benchmark.parse_args(["--image-size=32"])
+    row = benchmark.to_row("resnet18", r, args)
+    assert (row["compile_cold_s"], row["compile_warm_s"]) == (1.23, 0.46)
+    del r["compile_cache"]
+    row = benchmark.to_row("resnet18", r, args)
+    assert row["compile_cold_s"] is None and row["compile_warm_s"] is None

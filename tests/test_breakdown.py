@@ -119,25 +119,60 @@ def _from_run(run, **kwargs):
     )
 
 
-def test_one_device_compiles_and_traces_nothing():
+class CountingExecutable:
+    """The loop's executable, counting the steps run with it."""
+
+    def __init__(self, compiled):
+        self.compiled, self.calls = compiled, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.compiled(*args)
+
+    def __getattr__(self, name):  # cost_analysis, memory_analysis, as_text
+        return getattr(self.compiled, name)
+
+
+def test_one_device_compiles_traces_and_runs_nothing():
     run = _loop_like_run(1)
+    run["compiled"] = executable = CountingExecutable(run["compiled"])
     step_before = int(run["state"].step)
     with jax_work() as work:
         r = _from_run(run)
+    # Nothing to separate on one device: no compile, no trace, not one step run.
     assert not work["compiles"] and work["traces"] == 0, work
+    assert executable.calls == 0
     assert breakdown.check(r) == [], breakdown.format_summary(r)
-    # One device: no collectives, compute is the step, no step without collectives.
+    assert r["note"] == breakdown.ONE_DEVICE_NOTE and r["note"] in breakdown.format_summary(r)
+    # The step times are the loop's own.
+    loop_times = run["chrono"].step_times()
+    assert r["step_time_source"] == "loop"
+    assert r["step_time_s"] == breakdown.stats(loop_times) == r["loop_step_time_s"]
+    assert r["timed_steps"] == len(loop_times) > 0
+    assert r["images_per_s"] == pytest.approx(8 / np.median(loop_times))
+    assert r["pipelined_step_s"] == np.median(loop_times)
+    # No collectives, compute is the step.
     assert r["compute_time_s"] == r["step_time_s"]
     assert r["exposed_collective_s"] == 0 and r["allreduce_s"]["median"] == 0
+    assert r["shares"] == {"compute": 1.0, "collective": 0.0}
     assert r["compile"] == run["chrono"].compile_s
     assert r["compile"] is not run["chrono"].compile_s  # the loop's record stays its own
-    assert r["flops_per_device_step"] > 0 and r["flops_lowered"] > 0
-    # The loop's own view of its steps comes along.
-    assert r["loop_step_time_s"]["n"] == len(run["chrono"].step_times()) > 0
+    # FLOPs counted once, from the compiled program (a GPU would count the lowered one too).
+    assert r["flops_per_device_step"] == r["flops_compiled"] > 0
+    assert r["flops_source"] == "compiled" and r["flops_lowered"] is None
     assert r["input_wait_s"]["n"] == len(run["chrono"].input_wait_s) - 1
-    assert r["exposed_input_s"] >= 0
-    # The run's state was copied, not donated.
+    assert r["exposed_input_s"] is None  # inside the loop's intervals, not told apart
     assert int(run["state"].step) == step_before
+
+
+def test_one_device_without_loop_step_times_times_the_step():
+    run = _loop_like_run(1, steps_run=1)  # the loop's only step was its warm-up
+    assert run["chrono"].step_times().size == 0
+    run["compiled"] = executable = CountingExecutable(run["compiled"])
+    r = _from_run(run)
+    assert r["step_time_source"] == "synchronised" and r["step_time_s"]["n"] == 3
+    assert executable.calls == 1 + 3 + 3  # warm-up, timed, pipelined
+    assert breakdown.check(r) == [], breakdown.format_summary(r)
 
 
 def test_report_has_the_standalone_fields_and_values():
@@ -147,7 +182,16 @@ def test_report_has_the_standalone_fields_and_values():
     alone = breakdown.measure(
         run["build"], run["state"], run["batch"], run["rng"], warmup=1, iters=3, eval_step=False
     )
-    assert set(reused) - set(alone) == {"loop_step_time_s", "input_wait_s", "exposed_input_s"}
+    # Every field of the standalone report is there (timing.json keeps its keys),
+    # plus the loop's view of its steps and the one-device note.
+    assert set(alone) <= set(reused)
+    assert set(reused) - set(alone) == {
+        "loop_step_time_s",
+        "input_wait_s",
+        "exposed_input_s",
+        "note",
+    }
+    assert (alone["step_time_source"], reused["step_time_source"]) == ("synchronised", "loop")
     for key in (
         "platform",
         "device_kind",
@@ -156,22 +200,33 @@ def test_report_has_the_standalone_fields_and_values():
         "strategy",
         "global_batch_size",
         "per_device_batch",
-        "warmup_steps",
-        "timed_steps",
         "gradient_bytes",
         "num_params",
         "exposed_collective_s",
+        "exposed_collective_raw_s",
+        "shares",
         "allreduce_s",
+        "allreduce_bus_GBps",
         "flops_per_device_step",
         "flops_source",
         "flops_compiled",
-        "flops_lowered",
         "compiled_memory_bytes",
         "peak_dtype",
         "utilisation",
     ):
         assert reused[key] == alone[key], key
     assert reused["compile"].keys() == alone["compile"].keys() == {"train_step"}
+    assert alone["flops_lowered"] > 0 and reused["flops_lowered"] is None  # counted once
+
+
+def test_one_device_counts_the_lowered_flops_when_given_the_lowering():
+    run = _loop_like_run(1)
+    placed = run["steps"].place_state(run["state"])
+    lowered = run["steps"].train_step.lower(
+        placed, run["steps"].shard_batch(run["batch"]), run["rng"]
+    )
+    r = _from_run(run, lowered=lowered)
+    assert r["flops_lowered"] > 0 and r["step_time_source"] == "loop"
 
 
 def test_two_devices_compile_only_what_the_loop_did_not():
@@ -180,6 +235,7 @@ def test_two_devices_compile_only_what_the_loop_did_not():
         r = _from_run(run)
     assert breakdown.check(r) == [], breakdown.format_summary(r)
     assert r["simulated"] and r["num_devices"] == 2
+    assert r["step_time_source"] == "synchronised"  # two devices: timed apart, separated
     assert set(r["compile"]) == {"train_step", "train_step_no_collectives"}
     assert r["compile"]["train_step"] == run["chrono"].compile_s["train_step"]
     assert r["allreduce_s"]["median"] > 0

@@ -140,7 +140,11 @@ def test_refuses_a_directory_of_another_model(tmp_path):
         }
     )
     meta = checkpoint.run_metadata(config)
-    assert meta["identity"] == {"model": "resnet18", "width": 64}
+    identity = meta["identity"]
+    assert identity["model"] == "resnet18" and identity["width"] == 64
+    # A ResNet has no width_multiplier; the learning rate does not define the run.
+    assert "width_multiplier" not in identity and "learning_rate" not in identity
+    assert identity["global_batch_size"] == 32  # configs/default.py's, the field absent here
     assert meta["config"]["class_weights"] == [1.0, 2.0, 3.0]
     checkpoint.CheckpointManager(tmp_path, metadata=meta).close()
     other_lr = config.copy_and_resolve_references()

@@ -262,16 +262,13 @@ def test_bootstrap_is_deterministic_for_a_seed_and_covers_the_truth():
     assert 0.90 <= covered / 300 <= 0.99
 
 
-def test_clinical_report_sections_and_speed():
-    import time
-
+def test_clinical_report_sections():
+    # Its time (2,000 resamples of 160 images) is a benchmark's figure, not a test's:
+    # python -m bcjax.benchmark --models= --clinical
     rng = np.random.default_rng(7)
     val = simulated_predictions(rng, (25, 80, 40))
     test = simulated_predictions(rng, (27, 87, 46))
-    start = time.perf_counter()
     report = clinical.clinical_report(*val, *test, NAMES, positive_class="malignant", seed=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0  # 2,000 resamples of 160 images, vectorised
     assert set(report) == {"calibration", "operating_points", "bootstrap"}
     boot = report["bootstrap"]
     assert boot["resamples"] == 2000

@@ -1,4 +1,5 @@
-"""The XLA:CPU convolution rewrite of the model zoo (layers.cpu_friendly_conv, issue 18).
+"""The XLA:CPU rewrites of the model zoo: convolutions (layers.cpu_friendly_conv,
+issue 18) and max pooling (layers.max_pool, issue 23).
 
 On CPU, dense convolutions whose kernel has more taps than the feature map has
 pixels become patches x kernel matrix products, and depthwise convolutions
@@ -7,11 +8,15 @@ lowered for another platform, stays lax.conv_general_dilated. These tests
 check that the rewritten forms compute the same values and gradients (fp32
 rounding), that XLA:CPU is left no convolution to run in its slow loop, that a
 program lowered for GPU/TPU computes exactly the plain convolution, and that
-the training step and the parameter tree are those of the plain model.
+the training step and the parameter tree are those of the plain model. The
+max pool's CPU form gives the same values and gradients as nn.max_pool (its
+gradient, select_and_scatter, is what XLA:CPU expands into index maps and a
+scatter).
 """
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,30 +112,82 @@ def test_other_convolutions_are_plain_lax(x_shape, w_shape, dtype, kwargs):
     assert trace(layers.cpu_friendly_conv) == trace(lax.conv_general_dilated)
 
 
+@pytest.mark.parametrize(
+    "shape, window, strides, padding",
+    [
+        ((2, 9, 9, 4), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool, odd size
+        ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+        ((2, 6, 7, 2), (2, 2), (2, 2), ((0, 0), (0, 0))),  # windows that do not overlap
+        ((1, 5, 5, 2), (3, 3), (1, 1), ((1, 1), (1, 1))),  # stride 1: heavy overlap
+    ],
+)
+def test_cpu_max_pool_matches_nn_max_pool(shape, window, strides, padding):
+    # Few distinct values, so that many windows hold their maximum more than
+    # once: the gradient must go to the first of them, as select_and_scatter's.
+    x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, shape), jnp.float32)
+    plain = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+    cotangent = _random(jax.eval_shape(plain, x).shape, 1)
+
+    def value_and_grad(pool):
+        def run(x, cotangent):
+            y, vjp = jax.vjp(pool, x)
+            return y, vjp(cotangent)[0]
+
+        return jax.jit(run)
+
+    cpu = value_and_grad(lambda x: layers.max_pool(x, window, strides, padding))
+    compiled = cpu.lower(x, cotangent).compile(_FAST_COMPILE)
+    hlo = compiled.as_text()
+    assert "reduce-window" not in hlo and "scatter" not in hlo
+    want_y, want_dx = value_and_grad(plain)(x, cotangent)
+    got_y, got_dx = compiled(x, cotangent)
+    np.testing.assert_array_equal(got_y, want_y)
+    # A pixel that is the maximum of several windows sums their gradients, in
+    # another order than select_and_scatter's: fp32 rounding of a few terms.
+    np.testing.assert_allclose(got_dx, want_dx, rtol=0, atol=1e-6 * np.max(np.abs(want_dx)))
+    # Without the CPU form (cpu=False) the model's pool is nn.max_pool itself.
+    no_cpu = lambda x: layers.max_pool(x, window, strides, padding, cpu=False)  # noqa: E731
+    assert str(jax.make_jaxpr(no_cpu)(x)) == str(jax.make_jaxpr(plain)(x))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cpu_max_pool_leaves_other_dtypes_plain(dtype):
+    x = jnp.zeros((2, 8, 8, 3), dtype)
+    pad = ((1, 1), (1, 1))
+    got = jax.make_jaxpr(lambda x: layers.max_pool(x, (3, 3), (2, 2), pad))(x)
+    want = jax.make_jaxpr(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad))(x)
+    assert str(got) == str(want)
+
+
 def test_programs_lowered_for_accelerators_compute_the_plain_convolution():
-    """GPU and TPU lowerings select lax.conv_general_dilated: exported for them
-    and run here, they give bit for bit the plain program's results."""
+    """GPU and TPU lowerings select lax.conv_general_dilated and nn.max_pool:
+    exported for them and run here, they give bit for bit the plain program's
+    results."""
     x, w_dense, w_depthwise = (
         _random((4, 2, 2, 8), 0),
         _random((3, 3, 8, 8), 1),
         _random((3, 3, 1, 8), 2),
     )
 
-    def loss_and_grads(conv):
+    def loss_and_grads(conv, pool):
         def loss(x, w_dense, w_depthwise):
             y = jnp.tanh(_conv(conv, x, w_dense, (1, 1), ((1, 1), (1, 1)), 1))
-            return jnp.sum(_conv(conv, y, w_depthwise, (1, 1), ((1, 1), (1, 1)), 8) ** 2)
+            y = _conv(conv, y, w_depthwise, (1, 1), ((1, 1), (1, 1)), 8)
+            return jnp.sum(pool(y, (2, 2), (1, 1), ((1, 1), (1, 1))) ** 2)
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
+    def nn_pool(x, window, strides, padding):
+        return nn.max_pool(x, window, strides=strides, padding=padding)
+
     args = (x, w_dense, w_depthwise)
-    plain = jax.tree.leaves(loss_and_grads(lax.conv_general_dilated)(*args))
-    on_cpu = jax.tree.leaves(loss_and_grads(layers.cpu_friendly_conv)(*args))
+    plain = jax.tree.leaves(loss_and_grads(lax.conv_general_dilated, nn_pool)(*args))
+    on_cpu = jax.tree.leaves(loss_and_grads(layers.cpu_friendly_conv, layers.max_pool)(*args))
     # The CPU form does change the rounding (else this test would prove nothing).
     assert not all(np.array_equal(a, b) for a, b in zip(on_cpu, plain))
     for platform in ("cuda", "rocm", "tpu"):
         exported = export.export(
-            loss_and_grads(layers.cpu_friendly_conv),
+            loss_and_grads(layers.cpu_friendly_conv, layers.max_pool),
             platforms=(platform,),
             disabled_checks=[export.DisabledSafetyCheck.platform()],
         )(*args)
@@ -234,6 +291,8 @@ def test_train_step_equals_the_plain_models(name, kwargs, size):
     # Every convolution left in the fixed step is on XLA:CPU's fast path.
     assert _slow_convolutions(hlo) == []
     assert "feature_group_count" not in hlo
+    # ResNet's max pool: no select_and_scatter expansion (index maps + scatter).
+    assert "scatter" not in hlo
     np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-5)
     assert bool(metrics["grads_finite"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bcjax import specs
 from bcjax.config_check import ConfigError
 from bcjax.data import busi, datasets, readers, splits, synthetic
 
@@ -57,6 +58,19 @@ def _config(**overrides):
     for k, v in overrides.items():
         config[k] = v
     return config
+
+
+def _data(config):
+    """The config's data spec: what bcjax.data.datasets reads."""
+    return specs.from_config(config).data
+
+
+def _prepare(config, workdir, **kwargs):
+    """datasets.prepare of a config, as bcjax.train.run_setup calls it."""
+    run_specs = specs.from_config(config)
+    return datasets.prepare(
+        run_specs.data, workdir, class_weights=run_specs.optimizer.class_weights, **kwargs
+    )
 
 
 # ----------------------------------------------------------------------------- folders
@@ -161,7 +175,7 @@ def test_csv_rows_paths_masks_groups_and_class_order(tmp_path):
         ("missing image", [("img/gone.png", "benign", "", "")], "line 4: image file not found"),
         ("unreadable image", [("img/text.png", "benign", "", "")], "line 4: not a decodable image"),
         ("empty label", [("img/c.png", " ", "", "")], "line 4: empty label"),
-        ("unknown label", [("img/c.png", "Benign", "", "")], "line 4: unknown label 'Benign'"),
+        ("unknown label", [("img/c.png", "cyst", "", "")], "line 4: unknown label 'cyst'"),
         (
             "duplicate row",
             [("./img/a.png", "benign", "", "")],
@@ -230,7 +244,7 @@ def test_csv_with_groups_through_prepare(tmp_path):
     config = _config(
         dataset="csv", data_csv=str(csv), class_names=("normal", "benign", "malignant")
     )
-    run = datasets.prepare(config, tmp_path / "work")
+    run = _prepare(config, tmp_path / "work")
     assert (
         run.class_names == ("normal", "benign", "malignant") and run.positive_class == "malignant"
     )
@@ -250,7 +264,7 @@ def test_csv_with_groups_through_prepare(tmp_path):
 
     # k-fold: the same guarantee in every fold.
     for fold in range(3):
-        folded = datasets.prepare(_cv_config(csv, fold), tmp_path / f"fold{fold}")
+        folded = _prepare(_cv_config(csv, fold), tmp_path / f"fold{fold}")
         part_of = {n: p for p in splits.SPLITS for n in folded.manifest[p]}
         for patient in {p for p in patient_of.values() if p}:
             assert len({part_of[n] for n, p in patient_of.items() if p == patient}) == 1, (
@@ -267,7 +281,7 @@ def _cv_config(csv, fold):
 
 def test_two_class_folder_through_prepare(tmp_path):
     root = _folder_set(tmp_path / "data", {"malignant": 5, "benign": 7})
-    run = datasets.prepare(_config(dataset="folder", data_dir=str(root)), tmp_path / "work")
+    run = _prepare(_config(dataset="folder", data_dir=str(root)), tmp_path / "work")
     assert run.class_names == ("benign", "malignant") and run.positive_class == "malignant"
     assert run.source == {"dataset": "folder", "path": str(root), "warning": None}
     assert (
@@ -277,20 +291,20 @@ def test_two_class_folder_through_prepare(tmp_path):
     saved = json.loads(json.dumps(run.manifest))
     assert saved["meta"]["counts"]["test"].keys() == {"benign", "malignant"}
 
-    run = datasets.prepare(
+    run = _prepare(
         _config(dataset="folder", data_dir=str(root), positive_class="benign"), tmp_path / "w2"
     )
     assert run.positive_class == "benign"
     with pytest.raises(
         ConfigError, match="config.positive_class='cancer' is not one of the data's classes"
     ):
-        datasets.prepare(
+        _prepare(
             _config(dataset="folder", data_dir=str(root), positive_class="cancer"), tmp_path / "w3"
         )
     with pytest.raises(
         ConfigError, match="config.class_weights has 3 weights but the data has 2 classes"
     ):
-        datasets.prepare(
+        _prepare(
             _config(dataset="folder", data_dir=str(root), class_weights=(1.0, 1.0, 2.0)),
             tmp_path / "w4",
         )
@@ -299,20 +313,20 @@ def test_two_class_folder_through_prepare(tmp_path):
 def test_a_class_too_small_for_the_split(tmp_path):
     root = _folder_set(tmp_path / "data", {"benign": 6, "malignant": 2})
     with pytest.raises(busi.BusiError, match="needs at least 3 per class.*'malignant' has 2"):
-        datasets.prepare(_config(dataset="folder", data_dir=str(root)), tmp_path / "work")
+        _prepare(_config(dataset="folder", data_dir=str(root)), tmp_path / "work")
     _folder_set(tmp_path / "data", {"benign": 6, "malignant": 4})
     config = _config(dataset="folder", data_dir=str(root))
     config.cv.folds, config.cv.fold = 5, 0
     with pytest.raises(
         busi.BusiError, match="5-fold cross-validation.*at least 6 per class.*'malignant' has 4"
     ):
-        datasets.prepare(config, tmp_path / "work")
+        _prepare(config, tmp_path / "work")
 
 
 def test_manifests_and_class_names(tmp_path):
     root = synthetic.generate(tmp_path / "busi", num=15, seed=1, min_size=40, max_size=48)
     config = _config(dataset="busi", data_dir=str(root))
-    run = datasets.prepare(config, tmp_path / "work")
+    run = _prepare(config, tmp_path / "work")
     assert run.class_names == busi.CLASSES and run.manifest["meta"]["class_names"] == list(
         busi.CLASSES
     )
@@ -321,7 +335,7 @@ def test_manifests_and_class_names(tmp_path):
     del old["meta"]["class_names"], old["meta"]["source"]
     splits.save_manifest(old, tmp_path / "old.json")
     assert splits.manifest_class_names(old) == busi.CLASSES
-    again = datasets.prepare(
+    again = _prepare(
         _config(dataset="busi", data_dir=str(root), split_manifest=str(tmp_path / "old.json")),
         tmp_path / "work2",
     )
@@ -333,7 +347,7 @@ def test_manifests_and_class_names(tmp_path):
     with pytest.raises(
         busi.BusiError, match=r"made for the classes \['normal', 'benign', 'malignant'\]"
     ):
-        datasets.prepare(
+        _prepare(
             _config(
                 dataset="busi",
                 data_dir=str(root),
@@ -342,7 +356,7 @@ def test_manifests_and_class_names(tmp_path):
             ),
             tmp_path / "work3",
         )
-    run = datasets.prepare(
+    run = _prepare(
         _config(dataset="busi", data_dir=str(root), class_names=reordered), tmp_path / "w4"
     )
     assert run.class_names == reordered and run.positive_class == "normal"
@@ -361,8 +375,8 @@ def test_synthetic_set_is_shared_by_workdirs_and_recorded(tmp_path, monkeypatch)
     )
     config = _config(dataset="synthetic", synthetic_num=12)
     key = f"12-0-v{synthetic.GENERATOR_VERSION}"
-    first = datasets.prepare(config, tmp_path / "a")
-    second = datasets.resolve_source(config, tmp_path / "b")
+    first = _prepare(config, tmp_path / "a")
+    second = datasets.resolve_source(_data(config), tmp_path / "b")
     assert len(written) == 12  # generated once, for both workdirs
     assert (
         first.source["path"]
@@ -379,13 +393,14 @@ def test_synthetic_set_is_shared_by_workdirs_and_recorded(tmp_path, monkeypatch)
     # The same workdir with other settings is refused, as when the set lived in it.
     with pytest.raises(busi.BusiError, match="other settings.*fresh_start"):
         datasets.resolve_source(
-            _config(dataset="synthetic", synthetic_num=12, synthetic_mark="text"), tmp_path / "a"
+            _data(_config(dataset="synthetic", synthetic_num=12, synthetic_mark="text")),
+            tmp_path / "a",
         )
 
     # A workdir of a run from before the cache holds its own set: it resumes on that one.
     old = tmp_path / "old" / "synthetic" / busi.DATASET_DIRNAME
     shutil.copytree(second["path"], old)
-    assert datasets.resolve_source(config, tmp_path / "old")["path"] == str(old)
+    assert datasets.resolve_source(_data(config), tmp_path / "old")["path"] == str(old)
     assert not (tmp_path / "old" / datasets.SYNTHETIC_RECORD).exists() and len(written) == 12
 
 
@@ -397,7 +412,7 @@ def test_a_mark_asked_for_real_busi_is_refused(tmp_path, monkeypatch):
     with pytest.raises(
         busi.BusiError, match="synthetic_mark='calliper' plants a mark.*BUSI was found"
     ):
-        datasets.resolve_source(config, tmp_path / "work")
+        datasets.resolve_source(_data(config), tmp_path / "work")
 
 
 def test_detect_tells_busi_from_class_folders_named_like_some_of_its_classes(tmp_path):

@@ -228,38 +228,68 @@ def test_cache_is_shared_and_keyed(tmp_path, monkeypatch):
 
 
 _RACE = """
-import sys, time
+import pathlib, sys, time
 from bcjax.data import synthetic
 calls, write_one = [], synthetic._write_one
 def slow_write_one(*args):
     calls.append(1)
-    time.sleep(0.2)  # a long enough window for the other process to arrive meanwhile
+    time.sleep(float(sys.argv[4]))  # a window for the other process to arrive meanwhile
     write_one(*args)
 synthetic._write_one = slow_write_one
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start at the same moment
+# A barrier on marker files: each announces it has imported bcjax, then waits for the other.
+barrier = pathlib.Path(sys.argv[2])
+(barrier / f"ready-{sys.argv[3]}").touch()
+deadline = time.time() + 120
+while len(list(barrier.glob("ready-*"))) < 2 and time.time() < deadline:
+    time.sleep(0.005)
+start = time.time()
 path = synthetic.cached(6, 0, cache_dir=sys.argv[1], min_size=40, max_size=48, workers=1)
-print(len(calls), path)
+print(len(calls), start, time.time(), path)
 """
 
 
-def test_two_processes_racing_generate_once(tmp_path):
-    start = time.time() + 4  # after both interpreters have imported bcjax
+def _race(cache_dir, barrier, sleep_s):
+    """Two processes asking for one set at once: [(images written, start, end, path)]."""
+    cache_dir.mkdir()
+    barrier.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _RACE, str(tmp_path), str(start)],
+            [sys.executable, "-c", _RACE, str(cache_dir), str(barrier), str(i), str(sleep_s)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for i in range(2)
     ]
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    counts = sorted(int(out.split()[0]) for out, _ in outs)
-    paths = {out.split(maxsplit=1)[1].strip() for out, _ in outs}
+    runs = []
+    for out, _ in outs:
+        count, start, end, path = out.split(maxsplit=3)
+        runs.append((int(count), float(start), float(end), path.strip()))
+    return runs
+
+
+def test_two_processes_racing_generate_once(tmp_path):
+    """The two calls of cached() must be seen to overlap in time (each records its start and
+    end); a try where they did not proves nothing about the lock and is run again, slower."""
+    for attempt, sleep_s in enumerate((0.2, 0.5, 1.0)):
+        cache_dir = tmp_path / f"try{attempt}"
+        runs = _race(cache_dir, tmp_path / f"barrier{attempt}", sleep_s)
+        if max(r[1] for r in runs) < min(r[2] for r in runs):
+            break
+    else:
+        pytest.fail(f"the two processes never ran cached() at the same time: {runs}")
+    counts = sorted(r[0] for r in runs)
+    paths = {r[3] for r in runs}
     assert counts == [0, 6]  # one generated, the other waited on the lock and took that copy
+    waiter = next(r for r in runs if r[0] == 0)
+    generator = next(r for r in runs if r[0] == 6)
+    # The waiter came while the set was being written and left only once it was there.
+    assert generator[1] <= waiter[2] and waiter[1] < generator[2]
+    assert waiter[2] - waiter[1] > 0.5 * sleep_s  # it waited at least part of the writing
     assert len(paths) == 1
     counts = busi.class_counts(busi.scan(paths.pop()))
     assert tuple(counts.values()) == synthetic.class_counts(6)
     key = f"6-0-v{synthetic.GENERATOR_VERSION}-40to48px"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [key, f"{key}.lock"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == [key, f"{key}.lock"]

@@ -240,3 +240,42 @@ def test_map_classes_rules():
         class_map.map_classes(model, ("benign", "x"), {}, drop=["benign", "x"])
     with pytest.raises(evaluate.EvaluateError, match="maps 'a' twice"):
         class_map.parse_class_map(["a=b,a=c"])
+
+
+def test_a_one_class_set_reports_what_it_defines(run, tmp_path, capsys):
+    """50 cancers from elsewhere, in small: malignant/ only. Recall with its interval, the
+    confusion row, calibration and predictions; AUC listed as undefined, with the reason."""
+    source = _generate(tmp_path / "gen", seed=3, num=24)
+    root = tmp_path / "cancers"
+    shutil.copytree(source / "malignant", root / "malignant")
+    out = tmp_path / "out"
+    args = ["--workdir", str(run), "--data", str(root), "--out", str(out)]
+    assert evaluate.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Undefined on this set:" in printed and "auc/malignant: needs images" in printed
+    result = json.loads((out / "metrics.json").read_text())
+    with np.load(out / "cancers_predictions.npz") as saved:
+        probs, labels = saved["probs"], saved["labels"]
+    assert set(labels.tolist()) == {CLASSES.index("malignant")}
+    subset = result["class_subset"]
+    entry = subset["per_class"]["malignant"]
+    called = probs.argmax(axis=1)
+    assert entry["support"] == len(labels) == synthetic.class_counts(24)[2]
+    assert entry["recall"]["value"] == pytest.approx(np.mean(called == 2), abs=1e-12)
+    # The interval: the same resampling drawn independently here.
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(labels), size=(2000, len(labels)))
+    resampled = (called[draws] == 2).mean(axis=1)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    assert (entry["recall"]["low"], entry["recall"]["high"]) == pytest.approx((low, high))
+    assert entry["confusion_row"] == {c: int(np.sum(called == k)) for k, c in enumerate(CLASSES)}
+    assert result["confusion_matrix"][2] == list(entry["confusion_row"].values())
+    from bcjax.clinical import calibration
+
+    assert subset["calibration"]["ece"] == pytest.approx(
+        calibration.expected_calibration_error(probs, labels)
+    )
+    why = {u["metric"]: u["why"] for u in subset["undefined"]}
+    assert "auc/malignant" in why and "only 'malignant'" in why["auc/malignant"]
+    assert "recall/normal" in why and "specificity" in why
+    assert result["auc_macro"] is None and result["per_class"]["malignant"]["auc"] is None

@@ -34,7 +34,8 @@ import pytest
 from _fault_worker import DONE_MARK, KILLED_MARK, NUM_EPOCHS, tiny_config, tiny_model
 
 from bcjax.data import synthetic
-from bcjax.train import checkpoint, loop, run_setup
+from bcjax.models import family
+from bcjax.train import checkpoint, loop
 
 WORKER = pathlib.Path(__file__).with_name("_fault_worker.py")
 REPO = WORKER.parents[1]
@@ -54,7 +55,7 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_setup, "create_model", tiny_model)
+        mp.setattr(family, "create_model", tiny_model)
         results = loop.train_and_evaluate(tiny_config(data), workdir)
     return workdir, results
 
@@ -197,7 +198,7 @@ def killed_after_last_checkpoint(data, reference, tmp_path_factory):
         raise _Killed
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_setup, "create_model", tiny_model)
+        mp.setattr(family, "create_model", tiny_model)
         with mp.context() as kill:
             kill.setattr(checkpoint.CheckpointManager, "best_step", killed)
             with pytest.raises(_Killed):

@@ -18,7 +18,7 @@ LAYERS = [
         "files, report, stats, clinical, models",
         ("bcjax.files", "bcjax.report", "bcjax.stats", "bcjax.clinical", "bcjax.models"),
     ),
-    ("data, config checks", ("bcjax.data", "bcjax.config_check")),
+    ("data, config checks, specs", ("bcjax.data", "bcjax.config_check", "bcjax.specs")),
     ("step math", ("bcjax.step",)),
     ("parallel", ("bcjax.parallel",)),
     ("timing", ("bcjax.timing",)),

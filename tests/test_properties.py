@@ -214,6 +214,8 @@ def _invariants(c) -> None:
             assert all(_finite_number(v) for v in value), path
     lo, hi = c.augment.crop_scale
     assert 0 < lo <= hi <= 1
+    lo, hi = c.augment.crop_ratio  # the crop's aspect ratio range (log-uniform in augment)
+    assert 0 < lo <= hi
 
 
 def _check(config, changed: list[str]) -> None:

@@ -161,6 +161,24 @@ def test_table_without_breakdown_and_measured_compute(tmp_path):
     assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
+def test_a_one_device_breakdown_of_the_loop_s_own_step_times_is_not_a_synchronised_one(tmp_path):
+    # On one device the breakdown times no step (step_time_source "loop"): its step time is
+    # the loop's dispatch interval, so the input wait is not netted against it.
+    _fake_run(tmp_path / "dev1", 1, wall=10.0, step=0.02, compute=0.02, wait=0.005)
+    timing_path = tmp_path / "dev1" / "timing.json"
+    timing = json.loads(timing_path.read_text())
+    synchronised = scaling.row_from_run(scaling.read_run(tmp_path / "dev1"))
+    # The synchronised step (0.02) covers all but 0.005 of the 0.025 interval: 0.005 exposed.
+    assert synchronised["input_share"] == pytest.approx(0.005 / 0.025)
+    timing["breakdown"]["step_time_source"] = "loop"
+    timing["breakdown"]["step_time_s"] = {"median": 0.025}  # the loop's own interval
+    timing_path.write_text(json.dumps(timing))
+    loop_timed = scaling.row_from_run(scaling.read_run(tmp_path / "dev1"))
+    # Interval minus itself would read 0; the wait stands as its upper bound instead.
+    assert loop_timed["input_share"] == pytest.approx(0.005 / 0.025)
+    assert loop_timed["compute_share"] == synchronised["compute_share"]
+
+
 def _plant_cv_count(workdir: pathlib.Path, n: int, test_acc, wall, folds_val=None) -> None:
     """dev{n} as a finished bcjax.cv study: per fold results.json and manifest.json."""
     for k, (acc, w) in enumerate(zip(test_acc, wall)):

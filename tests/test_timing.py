@@ -3,7 +3,9 @@
 compiles in about a second, which is what the suite's budget allows for
 three strategies on 8 simulated devices."""
 
+import importlib
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -96,16 +98,21 @@ def test_breakdown_on_8_devices(results, strategy):
     assert r["flops_per_device_step"] > 0 and r["flops_source"] == "compiled"
     assert r["utilisation"] is None  # no peak for CPUs
     assert r["compiled_memory_bytes"] > 0
-    # Compile is timed apart and dwarfs a step: it cannot hide in step times.
+    # Compile is timed apart (how it compares with a step is a benchmark's figure).
     for name in ("train_step", "train_step_no_collectives"):
         t = r["compile"][name]
         assert t["lower_s"] > 0 and t["compile_s"] > 0
-        assert t["lower_s"] + t["compile_s"] > r["step_time_s"]["median"]
         assert t["persistent_cache"] in ("hit", "miss", "off")
     # First compile of this program in the session's fresh cache. (The "jit"
     # strategy's collective-free step is shard_map's: that one is a hit.)
     assert r["compile"]["train_step"]["persistent_cache"] == "miss"
     assert "simulated" in r["note"]
+    # The module the note sends the reader to exists.
+    named = re.findall(r"bcjax(?:\.\w+)+", r["note"])
+    assert named
+    for name in named:
+        importlib.import_module(name)
+    assert r["step_time_source"] == "synchronised"
     json.dumps(r)
 
 
@@ -176,8 +183,8 @@ def test_compile_cold_then_warm_from_persistent_cache(tmp_path):
     assert all(
         t[k] > 0 for k in ("cold_lower_s", "cold_compile_s", "warm_lower_s", "warm_compile_s")
     )
-    # The warm compile reads the executable back instead of running XLA.
-    assert t["warm_compile_s"] < t["cold_compile_s"]
+    # The warm compile reads the executable back instead of running XLA (how much
+    # faster that is: python -m bcjax.benchmark --compile-cache, a benchmark's figure).
     assert (t["cold_cache"], t["warm_cache"]) == ("miss", "hit")
     assert any(tmp_path.iterdir())
     assert jax.config.values["jax_compilation_cache_dir"] == before
@@ -247,8 +254,9 @@ def test_check_reports_inconsistencies():
         exposed_collective_s=-0.5,
         compile={"train_step": {"lower_s": 0.1, "compile_s": 0.2}},
     )
-    problems = breakdown.check(bad)
+    problems = breakdown.check(bad, tolerance=0.25)
     assert any("compute median" in p for p in problems)
+    assert not any("compute median" in p for p in breakdown.check(bad))  # no timing relation
     assert any("exposed_collective_s" in p for p in problems)
     assert not any("compile.train_step" in p for p in problems)
     bad["compile"] = {"train_step": {"lower_s": 0.1, "compile_s": 0.0}}

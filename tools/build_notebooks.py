@@ -59,10 +59,17 @@ def quickstart():
             "images with the classes they have, and shows the learning "
             "curves, the confusion matrix, where the time went (compile, compute, collectives, input) and "
             "Grad-CAM maps of a few test images.\n\n"
-            "* **Runtime**: *Runtime → Change runtime type* → a GPU (one device) or a TPU (all its cores). "
-            "On a CPU the notebook trains a small model on 64 px images so that a first look takes minutes.\n"
-            '* **Data**: BUSI is not downloaded for you. Set `DATA = "upload"` to upload '
-            '`Dataset_BUSI_with_GT.zip`, or give a path (e.g. on Google Drive). The default, `"synthetic"`, '
+            "* **Runtime**: Colab: *Runtime → Change runtime type* → a GPU (one device) or a TPU (all its "
+            "cores). Kaggle: *Settings → Accelerator* → GPU T4 x2 or P100 (the notebook trains on one), and "
+            "*Settings → Internet* on, to fetch bcjax. "
+            "On a CPU the notebook trains a small model on 64 px images so that a first look takes minutes. "
+            "The compute dtype follows the chip: bfloat16 on TPUs and A100/L4/H100, float16 with dynamic "
+            "loss scaling on T4/V100/P100, float32 elsewhere.\n"
+            "* **Data**: BUSI is not downloaded for you. On Kaggle, attach it: *Add Input* → search the "
+            'datasets for BUSI (`Dataset_BUSI_with_GT`, e.g. "Breast Ultrasound Images Dataset") → *Add*; '
+            '`DATA = "auto"` finds it under `/kaggle/input` and the run is written to `/kaggle/working`. '
+            'On Colab set `DATA = "upload"` to upload `Dataset_BUSI_with_GT.zip`, or give a path (e.g. on '
+            'Google Drive). Without BUSI, `"auto"` (and `"synthetic"`) '
             "generates a BUSI-like set of 780 images: its accuracy says nothing about real ultrasound. "
             "Your own data: a folder with one sub-folder of images per class (e.g. `benign/`, `malignant/`), "
             "or a CSV with the columns `image`, `label` and optionally `mask` and `group` (a patient id)."
@@ -70,7 +77,8 @@ def quickstart():
         v4.new_code_cell(
             "# Parameters (tests override them to run tiny)\n"
             'MODEL = "resnet18"       # or "mobilenet_v2", "resnet50", "mobilenet_v3_large", ...\n'
-            'DATA = "synthetic"       # "synthetic" | "upload" | a path: BUSI (folder or zip), class folders, a .csv\n'
+            'DATA = "auto"            # "auto": BUSI attached on Kaggle, else synthetic | "synthetic" | "upload" |\n'
+            "                         # a path: BUSI (folder or zip), class folders, a .csv\n"
             "EPOCHS = 0               # 0: the runtime's default (100 on an accelerator, 20 on a CPU)\n"
             "IMAGE_SIZE = 0           # 0: 224 on an accelerator, 64 on a CPU\n"
             "SMALL = None             # None: small model on a CPU only; True/False forces it\n"
@@ -91,12 +99,16 @@ def quickstart():
             "from bcjax import runtime\n\n"
             "device = jax.devices()[0]\n"
             "platform = device.platform  # 'gpu', 'tpu' or 'cpu'\n"
-            'print(f"{jax.device_count()} x {device.device_kind} ({platform}), JAX {jax.__version__}")\n'
+            'host = runtime.notebook_host()  # "kaggle" (/kaggle/input, writable /kaggle/working), "colab" or "local"\n'
+            'print(f"{jax.device_count()} x {device.device_kind} ({platform}) on {host}, JAX {jax.__version__}")\n'
+            'if host == "kaggle" and not os.path.isabs(WORKDIR):\n'
+            "    WORKDIR = os.path.join(runtime.KAGGLE_WORKING, WORKDIR)  # kept with the notebook's output\n"
             'small = (platform == "cpu") if SMALL is None else SMALL\n\n'
             "from configs import default, quickstart\n"
             "config = quickstart.get_config() if small else default.get_config()\n"
             "config.model = MODEL\n"
-            "config.dtype = runtime.default_dtype()  # bfloat16 where the chip has fast bf16, else float32\n"
+            "# bfloat16 on TPUs and A100/L4/H100; float16 with loss scaling on T4/V100/P100; else float32.\n"
+            "config.dtype = runtime.default_dtype()\n"
             "# A TPU trains on all its cores; a Colab GPU is one device; the CPU runs one device here.\n"
             'config.num_devices = jax.device_count() if platform == "tpu" else 1\n'
             "config.global_batch_size = max(32 // config.num_devices, 1) * config.num_devices\n"
@@ -116,9 +128,15 @@ def quickstart():
         ),
         v4.new_markdown_cell("## The data"),
         v4.new_code_cell(
-            'if DATA == "synthetic":\n'
+            "data = DATA\n"
+            'if data == "auto":\n'
+            '    data = (runtime.kaggle_busi() if host == "kaggle" else None) or "synthetic"\n'
+            '    if host == "kaggle" and data == "synthetic":\n'
+            '        print("No BUSI under /kaggle/input: Add Input -> search the datasets for "\n'
+            '              "Dataset_BUSI_with_GT -> Add, then run this cell again. Synthetic data meanwhile.")\n'
+            'if data == "synthetic":\n'
             '    config.dataset = "synthetic"\n'
-            'elif DATA == "upload":\n'
+            'elif data == "upload":\n'
             "    from google.colab import files  # Colab only\n"
             "    uploaded = files.upload()  # choose Dataset_BUSI_with_GT.zip\n"
             '    os.makedirs("data", exist_ok=True)\n'
@@ -127,11 +145,11 @@ def quickstart():
             '    config.dataset, config.data_dir = "busi", "data"\n'
             "else:  # the classes come from the data: BUSI's three, the folder names or the CSV's labels\n"
             "    from bcjax.data import readers\n"
-            '    config.dataset = readers.detect(DATA)  # "busi", "folder" or "csv"\n'
+            '    config.dataset = readers.detect(data)  # "busi", "folder" or "csv"\n'
             '    if config.dataset == "csv":\n'
-            "        config.data_csv = DATA\n"
+            "        config.data_csv = data\n"
             "    else:\n"
-            "        config.data_dir = DATA\n"
+            "        config.data_dir = data\n"
             "from bcjax import config_check\n"
             "config_check.validate(config, num_devices_available=jax.device_count())\n"
             'print("dataset:", config.dataset, {"synthetic": "", "csv": config.data_csv}.get(config.dataset, config.data_dir))'
@@ -201,8 +219,13 @@ def scaling():
             "and tabulates accuracy, wall time, speedup and efficiency, with each step split into "
             "compute, exposed collective time and input wait.\n\n"
             "* A **TPU** runtime: real measurements on 1, 2, 4, ... up to its core count.\n"
-            "* A **GPU** runtime has one GPU: it runs one device and predicts 2-8 GPUs with the scaling "
-            "model (`bcjax.timing.scaling_model`) from the measured compute.\n"
+            "* A **GPU** runtime with one GPU (Colab's T4): it runs one device and predicts 2-8 GPUs with "
+            "the scaling model (`bcjax.timing.scaling_model`) from the measured compute.\n"
+            "* A runtime with **two GPUs** (Kaggle's free *GPU T4 x2*: two GPUs over PCIe, no NVLink, the "
+            "study's own setting): the study on 1 and 2 GPUs, cross-validated (5 folds, each compared "
+            "fold by fold), and beside it the scaling model's prediction for that machine (2 GPUs over "
+            "PCIe 3, peer to peer only when `nvidia-smi` reports it), to check the model in one sitting. "
+            "On Kaggle turn *Settings → Internet* on, to fetch bcjax.\n"
             "* A **CPU** runtime simulates the devices on the host's cores: the accuracy columns are real, "
             "the timings are labelled simulated."
         ),
@@ -213,7 +236,8 @@ def scaling():
             'MODE = "same_global"     # the study\'s setting; or "same_per_device"\n'
             "EPOCHS = 0               # 0: 30 on an accelerator, 5 on a CPU\n"
             "IMAGE_SIZE = 0           # 0: 224 on an accelerator, 64 on a CPU\n"
-            "CV_FOLDS = 0             # >= 2: cross-validated, with paired comparisons between device counts\n"
+            'CV_FOLDS = "auto"        # >= 2: cross-validated, paired comparisons between device counts;\n'
+            "                         # auto: 5 on a 2-GPU runtime, else 0\n"
             "SYNTHETIC_NUM = 780\n"
             "EXTRA = []               # more --config.field=value overrides\n"
             "JOBS = 1                 # runs at a time; 2 gives a quicker accuracy look on a CPU (timings disturbed)\n"
@@ -221,7 +245,8 @@ def scaling():
             'REPO_URL = "https://github.com/bcjax/bcjax.git"\n'
             'REPO_DIR = "auto"\n'
             "INSTALL = True\n"
-            'INTERCONNECT = "pcie4"   # for the prediction: pcie3, pcie4, pcie5, nvlink_a100, nvlink_h100, ...',
+            'INTERCONNECT = "auto"    # for the prediction: pcie3, pcie3-2gpu-nop2p, pcie4, pcie5, nvlink_h100, ...\n'
+            "                         # auto: PCIe 3 (P2P as nvidia-smi reports) on a 2-GPU runtime, else pcie4",
             metadata={"tags": ["parameters"]},
         ),
         v4.new_code_cell(SETUP),
@@ -239,14 +264,18 @@ def scaling():
             "else:\n"
             '    devices = [int(n) for n in DEVICES.split(",")]\n'
             'accelerator = platform != "cpu"\n'
+            'two_gpus = platform == "gpu" and count == 2  # e.g. Kaggle\'s T4 x2\n'
+            'cv_folds = (5 if two_gpus else 0) if CV_FOLDS == "auto" else int(CV_FOLDS)\n'
+            'link = (runtime.two_gpu_link() if two_gpus else "pcie4") if INTERCONNECT == "auto" else INTERCONNECT\n'
             "epochs = EPOCHS or (30 if accelerator else 5)\n"
             "size = IMAGE_SIZE or (224 if accelerator else 64)\n"
             'config_file = repo / "configs" / ("default.py" if accelerator else "quickstart.py")\n'
             'overrides = [f"--config.model={MODEL}", f"--config.num_epochs={epochs}",\n'
             '             f"--config.warmup_epochs={min(5, epochs - 1)}", f"--config.image_size={size}",\n'
-            '             f"--config.dtype={dtype}",  # float32 on GPUs without fast bf16 (e.g. a T4)\n'
+            '             f"--config.dtype={dtype}",  # float16 (loss-scaled) on a T4/V100/P100\n'
             '             "--config.dataset=synthetic", f"--config.synthetic_num={SYNTHETIC_NUM}", *EXTRA]\n'
-            'print("device counts:", devices, "| epochs:", epochs, "| image size:", size)'
+            'print("device counts:", devices, "| epochs:", epochs, "| image size:", size, "| dtype:", dtype,\n'
+            '      "| folds:", cv_folds or "none", "| interconnect for the prediction:", link)'
         ),
         v4.new_markdown_cell(
             "## Run the study\n\nOne training per device count (per fold with `CV_FOLDS`), same seed and "
@@ -255,8 +284,8 @@ def scaling():
         v4.new_code_cell(
             'cmd = [sys.executable, "-m", "bcjax.scaling", f"--config={config_file}",\n'
             '       f"--devices={\',\'.join(map(str, devices))}", f"--mode={MODE}", f"--workdir={WORKDIR}",\n'
-            '       f"--interconnect={INTERCONNECT}", f"--jobs={JOBS}",\n'
-            '       *([f"--cv-folds={CV_FOLDS}"] if CV_FOLDS else []),\n'
+            '       f"--interconnect={link}", f"--jobs={JOBS}",\n'
+            '       *([f"--cv-folds={cv_folds}"] if cv_folds else []),\n'
             "       *overrides]\n"
             'print(" ".join(cmd))\n'
             'env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))\n'
@@ -279,33 +308,48 @@ def scaling():
             "    display(Image(filename=str(png)))"
         ),
         v4.new_markdown_cell(
-            "## What more GPUs would do\n\nThe scaling model: a step on N devices costs the per-device "
-            "compute plus the ring all-reduce of the gradients, 2(N-1)/N × gradient bytes / bus bandwidth "
-            "(with NCCL's latencies and the wait for the slowest device). With BUSI's small batches "
+            "## What the scaling model predicts for this machine\n\nA step on N devices costs the "
+            "per-device compute plus the ring all-reduce of the gradients, 2(N-1)/N × gradient bytes / bus "
+            "bandwidth (with NCCL's latencies and the wait for the slowest device). From the 1-device "
+            "run's measured compute and its gradient size, `python -m bcjax.timing.scaling_model predict` "
+            "gives the step time, speedup and efficiency on this machine's interconnect: on a 2-GPU "
+            "runtime, compare its 2-device row with the measured one above. With BUSI's small batches "
             "the compute per device shrinks as N grows while the all-reduce does not, which is why the "
             "study saw little or no speedup."
         ),
         v4.new_code_cell(
-            "import json\n"
-            "from bcjax.timing import scaling_model\n"
-            'rows = json.loads((out / "scaling.json").read_text())["rows"] if (out / "scaling.json").exists() else []\n'
-            'one = next((r for r in rows if r.get("devices") == 1), None)\n'
-            "# On one device a step is all compute; the breakdown's figure is preferred when it ran.\n"
-            'compute_ms = one and (one.get("compute_ms") or one.get("step_ms"))\n'
-            'if not compute_ms or not one.get("gradient_bytes"):\n'
-            '    print("No single-device step time in the table (CV mode, or no 1-device run).")\n'
+            "from bcjax import scaling\n\n"
+            "def gradient_mb(run_dir):\n"
+            '    """float32 gradient size of a run\'s model, from its checkpoint, read in a CPU process:\n'
+            '    this kernel leaves the accelerator to the study\'s runs."""\n'
+            '    code = ("import sys, jax; from bcjax.train import checkpoint; print(4 * sum(p.size for p in "\n'
+            '            "jax.tree.leaves(checkpoint.read_params(sys.argv[1]))))")\n'
+            '    child = subprocess.run([sys.executable, "-c", code, str(run_dir / "checkpoints")],\n'
+            '                           env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, check=True)\n'
+            "    return int(child.stdout.split()[-1]) / 1e6\n\n"
+            'one_dir = out / "dev1" / ("fold_0" if cv_folds else "")  # the 1-device run (its first fold)\n'
+            'if not (one_dir / "results.json").is_file():\n'
+            '    print("No 1-device run: nothing to predict from.")\n'
             "else:\n"
-            '    compute = scaling_model.ComputeModel.proportional(compute_ms / 1e3, one["per_device_batch"])\n'
-            '    table = scaling_model.strong_scaling_table(compute, one["gradient_bytes"], one["global_batch"],\n'
-            "                                               devices=[1, 2, 4, 8], link=INTERCONNECT)\n"
-            "    print(scaling_model.interconnect(INTERCONNECT).note)\n"
-            "    display(Markdown(scaling_model.format_markdown(table)))"
+            "    one = scaling.row_from_run(scaling.read_run(one_dir))\n"
+            "    # On one device a step is all compute; the breakdown's figure is preferred when it ran.\n"
+            '    compute_ms = one["compute_ms"] or one["step_ms"]\n'
+            '    predict = [sys.executable, "-m", "bcjax.timing.scaling_model", "predict",\n'
+            '               f"--grad-mb={gradient_mb(one_dir):.3f}",\n'
+            "               f\"--per-image-ms={compute_ms / one['per_device_batch']:.4f}\",\n"
+            "               f\"--link={link}\", f\"--devices={'1,2' if two_gpus else '1,2,4,8'}\",\n"
+            "               f\"--global-batch={one['global_batch']}\"]\n"
+            '    print(" ".join(predict))\n'
+            "    print(subprocess.run(predict, env=env, capture_output=True, text=True, check=True).stdout)"
         ),
     ]
     return cells
 
 
 def write(name, cells):
+    # Fixed cell ids: regenerating an unchanged notebook leaves the file unchanged.
+    for i, cell in enumerate(cells):
+        cell.id = f"{pathlib.Path(name).stem}-{i}"
     nb = v4.new_notebook(cells=cells)
     nb.metadata.update(
         {

@@ -1,13 +1,18 @@
 """bcjax's training step on the CPU with and without the XLA:CPU convolution fix, beside PyTorch.
 
-    python tools/cpu_step_bench.py --torch-python /work/torchvenv/bin/python \\
-        --out /tmp/cpu_step_bench.jsonl
+    python tools/cpu_step_bench.py --torch-python "$TORCH_VENV/bin/python" \\
+        --out cpu_step_bench.jsonl
+
+(any Python with torch installed, e.g. a separate virtual environment; the
+BCJAX_TORCH_PYTHON environment variable is the default for --torch-python).
 
 For each case (model, width, image size; batch 32) it builds the step a run
 builds (bcjax.parallel.strategies.build_steps, "shard_map" on a 1-device mesh,
-normalisation on device, no augmentation) twice: with the models' default
-``cpu_conv=True`` ("fixed") and with ``cpu_conv=False`` ("unfixed", plain
-lax.conv_general_dilated). PyTorch's step runs in a separate process
+normalisation on device; no augmentation unless --augment: a run's step
+augments, which costs more on XLA:CPU, see BUILD_NOTES) twice: with the models' default
+``cpu_conv=True`` ("fixed": layers.cpu_friendly_conv and layers.max_pool) and
+with ``cpu_conv=False`` ("unfixed", plain lax.conv_general_dilated and
+nn.max_pool). PyTorch's step runs in a separate process
 (tools/torch_cpu_step.py) with its own Python. The three are timed in rounds,
 each round running every variant for about --round-s seconds in a rotating
 order (A B C, B C A, ...), so that load from other work on the machine falls on
@@ -52,10 +57,17 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="fixed,unfixed,torch")
     p.add_argument(
         "--torch-python",
-        default=None,
-        help="a Python with torch and torchvision (omit to skip PyTorch)",
+        default=os.environ.get("BCJAX_TORCH_PYTHON"),
+        help="a Python with torch (torchvision too for mobilenet_v2); omit to skip "
+        "PyTorch (default: $BCJAX_TORCH_PYTHON)",
     )
     p.add_argument("--threads", type=int, default=2, help="PyTorch threads")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="bcjax's step with the default on-device augmentation, as a run trains "
+        "(PyTorch's step has none)",
+    )
     p.add_argument("--out", default=None, help="append one JSON line per case here")
     return p.parse_args(argv)
 
@@ -63,7 +75,9 @@ def parse_args(argv=None):
 class BcjaxStep:
     """A compiled bcjax train step and its (donated) state."""
 
-    def __init__(self, name: str, width: float, size: int, batch: int, cpu_conv: bool):
+    def __init__(
+        self, name: str, width: float, size: int, batch: int, cpu_conv: bool, augment: bool = False
+    ):
         import jax
         import jax.numpy as jnp
 
@@ -81,11 +95,16 @@ class BcjaxStep:
             steps_per_epoch=100, num_epochs=1, optimizer="sgd", learning_rate=0.01, momentum=0.9
         )
         self.state = state_lib.create_train_state(model, tx, 0, size, mesh)
-        steps = strategies.build_steps("shard_map", mesh, model)
+        # augment_cfg={} is the default augmentation (configs/default.py's, through
+        # bcjax.data.augment.settings).
+        steps = strategies.build_steps(
+            "shard_map", mesh, model, augment_cfg={} if augment else None
+        )
         self.batch = steps.shard_batch(random_batch(batch, size))
         self.rng = jax.random.key(0)
         t0 = time.perf_counter()
-        self.compiled = steps.train_step.lower(self.state, self.batch, self.rng).compile()
+        self.lowered = steps.train_step.lower(self.state, self.batch, self.rng)
+        self.compiled = self.lowered.compile()
         self.compile_s = time.perf_counter() - t0
         self._block = jax.block_until_ready
         self.run(1)  # first execution (allocations) not timed
@@ -217,7 +236,9 @@ def main(argv=None):
                     args.torch_python, name, width, size, args.batch, args.threads
                 )
             else:
-                runners[v] = BcjaxStep(name, width, size, args.batch, cpu_conv=v == "fixed")
+                runners[v] = BcjaxStep(
+                    name, width, size, args.batch, cpu_conv=v == "fixed", augment=args.augment
+                )
         try:
             times = time_case(runners, args.rounds, args.round_s)
         finally:

@@ -1,8 +1,9 @@
 """PyTorch's CPU training step, for side-by-side timing with bcjax (tools/cpu_step_bench.py).
 
-Runs in a separate Python that has torch and torchvision (not a bcjax dependency):
+Runs in a separate Python that has torch (not a bcjax dependency; torchvision
+only for mobilenet_v2), e.g. a virtual environment made for it:
 
-    /path/to/torch-venv/bin/python tools/torch_cpu_step.py --model resnet18 --width 64 --size 64
+    $TORCH_VENV/bin/python tools/torch_cpu_step.py --model resnet18 --width 64 --size 64
 
 What a PyTorch user gets by default: eager, float32, NCHW, BatchNorm in train mode,
 cross-entropy, SGD with momentum 0.9, random data. ResNet-18 at stem width 64 is
@@ -22,21 +23,38 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.models.resnet import BasicBlock
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock (two 3x3 convs, projection shortcut when the
+    shape changes), written out so that ResNet-18 needs torch alone."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + identity)
 
 
 def resnet18(width: int, num_classes: int) -> nn.Module:
-    if width == 64:
-        return torchvision.models.resnet18(num_classes=num_classes)
+    """torchvision's resnet18 (same modules, order and initialisation) at stage
+    widths w, 2w, 4w, 8w; width 64 is torchvision's own."""
 
     def stage(cin, cout, stride):
-        shortcut = None
-        if stride != 1 or cin != cout:
-            shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-        return nn.Sequential(BasicBlock(cin, cout, stride, shortcut), BasicBlock(cout, cout))
+        return nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout))
 
     w = width
     model = nn.Sequential(
@@ -65,6 +83,8 @@ def build(name: str, width: int, num_classes: int) -> nn.Module:
     if name == "resnet18":
         return resnet18(width, num_classes)
     if name == "mobilenet_v2":
+        import torchvision  # only this model needs it
+
         return torchvision.models.mobilenet_v2(num_classes=num_classes)
     raise ValueError(f"unknown model {name!r}")
 

@@ -2,10 +2,11 @@
 
 Two halves, run in two environments (torch and jax never share one here):
 
-    # 1. with torch + torchvision (e.g. /work/torchvenv): random torchvision models
-    #    with non-trivial BatchNorm, their state_dicts, an input batch, fp32 logits,
-    #    and the key/shape manifest used by tests/test_convert.py
-    python tools/torchvision_check.py export --dir /tmp/tv_check \
+    # 1. with torch + torchvision (not bcjax dependencies: a virtual environment of
+    #    their own, here $TORCH_VENV): random torchvision models with non-trivial
+    #    BatchNorm, their state_dicts, an input batch, fp32 logits, and the key/shape
+    #    manifest used by tests/test_convert.py
+    $TORCH_VENV/bin/python tools/torchvision_check.py export --dir /tmp/tv_check \
         [--manifest tests/data/torchvision_keys.json]
 
     # 2. with bcjax (jax + flax, no torch): convert, run, compare

@@ -8,7 +8,9 @@ the training step alone, as compiled for the run (normalisation on device;
 ``--augment`` adds the on-device augmentation). Each case compiles once and
 then times ``--steps`` synchronised steps after ``--warmup``; one line per
 case as it finishes, a Markdown table at the end, CSV and JSON in ``--out``.
-``--input`` adds the host input pipeline's throughput (bcjax.data.throughput).
+``--input`` adds the host input pipeline's throughput (bcjax.data.throughput),
+``--compile-cache`` cold vs warm compiles of each case, ``--clinical`` the
+clinical report's time: figures that unit tests must not assert.
 On a CPU, device counts above 1 are simulated: the output says so.
 
 ``--ablate`` times instead, on one device, a ladder of steps from a plain
@@ -18,7 +20,8 @@ NaN/Inf guard, shard_map) cost. Writes ablation.csv/.json/.md.
 
 The package: bcjax.benchmark.cli (flags, the loop over cases, ``--ablate``,
 ``--input``), bcjax.benchmark.steps (one case built and timed),
-bcjax.benchmark.report (rows, tables, anchors, ring-model predictions, files).
+bcjax.benchmark.report (rows, tables, anchors, scaling-model predictions, files),
+bcjax.benchmark.fixed_costs (the clinical report's time, cold vs warm compiles).
 Their names are importable from ``bcjax.benchmark``; nothing here imports JAX.
 """
 
@@ -28,6 +31,11 @@ from bcjax.benchmark.cli import (  # noqa: F401  (part of this package's API)
     measure_input,
     parse_args,
     run_ablation,
+)
+from bcjax.benchmark.fixed_costs import (  # noqa: F401  (part of this package's API)
+    clinical_line,
+    compile_cache_lines,
+    measure_clinical,
 )
 from bcjax.benchmark.report import (  # noqa: F401  (part of this package's API)
     COLUMNS,

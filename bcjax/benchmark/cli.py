@@ -4,7 +4,8 @@ The command line of ``python -m bcjax.benchmark`` (see bcjax.benchmark): flags
 (``parse_args``), the loop over cases with its printed lines and tables
 (``main``), ``--ablate``'s step ladder (``run_ablation``) and ``--input``'s host
 pipeline throughput (``measure_input``). Cases are built and timed in
-bcjax.benchmark.steps, tables and files written by bcjax.benchmark.report.
+bcjax.benchmark.steps, tables and files written by bcjax.benchmark.report, the
+clinical report's time and cold/warm compiles reported by bcjax.benchmark.fixed_costs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from bcjax.benchmark import fixed_costs
 from bcjax.benchmark.report import (
     COLUMNS,
     anchor_rows,
@@ -46,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", default="1", help="device counts, comma separated")
     p.add_argument("--strategy", default="shard_map", choices=("shard_map", "pmap", "jit"))
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--width", type=int, default=None, help="ResNet stem width (tiny tests)")
@@ -56,6 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compile-cache",
         action="store_true",
         help="also time cold/warm compiles with a persistent cache (2 more compiles)",
+    )
+    p.add_argument(
+        "--clinical",
+        action="store_true",
+        help="also time the clinical report (bootstrap) on a BUSI-sized test part "
+        "(alone: --models= --clinical)",
     )
     p.add_argument(
         "--profile",
@@ -72,7 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--anchors",
         default=None,
         metavar="JSONL",
-        help="JSON lines of ../shared/bench/anchor_step.py from the same machine: adds ratios",
+        help="JSON lines {fw, model, batch, img_s} of other frameworks' steps timed on the "
+        "same machine (e.g. tools/torch_cpu_step.py's): adds ratios",
     )
     p.add_argument(
         "--ablate",
@@ -260,15 +269,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     )
                 rows.append(row)
                 print(case_line(row) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+                if not row.get("error"):
+                    for line in fixed_costs.compile_cache_lines(model_name, results[-1]):
+                        print("  " + line, flush=True)
+                    # Timing relations a quiet machine keeps (unit tests do not ask them).
+                    for problem in breakdown.check(results[-1], tolerance=0.25):
+                        print(f"  NOTE, a noisy measurement? {problem}", flush=True)
                 if args.out:  # after every case: a run cut short keeps what it measured
                     write_outputs(
                         pathlib.Path(args.out), header, simulated, args, rows, results, {}
                     )
                 gc.collect()
 
-    table = markdown_table(rows)
-    print()
-    print(table)
+    if rows:
+        print()
+        print(markdown_table(rows))
     if simulated:
         print("\n(timings simulated: CPU devices sharing one host)")
     extra = {}
@@ -276,10 +291,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if links:
         preds = ring_predictions(rows, links)
         if preds:
-            extra["ring_model"] = preds
+            extra["scaling_predictions"] = preds
+            extra["ring_model"] = preds  # the old name (before scaling_model), for old readers
             print(
-                "\nRing all-reduce prediction (same per-device batch; measured 1-device compute, "
-                "stated interconnect assumptions):"
+                "\nRing all-reduce prediction (bcjax.timing.scaling_model; same per-device batch, "
+                "measured 1-device compute, stated interconnect assumptions):"
             )
             print(
                 markdown_table(
@@ -322,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         )
     if args.input:
         extra["input"] = measure_input(args)
+    if args.clinical:
+        extra["clinical"] = fixed_costs.measure_clinical()
+        print("\n" + fixed_costs.clinical_line(extra["clinical"]), flush=True)
 
     if args.out:
         write_outputs(pathlib.Path(args.out), header, simulated, args, rows, results, extra)

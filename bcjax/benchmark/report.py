@@ -1,7 +1,7 @@
 """The benchmark's tables and files: one row per case (``COLUMNS``, ``to_row``),
 the line printed per case (``case_line``), Markdown tables (``markdown_table``),
-the anchors' ratios (``load_anchors``, ``anchor_rows``), the ring model's
-scaling predictions (``ring_predictions``) and benchmark.csv/.json/.md
+the anchors' ratios (``load_anchors``, ``anchor_rows``), the scaling
+predictions of bcjax.timing.scaling_model (``ring_predictions``) and benchmark.csv/.json/.md
 (``write_outputs``). Nothing here compiles or times anything.
 """
 
@@ -31,6 +31,8 @@ COLUMNS = (
     "allreduce_ms",
     "lower_s",
     "compile_s",
+    "compile_cold_s",
+    "compile_warm_s",
     "gflop_per_device_step",
     "tflop_s_per_device",
     "utilisation",
@@ -49,6 +51,7 @@ def to_row(model_name: str, r: dict, args) -> dict:
     train = r["compile"]["train_step"]
     flops = r.get("flops_per_device_step")
     achieved = r.get("achieved_flops_per_s_per_device")
+    cache = (r.get("compile_cache") or {}).get("train_step") or {}  # --compile-cache
     return {
         "model": model_name,
         "strategy": r["strategy"],
@@ -68,6 +71,8 @@ def to_row(model_name: str, r: dict, args) -> dict:
         "allreduce_ms": ms((r.get("allreduce_s") or {}).get("median")),
         "lower_s": round(train["lower_s"], 2),
         "compile_s": round(train["compile_s"], 2),
+        "compile_cold_s": _rounded(cache.get("cold_compile_s"), 2),
+        "compile_warm_s": _rounded(cache.get("warm_compile_s"), 2),
         "gflop_per_device_step": None if flops is None else round(flops / 1e9, 3),
         "tflop_s_per_device": None if achieved is None else round(achieved / 1e12, 4),
         "utilisation": None if r.get("utilisation") is None else round(r["utilisation"], 4),
@@ -81,6 +86,10 @@ def to_row(model_name: str, r: dict, args) -> dict:
         "simulated": r["simulated"],
         "error": None,
     }
+
+
+def _rounded(v, digits: int):
+    return None if v is None else round(v, digits)
 
 
 def _fmt(v) -> str:

@@ -13,9 +13,12 @@ from bcjax.data import busi
 
 
 def _model_kwargs(name: str, args) -> dict:
-    if name.startswith("resnet"):
-        return {} if args.width is None else {"width": args.width}
-    return {} if args.width_multiplier is None else {"width_multiplier": args.width_multiplier}
+    """The width the command line gives the model's family; none = the zoo's default."""
+    # Here: bcjax.models brings flax, and this module imports no JAX until a case runs.
+    from bcjax.models import family
+
+    knob = family.width_of(name, width=args.width, width_multiplier=args.width_multiplier)
+    return {field: value for field, value in knob.items() if value is not None}
 
 
 # The benchmark times BUSI's setting: its classes.

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bcjax import files, report, stats
+from bcjax import files, report, specs, stats
 from bcjax.cv import study_report as cv_report
 from bcjax.cv.study_report import REPORT_METRICS, STAT_COLUMNS
 
@@ -104,10 +104,11 @@ def run_cross_validation(
     from bcjax.train import loop
     from bcjax.train.workdir import check_workdir, move_old_run_aside
 
-    folds = int(config.cv.folds)
+    run_specs = specs.from_config(config)  # the config's one reading; folds get configs
+    folds, only_fold = run_specs.data.cv_folds, run_specs.data.cv_fold
     if folds < 2:
         raise ValueError(f"config.cv.folds={folds}: cross-validation needs at least 2 folds.")
-    if config.split_manifest:
+    if run_specs.data.split_manifest:
         # A fixed manifest would give every fold the same train/val split.
         raise CrossValidationError(
             "config.split_manifest and config.cv.folds >= 2 exclude each other: the folds "
@@ -117,27 +118,27 @@ def run_cross_validation(
     workdir = pathlib.Path(workdir).expanduser().resolve()
     check_workdir(workdir)
     # Resolved once for all folds (the synthetic set is generated here once).
-    source = datasets.resolve_source(config, workdir)
+    source = datasets.resolve_source(run_specs.data, workdir)
     plan = {
         "folds": folds,
-        "split_seed": config.split_seed,
-        "test_fraction": config.split_fractions[2],
+        "split_seed": run_specs.data.split_seed,
+        "test_fraction": run_specs.data.split_fractions[2],
         "source": source,
-        "config": config.to_dict(),
+        "config": run_specs.config,
     }
     if is_main:
         files.write_json(plan, workdir / PLAN_FILE, default=str)
     log.info(
         "[cv] %d-fold cross-validation of %s on %s data (%s) in %s",
         folds,
-        config.model,
+        run_specs.model.name,
         source["dataset"],
         source["path"],
         workdir,
     )
 
     trained_times = []
-    for k in [config.cv.fold] if config.cv.fold >= 0 else range(folds):
+    for k in [only_fold] if only_fold >= 0 else range(folds):
         cfg = fold_config(config, k, source)
         wd = fold_dir(workdir, k)
         if (wd / "results.json").exists():
@@ -152,7 +153,7 @@ def run_cross_validation(
                 )
                 continue
             except CrossValidationError:
-                if not config.fresh_start:
+                if not run_specs.run.fresh_start:
                     raise
                 if is_main:  # the fold's old run goes aside; the loop trains it afresh
                     move_old_run_aside(wd)
@@ -183,7 +184,7 @@ def run_cross_validation(
         return None
     if not all((fold_dir(workdir, k) / "results.json").exists() for k in range(folds)):
         log.info(
-            "[cv] fold %d is done; the report follows once all %d folds are.", config.cv.fold, folds
+            "[cv] fold %d is done; the report follows once all %d folds are.", only_fold, folds
         )
         return None
     summary = aggregate(workdir)

@@ -1,5 +1,6 @@
-"""Labelled ultrasound images: BUSI's folder/zip, class folders, a CSV; the
-synthetic set, splits, the Grain pipeline and the TFDS builder.
+"""Labelled ultrasound images: BUSI's folder/zip, class folders, a CSV (PNG, JPEG or
+DICOM files, bcjax.data.dicom); the synthetic set, splits, the Grain pipeline and the
+TFDS builder.
 
 Submodules are imported on use (``from bcjax.data import pipeline``) so that
 reading folders does not pull in Grain or TFDS.

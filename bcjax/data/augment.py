@@ -14,33 +14,26 @@ import math
 import jax
 import jax.numpy as jnp
 
+from bcjax import specs
+
 # ImageNet statistics: keep torchvision-pretrained weights valid. On BUSI-like
 # images (mean ~0.3, std ~0.2) they still give roughly zero mean, unit scale.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-DEFAULTS = {
-    "enabled": True,
-    "crop_scale": (0.6, 1.0),  # fraction of the image area kept by the crop
-    "crop_ratio": (3 / 4, 4 / 3),  # crop aspect ratio range (log-uniform)
-    "flip": True,
-    "rotate_deg": 10.0,
-    "brightness": 0.2,  # additive, in units of the full intensity range
-    "contrast": 0.2,  # multiplicative about the image mean: factor in [1 - c, 1 + c]
-}
-
-
-def _get(cfg, name):
-    if cfg is None:
-        return DEFAULTS[name]
-    if isinstance(cfg, dict):
-        return cfg.get(name, DEFAULTS[name])
-    return getattr(cfg, name, DEFAULTS[name])  # ml_collections.ConfigDict and friends
-
 
 def settings(cfg=None) -> dict:
-    """cfg (dict, ConfigDict or None) completed with DEFAULTS, as plain Python values."""
-    out = {k: _get(cfg, k) for k in DEFAULTS}
+    """config.augment's fields as plain Python values: enabled, crop_scale (fraction of
+    the image area the crop keeps), crop_ratio (its aspect ratio range, log-uniform),
+    flip, rotate_deg, brightness (additive, in units of the full range), contrast
+    (a factor in [1 - c, 1 + c] about the image mean).
+
+    cfg: a dict or ConfigDict of them, as bcjax.specs.DataSpec.augment gives every
+    one; fields it lacks (all, for None) take configs/default.py's values, the one
+    place they are written.
+    """
+    given = {} if cfg is None else dict(cfg)  # dict() takes a ConfigDict too
+    out = {**specs.defaults().data.augment, **given}
     out["crop_scale"] = tuple(float(v) for v in out["crop_scale"])
     out["crop_ratio"] = tuple(float(v) for v in out["crop_ratio"])
     return out
@@ -55,23 +48,30 @@ def normalize(images_uint8) -> jax.Array:
 def _bilinear(image, ys, xs):
     """image [H, W, C] sampled at float pixel coordinates; zero outside the image.
 
-    Gathers rows of the flattened [H*W, C] image with 1-D indices: on CPU this
-    is several times faster than indexing with (y, x) pairs.
+    One gather: the image, padded by one zero pixel on every side, becomes a
+    table whose row (i, j) holds padded pixels (i, j), (i, j+1), (i+1, j) and
+    (i+1, j+1), i.e. the four taps of a sample with floor (i-1, j-1). Built
+    from slices, it is gathered once with 1-D row indices. On XLA:CPU four row
+    gathers of the image (one per tap) made the augmentation cost about three
+    times as much inside the quickstart's train step, and gathering with
+    (y, x) index pairs is slower still.
     """
     h, w, c = image.shape
-    flat = image.reshape(h * w, c)
+    padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0)))
+    taps = (padded[:-1, :-1], padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:])
+    table = jnp.concatenate(taps, axis=-1).reshape((h + 1) * (w + 1), 4 * c)
     y0f, x0f = jnp.floor(ys), jnp.floor(xs)
     wy, wx = (ys - y0f)[..., None], (xs - x0f)[..., None]
     y0, x0 = y0f.astype(jnp.int32), x0f.astype(jnp.int32)
-
-    def tap(yi, xi):
-        inside = ((yi >= 0) & (yi < h) & (xi >= 0) & (xi < w))[..., None]
-        idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
-        v = jnp.take(flat, idx.reshape(-1), axis=0).reshape(idx.shape + (c,)).astype(jnp.float32)
-        return jnp.where(inside, v, 0.0)
-
-    top = tap(y0, x0) * (1 - wx) + tap(y0, x0 + 1) * wx
-    bottom = tap(y0 + 1, x0) * (1 - wx) + tap(y0 + 1, x0 + 1) * wx
+    # A floor in [-1, H-1] x [-1, W-1] has a table row (taps outside the image
+    # read the zero border); any other sample has all four taps outside.
+    inside = ((y0 >= -1) & (y0 < h) & (x0 >= -1) & (x0 < w))[..., None]
+    idx = (jnp.clip(y0, -1, h - 1) + 1) * (w + 1) + jnp.clip(x0, -1, w - 1) + 1
+    rows = jnp.take(table, idx.reshape(-1), axis=0).reshape(idx.shape + (4 * c,))
+    rows = jnp.where(inside, rows.astype(jnp.float32), 0.0)
+    v00, v01, v10, v11 = (rows[..., k * c : (k + 1) * c] for k in range(4))
+    top = v00 * (1 - wx) + v01 * wx
+    bottom = v10 * (1 - wx) + v11 * wx
     return top * (1 - wy) + bottom * wy
 
 
@@ -123,13 +123,16 @@ def augment_one(image_uint8, key, cfg=None) -> jax.Array:
 def augment_batch(images_uint8, keys, cfg=None) -> jax.Array:
     """uint8 [B, H, W, C] + keys [B] -> normalised float32 [B, H, W, C].
 
-    cfg fields (see DEFAULTS): enabled, crop_scale, crop_ratio, flip, rotate_deg,
-    brightness, contrast. With enabled=False this is normalize(images).
+    cfg fields: see `settings`. With enabled=False this is normalize(images).
     """
     s = settings(cfg)
     if not s["enabled"]:
         return normalize(images_uint8)
     x = jax.vmap(lambda im, k: augment_one(im, k, s))(jnp.asarray(images_uint8), keys)
+    # XLA:CPU fuses the resampling's blend into both consumers of the batch in
+    # the train step (the stem convolution and its kernel gradient's transposed
+    # input), so the blend runs twice. A jax.lax.optimization_barrier here does
+    # not stop that: the compiled CPU step is the same with it (jax 0.10.2).
     return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
 
 

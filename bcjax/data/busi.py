@@ -170,12 +170,24 @@ def synthetic_info(root) -> dict | None:
     return json.loads(path.read_text())
 
 
+def _dicom(path):
+    """bcjax.data.dicom when ``path`` is a DICOM file, else None (imported on use: pydicom)."""
+    from bcjax.data import dicom
+
+    return dicom if dicom.is_dicom(path) else None
+
+
 def image_size(path) -> tuple[int, int]:
     """(width, height) after checking that the file decodes as an image.
 
     verify() walks every PNG chunk and its CRC without decompressing: it catches
     text files, truncated and corrupted files at a fraction of a decode's cost.
+    A DICOM file's header is checked instead (bcjax.data.dicom.read_info): the
+    size is that of its ultrasound region where it has one.
     """
+    dicom = _dicom(path)
+    if dicom is not None:
+        return dicom.image_size(path)
     try:
         with Image.open(path) as im:
             size = im.size
@@ -200,7 +212,7 @@ def scan_class_folder(
         if f.is_dir():
             warnings.warn(f"ignoring unexpected folder {f}", stacklevel=3)
             continue
-        if f.suffix.lower() not in IMAGE_SUFFIXES:
+        if f.suffix.lower() not in IMAGE_SUFFIXES and _dicom(f) is None:
             warnings.warn(f"ignoring non-image file {f}", stacklevel=3)
             continue
         stem = f.stem
@@ -278,7 +290,12 @@ def to_uint8_rgb(im: Image.Image) -> np.ndarray:
 
 
 def read_image(path) -> np.ndarray:
-    """uint8 [H, W, 3]; BusiError naming the file when it does not decode."""
+    """uint8 [H, W, 3]; BusiError naming the file when it does not decode.
+
+    DICOM: one frame, cropped to its ultrasound region (bcjax.data.dicom.read_rgb)."""
+    dicom = _dicom(path)
+    if dicom is not None:
+        return dicom.read_rgb(path)
     try:
         with Image.open(path) as im:
             im.load()

@@ -1,11 +1,13 @@
-"""From a config to decoded train/val/test arrays, with the split manifest.
+"""From a run's data spec to decoded train/val/test arrays, with the split manifest.
 
 The dataset choice is made here once per run and recorded: `busi` needs the
 user's copy, `synthetic` takes the BUSI-like set from the cache shared by all
 workdirs (generating it there once), `auto` takes BUSI where it is found and
 otherwise falls back to the synthetic set, loudly, because numbers from
 generated images must never pass for BUSI's. `folder` (one sub-folder per
-class) and `csv` (config.data_csv) read the user's own data. The class names
+class) and `csv` (config.data_csv) read the user's own data. Every function
+takes the run's `bcjax.specs.DataSpec` (config fields under their config names;
+`cv_folds`/`cv_fold` are config.cv.folds/fold), never the config. The class names
 and their order come from the data (bcjax.data.readers) and travel with it:
 RunData.class_names, and the manifest's meta["class_names"].
 """
@@ -19,7 +21,8 @@ import pathlib
 
 from bcjax import files
 from bcjax.config_check import ConfigError
-from bcjax.data import busi, pipeline, readers, splits, synthetic
+from bcjax.data import busi, pipeline, readers, splits
+from bcjax.specs import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +53,13 @@ class RunData:
     positive_class: str = busi.CLASSES[-1]  # the class 2-class reports call positive
 
 
-def _field(config, name: str, default):
-    # Configs saved before a field existed (results.json of older runs) lack it.
-    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
-
-
-def _synthetic_source(config, workdir: pathlib.Path) -> dict:
+def _synthetic_source(data: DataSpec, workdir: pathlib.Path) -> dict:
     """The synthetic set from the cache, checked against the one this workdir used before."""
-    options = dict(
-        mark=_field(config, "synthetic_mark", ""),
-        mark_prob=_field(config, "synthetic_mark_prob", 0.9),
-    )
-    num, seed = config.synthetic_num, config.synthetic_seed
+    # Here, not at the top: runs on BUSI or the user's own data never load the generator.
+    from bcjax.data import synthetic
+
+    options = dict(mark=data.synthetic_mark, mark_prob=data.synthetic_mark_prob)
+    num, seed = data.synthetic_num, data.synthetic_seed
     info = synthetic.set_info(num, seed, **options)
     other_settings = busi.BusiError(
         f"{workdir / 'synthetic'} records a synthetic set generated with other settings "
@@ -96,7 +94,7 @@ def _synthetic_source(config, workdir: pathlib.Path) -> dict:
         f", planted mark {options['mark']!r}" if options["mark"] else "",
         root,
     )
-    warning = SYNTHETIC_WARNING if config.dataset == "auto" else None
+    warning = SYNTHETIC_WARNING if data.dataset == "auto" else None
     if warning:
         log.warning("\n%s\n%s\n%s", "!" * 78, warning, "!" * 78)
     return {
@@ -107,14 +105,14 @@ def _synthetic_source(config, workdir: pathlib.Path) -> dict:
     }
 
 
-def resolve_source(config, workdir: pathlib.Path) -> dict:
+def resolve_source(data: DataSpec, workdir: pathlib.Path) -> dict:
     """Which images this run trains on; takes the synthetic set from the cache when needed."""
     workdir = pathlib.Path(workdir)
-    if config.dataset == "folder":
-        root = pathlib.Path(config.data_dir).expanduser()
+    if data.dataset == "folder":
+        root = pathlib.Path(data.data_dir).expanduser()
         if not root.is_dir():
             raise busi.BusiError(
-                f"config.dataset='folder' but config.data_dir={config.data_dir!r} is not a "
+                f"config.dataset='folder' but config.data_dir={data.data_dir!r} is not a "
                 "folder: expected one sub-folder of images per class."
             )
         warning = (
@@ -123,17 +121,17 @@ def resolve_source(config, workdir: pathlib.Path) -> dict:
             else None
         )
         return {"dataset": "folder", "path": str(root), "warning": warning}
-    if config.dataset == "csv":
-        path = pathlib.Path(_field(config, "data_csv", "")).expanduser()
+    if data.dataset == "csv":
+        path = pathlib.Path(data.data_csv).expanduser()
         if not path.is_file():
             raise busi.BusiError(
                 f"config.dataset='csv' but config.data_csv={str(path)!r} is not a file."
             )
         return {"dataset": "csv", "path": str(path), "warning": None}
-    found = busi.find_busi(config.data_dir) if config.dataset in ("auto", "busi") else None
-    if config.dataset == "busi" and found is None:
+    found = busi.find_busi(data.data_dir) if data.dataset in ("auto", "busi") else None
+    if data.dataset == "busi" and found is None:
         raise busi.BusiError(
-            f"config.dataset='busi' but no BUSI data was found at {config.data_dir!r}: "
+            f"config.dataset='busi' but no BUSI data was found at {data.data_dir!r}: "
             f"expected a Dataset_BUSI_with_GT folder, a folder holding it, or its zip."
         )
     if found is not None:
@@ -147,27 +145,25 @@ def resolve_source(config, workdir: pathlib.Path) -> dict:
                     f"{root} holds the SYNTHETIC set written by bcjax.data.synthetic, not BUSI."
                 ),
             }
-        if _field(config, "synthetic_mark", ""):
+        if data.synthetic_mark:
             raise busi.BusiError(
-                f"config.synthetic_mark={config.synthetic_mark!r} plants a mark in the "
+                f"config.synthetic_mark={data.synthetic_mark!r} plants a mark in the "
                 f"synthetic set, but BUSI was found at {root}; use config.dataset='synthetic'."
             )
         return {"dataset": "busi", "path": str(root), "warning": None}
-    return _synthetic_source(config, workdir)
+    return _synthetic_source(data, workdir)
 
 
-def read_source(config, source: dict) -> readers.LabelledSet:
+def read_source(data: DataSpec, source: dict) -> readers.LabelledSet:
     """The examples and class names of a resolved source, in config.class_names' order if given."""
     return readers.read(
-        _READER[source["dataset"]],
-        source["path"],
-        class_names=tuple(_field(config, "class_names", ())),
+        _READER[source["dataset"]], source["path"], class_names=tuple(data.class_names)
     )
 
 
-def positive_class(config, class_names) -> str:
+def positive_class(data: DataSpec, class_names) -> str:
     """config.positive_class, or the last class when it is empty; ConfigError if not a class."""
-    name = _field(config, "positive_class", "")
+    name = data.positive_class
     if not name:
         return class_names[-1]
     if name not in class_names:
@@ -178,8 +174,9 @@ def positive_class(config, class_names) -> str:
     return name
 
 
-def _check_against_data(config, labelled: readers.LabelledSet) -> None:
-    weights = tuple(config.class_weights)
+def _check_against_data(
+    data: DataSpec, labelled: readers.LabelledSet, weights: tuple[float, ...]
+) -> None:
     if weights and len(weights) != len(labelled.class_names):
         raise ConfigError(
             f"config.class_weights has {len(weights)} weights but the data has "
@@ -189,31 +186,57 @@ def _check_against_data(config, labelled: readers.LabelledSet) -> None:
         "folder",
         "csv",
     ):  # BUSI's classes are large; the synthetic set's sized by config
-        if config.cv.folds >= 2:
+        if data.cv_folds >= 2:
             parts, what = (
-                config.cv.folds + 1,
-                f"{config.cv.folds}-fold cross-validation with a test part",
+                data.cv_folds + 1,
+                f"{data.cv_folds}-fold cross-validation with a test part",
             )
         else:
             parts, what = 3, "a train/val/test split"
         readers.check_class_sizes(labelled, parts, what)
 
 
-def prepare(config, workdir, *, manifest_path=None) -> RunData:
+def record_labelled(meta: dict, labelled: readers.LabelledSet) -> None:
+    """Adds to a manifest's meta what the reader folded and what its DICOM files held
+    (header facts only: bcjax.data.dicom.FileInfo.record), and logs one line per
+    DICOM file worth a word (cropped, burned-in text without a region, not US, cine)."""
+    if labelled.label_variants:
+        meta["label_variants"] = labelled.label_variants
+    if labelled.dicom_files:
+        from bcjax.data import dicom
+
+        meta["dicom"] = {name: info.record() for name, info in labelled.dicom_files.items()}
+        for line in dicom.notices(labelled.dicom_files):
+            log.info("DICOM %s", line)
+        risky = [n for n, i in labelled.dicom_files.items() if i.burned_in and i.crop is None]
+        if risky:
+            log.warning(
+                "%d DICOM file(s) have burned-in annotation and no ultrasound region to crop "
+                "(e.g. %s): text in the image is a shortcut risk (see the clinical report's "
+                "probes).",
+                len(risky),
+                risky[0],
+            )
+
+
+def prepare(
+    data: DataSpec, workdir, *, manifest_path=None, class_weights: tuple[float, ...] = ()
+) -> RunData:
     """Scans, splits (or reloads a manifest) and decodes the images once.
 
     The manifest actually used is saved in the workdir, so every run can be
     reproduced by passing it back as config.split_manifest. Its meta records
-    the class names and where the images came from.
+    the class names and where the images came from. class_weights (the
+    optimiser's, one per class or empty) are checked against the data's classes.
     """
     workdir = pathlib.Path(workdir)
     cache = workdir / "cache"
-    source = resolve_source(config, workdir)
-    labelled = read_source(config, source)
+    source = resolve_source(data, workdir)
+    labelled = read_source(data, source)
     examples, class_names = list(labelled.examples), labelled.class_names
-    positive = positive_class(config, class_names)
-    _check_against_data(config, labelled)
-    given = config.split_manifest or (
+    positive = positive_class(data, class_names)
+    _check_against_data(data, labelled, tuple(class_weights))
+    given = data.split_manifest or (
         manifest_path if manifest_path and pathlib.Path(manifest_path).exists() else ""
     )
     if given:
@@ -233,9 +256,9 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
                 f"data has {list(class_names)}; set config.class_names to match."
             )
         manifest.setdefault("meta", {})["class_names"] = list(class_names)
-        everything = pipeline.load_arrays(examples, config.image_size, cache_dir=cache)
-    elif config.cv.folds >= 2:
-        if config.cv.fold < 0:
+        everything = pipeline.load_arrays(examples, data.image_size, cache_dir=cache)
+    elif data.cv_folds >= 2:
+        if data.cv_fold < 0:
             raise ValueError(
                 "config.cv.fold is -1 (all folds): run bcjax.cv.run_cross_validation, "
                 "which trains one fold at a time."
@@ -244,34 +267,35 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
         # every fold is scored on the same held-out images.
         # One decode per image for both the duplicate hashes and the arrays.
         everything, hashes = pipeline.load_arrays_and_phashes(
-            examples, config.image_size, cache_dir=cache
+            examples, data.image_size, cache_dir=cache
         )
         manifest = splits.kfold_split(
             examples,
-            config.cv.folds,
-            config.cv.fold,
-            seed=config.split_seed,
-            test_fraction=config.split_fractions[2],
-            exclude_conflicts=config.exclude_conflicts,
+            data.cv_folds,
+            data.cv_fold,
+            seed=data.split_seed,
+            test_fraction=data.split_fractions[2],
+            exclude_conflicts=data.exclude_conflicts,
             hashes=hashes,
             class_names=class_names,
         )
     else:
         # One decode per image for both the duplicate hashes and the arrays.
         everything, hashes = pipeline.load_arrays_and_phashes(
-            examples, config.image_size, cache_dir=cache
+            examples, data.image_size, cache_dir=cache
         )
         manifest = splits.make_split(
             examples,
-            seed=config.split_seed,
-            fractions=tuple(config.split_fractions),
-            exclude_conflicts=config.exclude_conflicts,
+            seed=data.split_seed,
+            fractions=tuple(data.split_fractions),
+            exclude_conflicts=data.exclude_conflicts,
             hashes=hashes,
             class_names=class_names,
         )
     manifest["meta"]["source"] = {
         k: source[k] for k in ("dataset", "path", "synthetic_set") if k in source
     }
+    record_labelled(manifest["meta"], labelled)
     parts = {name: everything.select(manifest[name]) for name in ("train", "val", "test")}
     log.info(
         "Data: %s at %s; classes %s; train %d, val %d, test %d images at %d px.",
@@ -281,7 +305,7 @@ def prepare(config, workdir, *, manifest_path=None) -> RunData:
         len(parts["train"].labels),
         len(parts["val"].labels),
         len(parts["test"].labels),
-        config.image_size,
+        data.image_size,
     )
     return RunData(
         manifest=manifest, source=source, class_names=class_names, positive_class=positive, **parts

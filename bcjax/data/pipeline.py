@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from bcjax import files
-from bcjax.data import splits
+from bcjax.data import busi, splits
 from bcjax.data.busi import BusiError, Example, to_uint8_rgb
 
 CACHE_VERSION = 1
@@ -78,6 +78,14 @@ def decode_resize(path, image_size: int) -> np.ndarray:
 def _decode_resize(path, image_size: int, *, with_phash: bool) -> tuple[np.ndarray, int | None]:
     """decode_resize's array and, with_phash, splits.phash_file's hash from the same decode."""
     phash = None
+    if busi._dicom(path) is not None:  # a DICOM frame, cropped (bcjax.data.dicom)
+        rgb = busi.read_image(path)
+        if with_phash:
+            phash = splits.phash_image(Image.fromarray(rgb))
+        small = Image.fromarray(rgb).resize(
+            (image_size, image_size), Image.BILINEAR, reducing_gap=3.0
+        )
+        return np.asarray(small), phash
     try:
         with Image.open(path) as im:
             if with_phash:

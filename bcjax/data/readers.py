@@ -15,6 +15,17 @@ the data or from the caller:
 
 Given ``class_names``, that order is used instead, and data of a class not
 named there is an error (an unknown label), as is a named class without images.
+
+Labels (CSV values, folder names) that differ only in letter case or surrounding
+whitespace are one class: ``Benign``, ``benign`` and ``benign `` are folded into the
+spelling ``class_names`` uses, else the one with most images (the first in sorted
+order on a tie), with a warning; ``LabelledSet.label_variants`` records the
+spellings and their counts (the manifest keeps them).
+
+DICOM files (bcjax.data.dicom) are images like any other. Where an example has no
+group (a CSV without a ``group`` value, or a folder), a DICOM file's PatientID,
+else its StudyInstanceUID, becomes its group as a salted hash, so one patient's
+images never straddle splits; ``LabelledSet.dicom_files`` holds their header facts.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import os
 import pathlib
 import warnings
@@ -34,6 +46,8 @@ KINDS = ("busi", "folder", "csv")
 CSV_COLUMNS = ("image", "label", "mask", "group")
 MASK_SEPARATOR = ";"
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class LabelledSet:
@@ -43,6 +57,10 @@ class LabelledSet:
     class_names: tuple[str, ...]
     kind: str  # "busi" | "folder" | "csv"
     path: str  # the BUSI or class folder, or the CSV file
+    # {class: {spelling: images}} for classes found under several spellings (folded).
+    label_variants: dict = dataclasses.field(default_factory=dict)
+    # {example name: dicom.FileInfo} for the DICOM files among the examples.
+    dicom_files: dict = dataclasses.field(default_factory=dict)
 
     def class_counts(self) -> dict[str, int]:
         return busi.class_counts(self.examples, self.class_names)
@@ -67,6 +85,56 @@ def _ordered(found: Sequence[str], class_names: Sequence[str], where: str) -> tu
     return tuple(class_names)
 
 
+def fold_key(label: str) -> str:
+    """What makes two labels one class: equal after stripping and case folding."""
+    return label.strip().casefold()
+
+
+def fold_labels(
+    counts: dict[str, int], class_names: Sequence[str], where: str
+) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """({spelling: class}, {class: {spelling: count}} of the folded ones) for the
+    spellings found (with their image counts); warns once per folded class."""
+    by_key: dict[str, dict[str, int]] = {}
+    for spelling, n in counts.items():
+        by_key.setdefault(fold_key(spelling), {})[spelling] = n
+    named = {fold_key(c): c for c in class_names}
+    to_class, variants = {}, {}
+    for key, spellings in by_key.items():
+        if key in named:
+            chosen = named[key]
+        else:  # most images, then the first in sorted order
+            chosen = min(spellings, key=lambda s: (-spellings[s], s))
+        for spelling in spellings:
+            to_class[spelling] = chosen
+        if len(spellings) > 1 or chosen not in spellings:
+            variants[chosen] = dict(sorted(spellings.items()))
+            listed = ", ".join(f"{s!r} ({n})" for s, n in sorted(spellings.items()))
+            msg = (
+                f"{where}: labels {listed} differ only in letter case or spaces: "
+                f"one class {chosen!r} ({sum(spellings.values())} images)"
+            )
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=3)
+    return to_class, variants
+
+
+def with_dicom_groups(examples: Sequence[Example]) -> tuple[list[Example], dict]:
+    """``examples`` with the DICOM ones' empty groups set from their headers, and
+    {name: dicom.FileInfo} of those; BusiError naming a DICOM file that cannot be used."""
+    out, infos = [], {}
+    for ex in examples:
+        if busi._dicom(ex.image_path) is not None:
+            from bcjax.data import dicom
+
+            info = dicom.read_info(ex.image_path)
+            infos[ex.name] = info
+            if not ex.group and info.group:
+                ex = dataclasses.replace(ex, group=info.group)
+        out.append(ex)
+    return out, infos
+
+
 def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     names = tuple(class_names)
     if len(set(names)) != len(names) or not all(isinstance(c, str) and c.strip() for c in names):
@@ -82,26 +150,31 @@ def read_busi(root, *, class_names: Sequence[str] = (), verify: bool = True) -> 
     ``class_names`` (a permutation of its three classes)."""
     class_names = _check_class_names(class_names)
     folder = busi.resolve_root(root)
-    examples = busi.scan(folder, verify=verify)
+    examples, infos = with_dicom_groups(busi.scan(folder, verify=verify))
     if not class_names or class_names == busi.CLASSES:
-        return LabelledSet(tuple(examples), busi.CLASSES, "busi", str(folder))
+        return LabelledSet(tuple(examples), busi.CLASSES, "busi", str(folder), dicom_files=infos)
     order = _ordered(busi.CLASSES, class_names, str(folder))
     new_label = [order.index(c) for c in busi.CLASSES]
     relabelled = sorted(
         (dataclasses.replace(ex, label=new_label[ex.label]) for ex in examples),
         key=lambda ex: ex.label,
     )  # stable: natural order within a class
-    return LabelledSet(tuple(relabelled), order, "busi", str(folder))
+    return LabelledSet(tuple(relabelled), order, "busi", str(folder), dicom_files=infos)
 
 
 # ----------------------------------------------------------------------------- class folders
 
 
-def read_folder(root, *, class_names: Sequence[str] = (), verify: bool = True) -> LabelledSet:
+def read_folder(
+    root, *, class_names: Sequence[str] = (), verify: bool = True, min_classes: int = 2
+) -> LabelledSet:
     """One sub-folder per class (ImageFolder); sub-folder names are the class names.
 
     Files directly in ``root`` are ignored with a warning; folders inside a
-    class folder are too (as for BUSI).
+    class folder are too (as for BUSI). Folders whose names differ only in case or
+    spaces (``Benign/``, ``benign/``) are one class (see the module doc); an
+    example's name keeps its own folder's name. ``min_classes``: 1 for a set
+    that is only scored (bcjax.evaluate), 2 for training.
     """
     class_names = _check_class_names(class_names)
     root = pathlib.Path(root).expanduser()
@@ -122,15 +195,21 @@ def read_folder(root, *, class_names: Sequence[str] = (), verify: bool = True) -
             )
     if not dirs:
         raise BusiError(f"no class folders in {root}: expected one sub-folder of images per class")
-    order = _ordered(list(dirs), class_names, str(root))
-    if len(order) < 2:
+    scanned = {name: busi.scan_class_folder(d, 0, name, verify) for name, d in dirs.items()}
+    to_class, variants = fold_labels(
+        {name: len(found) for name, found in scanned.items()}, class_names, str(root)
+    )
+    order = _ordered(sorted(set(to_class.values())), class_names, str(root))
+    if len(order) < min_classes:
         raise BusiError(
             f"only one class folder ({order[0]!r}) in {root}: classification needs two or more"
         )
     examples = []
     for label, name in enumerate(order):
-        examples.extend(busi.scan_class_folder(dirs[name], label, name, verify))
-    return LabelledSet(tuple(examples), order, "folder", str(root))
+        for folder_name in sorted(f for f in scanned if to_class[f] == name):
+            examples.extend(dataclasses.replace(ex, label=label) for ex in scanned[folder_name])
+    examples, infos = with_dicom_groups(examples)
+    return LabelledSet(tuple(examples), order, "folder", str(root), variants, infos)
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -153,7 +232,9 @@ def _name(path: pathlib.Path, base: pathlib.Path) -> str:
         return absolute.as_posix()
 
 
-def read_csv(csv_path, *, class_names: Sequence[str] = (), verify: bool = True) -> LabelledSet:
+def read_csv(
+    csv_path, *, class_names: Sequence[str] = (), verify: bool = True, min_classes: int = 2
+) -> LabelledSet:
     """The rows of a CSV (columns image, label[, mask, group]) as examples.
 
     Errors name the CSV and the line (the header is line 1): a missing or
@@ -198,7 +279,7 @@ def read_csv(csv_path, *, class_names: Sequence[str] = (), verify: bool = True) 
             raise BusiError(f"{where}: empty image path")
         if not value["label"]:
             raise BusiError(f"{where}: empty label (image {value['image']!r})")
-        if class_names and value["label"] not in class_names:
+        if class_names and fold_key(value["label"]) not in {fold_key(c) for c in class_names}:
             raise BusiError(
                 f"{where}: unknown label {value['label']!r}; config.class_names lists "
                 f"{', '.join(map(repr, class_names))}"
@@ -245,15 +326,19 @@ def read_csv(csv_path, *, class_names: Sequence[str] = (), verify: bool = True) 
                     "masks never enter as images"
                 )
 
-    order = _ordered(sorted({label for _, _, label, _, _ in rows}), class_names, str(path))
-    if len(order) < 2:
+    spellings: dict[str, int] = {}
+    for _, _, label, _, _ in rows:
+        spellings[label] = spellings.get(label, 0) + 1
+    to_class, variants = fold_labels(spellings, class_names, str(path))
+    order = _ordered(sorted(set(to_class.values())), class_names, str(path))
+    if len(order) < min_classes:
         raise BusiError(
             f"CSV {path} has one label only ({order[0]!r}): classification needs two or more"
         )
     examples = [
         Example(
             name=_name(image, base),
-            label=order.index(label),
+            label=order.index(to_class[label]),
             image_path=str(image),
             mask_paths=tuple(str(m) for m in masks),
             group=group,
@@ -261,7 +346,8 @@ def read_csv(csv_path, *, class_names: Sequence[str] = (), verify: bool = True) 
         for _, image, label, masks, group in rows
     ]
     examples.sort(key=lambda ex: (ex.label, busi._natural_key(ex.name)))
-    return LabelledSet(tuple(examples), order, "csv", str(path))
+    examples, infos = with_dicom_groups(examples)
+    return LabelledSet(tuple(examples), order, "csv", str(path), variants, infos)
 
 
 # ----------------------------------------------------------------------------- any
@@ -286,12 +372,24 @@ def _holds_busi_classes(folder: pathlib.Path) -> bool:
     return set(busi.CLASSES) <= names
 
 
-def read(kind: str, path, *, class_names: Sequence[str] = (), verify: bool = True) -> LabelledSet:
-    """The examples at ``path`` by reader ``kind`` ("busi", "folder", "csv")."""
-    readers = {"busi": read_busi, "folder": read_folder, "csv": read_csv}
+def read(
+    kind: str,
+    path,
+    *,
+    class_names: Sequence[str] = (),
+    verify: bool = True,
+    min_classes: int = 2,
+) -> LabelledSet:
+    """The examples at ``path`` by reader ``kind`` ("busi", "folder", "csv").
+
+    min_classes: the fewest classes a folder or CSV may have (1: a set that is only
+    scored, such as an external set of cancers; training needs 2)."""
+    if kind == "busi":
+        return read_busi(path, class_names=class_names, verify=verify)
+    readers = {"folder": read_folder, "csv": read_csv}
     if kind not in readers:
         raise ValueError(f"unknown reader {kind!r}; choose one of {', '.join(KINDS)}")
-    return readers[kind](path, class_names=class_names, verify=verify)
+    return readers[kind](path, class_names=class_names, verify=verify, min_classes=min_classes)
 
 
 def check_class_sizes(labelled: LabelledSet, parts: int, what: str) -> None:

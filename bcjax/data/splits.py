@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from bcjax import files
+from bcjax.data import busi
 from bcjax.data.busi import CLASSES, BusiError, Example
 
 SPLITS = ("train", "val", "test")
@@ -93,9 +94,14 @@ def phash_file(path) -> int:
         if key in _HASH_CACHE:
             return _HASH_CACHE[key]
     try:
-        with Image.open(path) as im:
-            im.draft("L", (64, 64))  # JPEG decodes at reduced size; PNG ignores it
-            h = phash_image(im)
+        if busi._dicom(path) is not None:  # its frame and crop, as the pipeline decodes it
+            h = phash_image(Image.fromarray(busi.read_image(path)))
+        else:
+            with Image.open(path) as im:
+                im.draft("L", (64, 64))  # JPEG decodes at reduced size; PNG ignores it
+                h = phash_image(im)
+    except BusiError:
+        raise
     except Exception as e:
         raise BusiError(f"not a decodable image: {path} ({type(e).__name__}: {e})") from e
     with _HASH_LOCK:

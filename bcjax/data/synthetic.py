@@ -26,6 +26,7 @@ the public API (all of those names stay importable from here), ``generate``,
 ``cached`` and the CLI.
 
     python -m bcjax.data.synthetic --out DIR --num 780 --seed 0 [--mark calliper --mark-prob 0.9]
+    python -m bcjax.data.synthetic --out DIR --num 60 --format dicom   # bcjax.data.synthetic_dicom
 """
 
 from __future__ import annotations
@@ -352,6 +353,13 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument(
+        "--format",
+        choices=("png", "dicom"),
+        default="png",
+        help="'dicom': US DICOM files with region tags and fake patient data "
+        "(bcjax.data.synthetic_dicom)",
+    )
     args = ap.parse_args(argv)
     start = time.perf_counter()
     step = max(1, args.num // 20)
@@ -365,19 +373,24 @@ def main(argv=None) -> None:
                 flush=True,
             )
 
-    path = generate(
-        args.out,
-        args.num,
-        args.seed,
+    options = dict(
         min_size=args.min_size,
         max_size=args.max_size,
         mark=args.mark,
         mark_prob=args.mark_prob,
         mark_placement=args.mark_placement,
-        overwrite=args.overwrite,
         workers=args.workers,
         progress=progress,
     )
+    if args.format == "dicom":
+        from bcjax.data import synthetic_dicom
+
+        target = pathlib.Path(args.out).expanduser() / DATASET_DIRNAME
+        if target.exists() and not args.overwrite:
+            raise SystemExit(f"{target} exists; pass --overwrite to replace it")
+        path = synthetic_dicom.generate_dicom(args.out, args.num, args.seed, **options)
+    else:
+        path = generate(args.out, args.num, args.seed, overwrite=args.overwrite, **options)
     print(file=sys.stderr)
     counts = dict(zip(CLASSES, class_counts(args.num)))
     print(

@@ -22,6 +22,7 @@ from bcjax.clinical import plots as clinical_plots
 from bcjax.clinical.probes import shortcut_flags
 from bcjax.data import datasets, pipeline
 from bcjax.data.busi import Example
+from bcjax.specs import DataSpec
 from bcjax.step import gradcam
 
 SECTIONS = ("calibration", "operating_points", "bootstrap", "grounding", "probes")
@@ -36,9 +37,10 @@ COARSE_NOTE = (
 )
 
 
-def test_examples(config, data: datasets.RunData) -> list[Example]:
-    """The test part's Examples (with their mask paths), in the order of data.test."""
-    by_name = {e.name: e for e in datasets.read_source(config, data.source).examples}
+def test_examples(spec: DataSpec, data: datasets.RunData) -> list[Example]:
+    """The test part's Examples (with their mask paths), in the order of data.test;
+    spec: the run's data spec (bcjax.specs)."""
+    by_name = {e.name: e for e in datasets.read_source(spec, data.source).examples}
     return [by_name[name] for name in data.test.names]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bcjax.models.family import Family, family_of
 from bcjax.models.mobilenet import MobileNetV2, MobileNetV3Large, MobileNetV3Small
 from bcjax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 
@@ -69,7 +70,9 @@ def create(
 
 __all__ = [
     "create",
+    "family_of",  # what differs between ResNets and MobileNets (bcjax.models.family)
     "list_models",
+    "Family",
     "ResNet",
     "MobileNetV2",
     "MobileNetV3Large",

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from bcjax import files
+from bcjax.models.family import family_of
 from bcjax.models.weights_file import StateDict, read_state_dict
 from bcjax.models.weights_file import WeightsFileError as WeightsFileError
 
@@ -371,7 +372,8 @@ def load_pretrained(
             got, want = mine.get(leaf_path), flat.get(leaf_path)
             if got is None or want is None or tuple(np.shape(got)) != want.shape:
                 name = "/".join((collection,) + leaf_path)
-                knob = "width=64" if model_name.startswith("resnet") else "width_multiplier=1.0"
+                fam = family_of(model_name)
+                knob = f"{fam.width_field}={fam.full_width}"
                 raise ValueError(
                     f"variables do not fit the pretrained {model_name} at {name}: variables "
                     f"{None if got is None else tuple(np.shape(got))} vs weights "

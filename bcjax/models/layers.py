@@ -318,6 +318,88 @@ def cpu_friendly_conv(
     return jax.lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
 
 
+# ------------------------------------------------- max pooling on XLA:CPU
+#
+# nn.max_pool's gradient is select_and_scatter, which XLA:CPU expands into a
+# variadic reduce-window carrying four s32 index maps of the padded input, a
+# concatenate of those indices and a scatter: ~20% of ResNet-18's CPU step at
+# 64 px (issue 23, BUILD_NOTES). On CPU the pool here is the elementwise max
+# of its kh*kw strided windows (one fused loop); its gradient routes each
+# output gradient to the first maximal window element, as select_and_scatter
+# with `>=` does, by interior-padded (strided) placement, again fused loops.
+# Same values; gradients equal up to the order of the sums where windows
+# overlap. float32 only; other platforms lower nn.max_pool itself.
+
+
+def _window_max(x, window, strides, padding):
+    """(max over the windows, index of the first maximal element per output)."""
+    xp = jnp.pad(
+        x,
+        ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)),
+        constant_values=-jnp.inf,
+    )
+    taps = _taps(xp, window, strides, ((0, 0), (0, 0)))
+    y = functools.reduce(jnp.maximum, taps)
+    # Last to first, so that the first maximal tap wins.
+    first = jnp.full(y.shape, len(taps) - 1, jnp.int8)
+    for t in range(len(taps) - 2, -1, -1):
+        first = jnp.where(taps[t] == y, jnp.int8(t), first)
+    return y, first
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_cpu(x, window, strides, padding):
+    return _window_max(x, window, strides, padding)[0]
+
+
+def _max_pool_cpu_fwd(x, window, strides, padding):
+    y, first = _window_max(x, window, strides, padding)
+    return y, (first, x.shape)
+
+
+def _max_pool_cpu_bwd(window, strides, padding, residuals, dy):
+    first, (n, h, w, c) = residuals
+    (kh, kw), (sh, sw) = window, strides
+    hp, wp = h + sum(padding[0]), w + sum(padding[1])
+    ho, wo = dy.shape[1:3]
+    zero = jnp.zeros((), dy.dtype)
+    dx = None
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        # Output (a, b) read padded input (i + sh*a, j + sw*b): place it there.
+        placed = jax.lax.pad(
+            jnp.where(first == t, dy, zero),
+            zero,
+            (
+                (0, 0, 0),
+                (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+                (j, wp - j - (wo - 1) * sw - 1, sw - 1),
+                (0, 0, 0),
+            ),
+        )
+        dx = placed if dx is None else dx + placed
+    (top, _), (left, _) = padding
+    return (dx[:, top : top + h, left : left + w, :],)
+
+
+_max_pool_cpu.defvjp(_max_pool_cpu_fwd, _max_pool_cpu_bwd)
+
+
+def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding, cpu: bool = True):
+    """``nn.max_pool`` on NHWC input with explicit ((lo, hi), (lo, hi)) padding;
+    with ``cpu``, float32 input takes the form above when lowered for CPU (see the
+    comment there; other dtypes stay nn.max_pool, as cpu_friendly_conv does)."""
+    plain = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+    # int8 holds the index of the first maximum: up to 127 taps per window.
+    if not cpu or x.ndim != 4 or x.dtype != jnp.float32 or math.prod(window) > 127:
+        return plain(x)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    cpu_form = functools.partial(
+        _max_pool_cpu, window=tuple(window), strides=tuple(strides), padding=padding
+    )
+    return jax.lax.platform_dependent(x, cpu=cpu_form, default=plain)
+
+
 def make_conv(dtype: Dtype, param_dtype: Dtype, cpu_conv: bool = True) -> ModuleDef:
     """nn.Conv partial for the zoo; ``cpu_conv`` selects ``cpu_friendly_conv``
     (same parameters, same results up to float rounding, faster on XLA:CPU)."""

@@ -115,8 +115,10 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     # On XLA:CPU, compute the convolutions it would run in its slow generic loop
-    # (depthwise; kernels larger than the feature map) in an equivalent form
-    # (layers.cpu_friendly_conv). Same parameters; other platforms unaffected.
+    # (depthwise; kernels larger than the feature map) and the stem's max pool
+    # (whose gradient XLA:CPU expands into index maps and a scatter) in
+    # equivalent forms (layers.cpu_friendly_conv, layers.max_pool). Same
+    # parameters; other platforms unaffected.
     cpu_conv: bool = True
 
     @nn.compact
@@ -126,7 +128,7 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = conv(self.width, (7, 7), (2, 2), padding=layers.torch_padding(7), name="conv_init")(x)
         x = nn.relu(norm(name="bn_init")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=layers.torch_padding(3))
+        x = layers.max_pool(x, (3, 3), (2, 2), layers.torch_padding(3), cpu=self.cpu_conv)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 x = self.block_cls(

@@ -27,9 +27,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax.parallel.mesh import DATA_AXIS
+from bcjax.specs import STRATEGIES
 from bcjax.step import steps as step_math
-
-STRATEGIES = ("shard_map", "pmap", "jit")
 
 
 class Steps(NamedTuple):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bcjax.data import augment, busi, pipeline, splits
+from bcjax.data import augment, busi, dicom, pipeline, splits
 from bcjax.predict.overlays import display_image, format_table, save_overlay, title, unique_names
 from bcjax.step import gradcam
 from bcjax.step.gradcam import normalise_maps  # noqa: F401  (part of this module's API)
@@ -71,7 +71,7 @@ _probabilities_jit = jax.jit(_probabilities, static_argnums=0)
 
 
 def find_images(path, exclude: pathlib.Path | None = None) -> list[pathlib.Path]:
-    """A file as itself; a folder as every png/jpg below it, sorted, without BUSI's
+    """A file as itself; a folder as every png/jpg/DICOM below it, sorted, without BUSI's
     ``*_mask*`` files (segmentations, not images) and without anything under ``exclude``."""
     path = pathlib.Path(path).expanduser()
     if not path.exists():
@@ -82,13 +82,13 @@ def find_images(path, exclude: pathlib.Path | None = None) -> list[pathlib.Path]
     found = sorted(
         p
         for p in path.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
+        if p.is_file()
+        and (p.suffix.lower() in IMAGE_SUFFIXES or dicom.is_dicom(p))
         and "_mask" not in p.stem
-        and p.is_file()
         and not (exclude is not None and p.resolve().is_relative_to(exclude))
     )
     if not found:
-        raise PredictError(f"No png/jpg images in the folder {path}.")
+        raise PredictError(f"No png/jpg/DICOM images in the folder {path}.")
     return found
 
 
@@ -140,7 +140,9 @@ class Predictor:
     @classmethod
     def from_workdir(cls, workdir, *, step: int | None = None, batch_size: int = 16) -> Predictor:
         """The run's model (from results.json's config) with its best checkpoint (or ``step``)."""
-        from bcjax.train import checkpoint, loop  # the training stack, only when loading a run
+        from bcjax import specs
+        from bcjax.models import family
+        from bcjax.train import checkpoint  # the training stack, only when loading a run
 
         workdir = pathlib.Path(workdir).expanduser()
         config, best = read_run(workdir)
@@ -150,11 +152,14 @@ class Predictor:
             variables = checkpoint.read_variables(workdir / "checkpoints", step)
         except FileNotFoundError as e:
             raise PredictError(f"The run {workdir} has no usable checkpoint: {e}") from e
-        model = loop.create_model(config, num_classes=len(class_names), dtype=jnp.float32)
+        run_specs = specs.from_config(config)  # an older run's config completed by the defaults
+        model = family.create_model(
+            run_specs.model, num_classes=len(class_names), dtype=jnp.float32
+        )
         return cls(
             model,
             jax.tree.map(jnp.asarray, variables),
-            config.image_size,
+            run_specs.data.image_size,
             batch_size=batch_size,
             class_names=class_names,
             step=step,
@@ -250,8 +255,8 @@ def read_run(workdir) -> tuple[ml_collections.ConfigDict, int | None]:
     if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise PredictError(f"No checkpoint in {ckpt_dir}: the run's checkpoints are missing.")
     # Checkpoints are saved at epoch ends, so the loop's best_epoch gives the step exactly.
-    best = results.get("best_step")
-    if best is None and results.get("best_epoch") is not None and results.get("steps_per_epoch"):
+    best = None
+    if results.get("best_epoch") is not None and results.get("steps_per_epoch"):
         best = results["best_epoch"] * results["steps_per_epoch"]
     return ml_collections.ConfigDict(results["config"]), None if best is None else int(best)
 

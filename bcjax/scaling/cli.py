@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from bcjax import config_check
+from bcjax import config_check, specs
 from bcjax.scaling import paired_cv, runs, tables
 
 DESCRIPTION = "The study's table over device counts: one full training run per count."
@@ -196,14 +196,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args, config, overrides = parse_args(argv)
     devices = sorted({int(x) for x in args.devices.split(",") if x.strip()})
     workdir = pathlib.Path(args.workdir).expanduser().resolve()
-    if config.cv.folds and not args.cv_folds:
+    run_specs = specs.from_config(config)
+    folds = run_specs.data.cv_folds
+    if folds and not args.cv_folds:
         sys.exit(
-            f"error: --config.cv.folds={config.cv.folds} makes every run a cross-validation; "
-            f"use --cv-folds={config.cv.folds} so the tool compares the folds"
+            f"error: --config.cv.folds={folds} makes every run a cross-validation; "
+            f"use --cv-folds={folds} so the tool compares the folds"
         )
     try:
         plan = runs.plan_runs(
-            devices, args.mode, config.global_batch_size, config.learning_rate, args.lr_scaling
+            devices,
+            args.mode,
+            run_specs.run.global_batch_size,
+            run_specs.optimizer.learning_rate,
+            args.lr_scaling,
         )
         # The user's strings go to the children unchanged; the tool's own follow.
         overrides = list(overrides) + (runs.cv_overrides(args.cv_folds) if args.cv_folds else [])

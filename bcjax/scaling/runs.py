@@ -16,6 +16,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from bcjax import specs
+from bcjax.models import family
+
 MODES = ("same_global", "same_per_device")
 CV_DONE = "cv_summary.json"  # written by bcjax.cv once every fold is trained
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -76,14 +79,15 @@ def shared_synthetic_data(config, workdir: pathlib.Path) -> list[str]:
     """
     from bcjax.data import busi, synthetic
 
-    if config.dataset == "busi" or (
-        config.dataset == "auto" and busi.find_busi(config.data_dir) is not None
+    data = specs.from_config(config).data
+    if data.dataset == "busi" or (
+        data.dataset == "auto" and busi.find_busi(data.data_dir) is not None
     ):
         return []
     out = pathlib.Path(workdir) / "data"
     if busi.find_busi(out) is None:
         print(f"[scaling] generating the synthetic BUSI-like set once into {out}", flush=True)
-        synthetic.generate(out, num=config.synthetic_num, seed=config.synthetic_seed)
+        synthetic.generate(out, num=data.synthetic_num, seed=data.synthetic_seed)
     return ["--config.dataset=busi", f"--config.data_dir={out}"]
 
 
@@ -161,25 +165,26 @@ def probe_compute(
 ) -> dict[int, float]:
     """1-device compute seconds per step at each batch, from bcjax.benchmark
     run in a child process (same model, image size, dtype, augmentation)."""
+    run_specs = specs.from_config(config)
+    model = run_specs.model
     cmd = [
         sys.executable,
         "-m",
         "bcjax.benchmark",
-        f"--models={config.model}",
+        f"--models={model.name}",
         f"--batch={','.join(map(str, batches))}",
         "--devices=1",
-        f"--image-size={config.image_size}",
-        f"--dtype={config.dtype}",
+        f"--image-size={run_specs.data.image_size}",
+        f"--dtype={model.dtype}",
         "--steps=10",
         "--warmup=2",
         "--ring=",
         f"--out={out_dir}",
     ]
-    if config.model.startswith("resnet"):
-        cmd.append(f"--width={config.width}")
-    else:
-        cmd.append(f"--width-multiplier={config.width_multiplier}")
-    if config.augment.enabled:
+    knob = family.width_of(model.name, width=model.width, width_multiplier=model.width_multiplier)
+    for field, value in knob.items():  # the one width knob of the model's family
+        cmd.append(f"--{field.replace('_', '-')}={value}")
+    if run_specs.data.augment is not None:
         cmd.append("--augment")
     print(f"[scaling] probing 1-device compute at batches {list(batches)}", flush=True)
     subprocess.run(cmd, check=True, env=child_env(None), timeout=timeout, stdout=subprocess.DEVNULL)

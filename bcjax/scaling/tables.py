@@ -104,11 +104,10 @@ def _gradient_bytes(config: Mapping, num_classes: int) -> int | None:
         import jax.numpy as jnp
 
         import bcjax.models
+        from bcjax.models import family
 
-        kw = (
-            {"width": config["width"]}
-            if config["model"].startswith("resnet")
-            else {"width_multiplier": config["width_multiplier"]}
+        kw = family.width_of(
+            config["model"], width=config["width"], width_multiplier=config["width_multiplier"]
         )
         model = bcjax.models.create(config["model"], num_classes=num_classes, **kw)
         size = int(config.get("image_size", 64))
@@ -128,8 +127,14 @@ def row_from_run(run: Mapping) -> dict:
     n = int(res["num_devices"])
     global_batch = int(res["global_batch_size"])
     # The synchronised breakdown is the cleaner step time; the loop's dispatch
-    # intervals (which include input waits) stand in when it is absent.
-    synced = _get(breakdown, "step_time_s", "median")
+    # intervals (which include input waits) stand in when it is absent. A one-device
+    # breakdown times no step of its own: its step time is the loop's ("step_time_source"
+    # "loop"; older timing.json files lack the key and were synchronised).
+    synced = (
+        _get(breakdown, "step_time_s", "median")
+        if breakdown.get("step_time_source", "synchronised") == "synchronised"
+        else None
+    )
     interval = _get(timing, "step_time_s", "median")
     step = synced or interval
     compute = _get(breakdown, "compute_time_s", "median")

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import optax
 
-OPTIMIZERS = ("sgd", "adamw")
+from bcjax.specs import OPTIMIZERS
 
 
 def decay_mask(params: Any) -> Any:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from bcjax.step import loss_scale as loss_scale_lib
 from bcjax.step.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -107,6 +108,16 @@ def _psum(x, axis_name):
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
+def _scaled(compute_loss: Callable, scale: jax.Array) -> Callable:
+    """``compute_loss`` with its loss (not its aux outputs) multiplied by ``scale``."""
+
+    def scaled(params):
+        loss, aux = compute_loss(params)
+        return loss * scale, aux
+
+    return scaled
+
+
 def train_step_local(
     state: TrainState,
     batch: Batch,
@@ -142,10 +153,19 @@ def train_step_local(
         as finite). Only ``bcjax.timing.ablation`` switches them off, to time
         what they cost; a training run always has both.
 
+    A ``ScaledTrainState`` (float16 compute) gets dynamic loss scaling
+    (``bcjax.step.loss_scale``): the loss is scaled before the backward pass,
+    the summed gradients unscaled in float32 before the optimizer, and an
+    overflowed step is skipped with the scale halved.
+
     Returns ``(new_state, metrics)``; metrics are global scalars:
-      loss (the optimised weighted mean), loss_sum, weight_sum, correct, count,
-      grad_norm (before clipping), grads_finite (bool; False when the loss or
-      any gradient is NaN/Inf, in which case the update was not applied).
+      loss (the optimised weighted mean, unscaled), loss_sum, weight_sum,
+      correct, count, grad_norm (before clipping; 0 on an overflowed step),
+      grads_finite (bool; False when the loss or any gradient is NaN/Inf and
+      that is not a float16 overflow, in which case the update was not
+      applied), overflow (float32 1.0 when a float16 overflow skipped the
+      step, else 0.0), loss_scale (float32, the scale this step used; 1.0
+      without float16).
     """
     aug_key, dropout_key = step_keys(rng, state.step)
     if axis_name is not None:
@@ -168,9 +188,15 @@ def train_step_local(
         loss_sum = jnp.sum(weights * cross_entropy(logits, labels, label_smoothing))
         return loss_sum / global_weight_sum, (logits, updates["batch_stats"], loss_sum)
 
-    grads, (logits, batch_stats, loss_sum) = jax.grad(compute_loss, has_aux=True)(state.params)
+    loss_scale = getattr(state, "loss_scale", None)  # float16 runs only (ScaledTrainState)
+    scaled_loss = compute_loss if loss_scale is None else _scaled(compute_loss, loss_scale.scale)
+    grads, (logits, batch_stats, loss_sum) = jax.grad(scaled_loss, has_aux=True)(state.params)
     if psum_grads and axis_name is not None:
         grads = lax.psum(grads, axis_name)
+    if loss_scale is not None:
+        # Unscaled after the reduction: every device then sees the same sums,
+        # so all take the same skip/scale decision.
+        grads = loss_scale_lib.unscale(grads, loss_scale)
     if sync_batch_stats and axis_name is not None:
         batch_stats = lax.pmean(batch_stats, axis_name)
 
@@ -182,28 +208,50 @@ def train_step_local(
     loss_sum = _psum(loss_sum, axis_name)
     # One pass over the gradients serves the norm and the guard: a NaN or Inf
     # anywhere makes the sum of squares non-finite (so does a norm above ~1e19,
-    # which overflows float32: as good as diverged).
-    grad_sq = sum_of_squares(grads) if grad_norm or nonfinite_guard else None
-    if nonfinite_guard:
-        finite = jnp.isfinite(grad_sq) & jnp.isfinite(loss_sum)
-        # A non-finite step never reaches the state: params, optimizer and BatchNorm
+    # which overflows float32: as good as diverged). With float16 the guard is
+    # not optional: an overflowed step must be skipped.
+    guard = nonfinite_guard or loss_scale is not None
+    grad_sq = sum_of_squares(grads) if grad_norm or guard else None
+    overflow = jnp.asarray(False)
+    if guard:
+        loss_finite = jnp.isfinite(loss_sum)
+        applied = jnp.isfinite(grad_sq) & loss_finite
+        # A skipped step never reaches the state: params, optimizer and BatchNorm
         # statistics stay those of the last good step (the loop then stops or skips).
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
         params, batch_stats = keep(params, state.params), keep(batch_stats, state.batch_stats)
         opt_state = keep(opt_state, state.opt_state)
+        finite = applied
+        if loss_scale is not None:
+            # An overflow of the scaled float16 gradients is expected: skipped
+            # and the scale halved, but not reported as a fault (nan_policy).
+            overflow = loss_scale.is_overflow(loss_finite, jnp.isfinite(grad_sq))
+            finite = applied | overflow
     else:
         finite = jnp.asarray(True)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    if loss_scale is not None:
+        new_state = new_state.replace(loss_scale=loss_scale.update(applied))
+    if grad_norm:
+        # An overflowed step applied no gradient: its norm (Inf/NaN) is reported
+        # as 0 so an epoch's mean stays finite; "overflow" counts those steps.
+        norm = jnp.where(overflow, 0.0, jnp.sqrt(grad_sq))
+    else:
+        norm = jnp.zeros((), jnp.float32)
     metrics = {
         "loss": loss_sum / global_weight_sum,
         "loss_sum": loss_sum,
         "weight_sum": global_weight_sum,
         "correct": _psum(correct, axis_name),
         "count": _psum(jnp.sum(counted), axis_name),
-        "grad_norm": jnp.sqrt(grad_sq) if grad_norm else jnp.zeros((), jnp.float32),
+        "grad_norm": norm,
         "grads_finite": finite,
+        "overflow": overflow.astype(jnp.float32),
+        "loss_scale": (
+            jnp.ones((), jnp.float32) if loss_scale is None else loss_scale.scale
+        ).astype(jnp.float32),
     }
     return new_state, metrics
 

@@ -2,7 +2,8 @@
 
     python -m bcjax.benchmark --ablate --models resnet18,resnet50 --batch 128 --out runs/ablate
 
-The benchmark's anchors (../shared/BENCH.md) are plain steps: float input,
+The benchmark's anchors (``--anchors``: plain Flax and PyTorch steps timed on the
+same machine) are plain steps: float input,
 mean cross-entropy, ``jax.jit``, an optax update, nothing else. bcjax's step
 does more. This module builds a ladder of steps from the same bcjax model,
 each rung adding one thing, and times them side by side:

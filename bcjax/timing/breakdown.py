@@ -72,7 +72,11 @@ DATA_AXIS = "data"
 SIMULATED_NOTE = (
     "timings simulated: the devices are CPU devices sharing one host's cores, "
     "so per-device compute and collective times do not predict N real accelerators "
-    "(see bcjax.timing.ring_model)"
+    "(bcjax.timing.scaling_model predicts N real accelerators from one device's step)"
+)
+ONE_DEVICE_NOTE = (
+    "one device: nothing to separate (compute is the whole step, no collectives), "
+    "so no step was timed again; step times are the loop's own"
 )
 
 
@@ -271,8 +275,12 @@ def from_run(
     timed (synchronised, on a fixed batch, as in ``measure``) and gives FLOPs
     and memory, and the compile times are the loop's. Only what the loop never
     built is compiled here: on more than one device the step without
-    collectives and the gradient-sized all-reduce. On one device nothing is
-    compiled: compute is the step itself and the collective fields are 0.
+    collectives and the gradient-sized all-reduce. On one device there is
+    nothing to separate, and nothing is compiled, traced or timed: compute is
+    the step, the collective fields are 0, and the step times are the loop's
+    own ``step_times`` (``step_time_source``: "loop", where the others are
+    "synchronised"; ``note`` says so). Only a run that timed no steady-state
+    step (``step_times`` empty) has its step timed here.
 
     Args:
       steps: the run's ``Steps`` (``strategies.build_steps``).
@@ -289,7 +297,8 @@ def from_run(
       input_wait_s: the loop's steady-state waits for a batch (warm-up dropped), seconds.
       lowered: the ``Lowered`` of ``compiled``, where the loop kept it; else it
         is taken from JAX's cache of the loop's lowering (no trace, no compile).
-        Needed on one device only, for the pre-optimisation FLOP count.
+        Used on one device only, for the pre-optimisation FLOP count (which
+        one CPU or TPU device skips unless ``lowered`` is given).
       build: ``build(collectives: bool) -> Steps`` as for ``measure``; called
         (with False) only on more than one device.
       warmup, iters, allreduce, dtype: as for ``measure``.
@@ -297,9 +306,23 @@ def from_run(
     Returns ``measure``'s fields plus the loop's own view of the steps:
     ``loop_step_time_s`` and ``input_wait_s`` (stats) and ``exposed_input_s``,
     the part of the mean input wait the loop's step interval shows beyond the
-    synchronised step (0 when the device step hid it).
+    synchronised step (0 when the device step hid it; None on one device,
+    where no step is timed apart from the loop's intervals).
     """
     mesh = steps.mesh
+    if mesh.size == 1 and stats(step_times)["median"] is not None:
+        return _one_device_report(
+            steps,
+            compiled,
+            state,
+            batch,
+            rng,
+            {name: dict(t) for name, t in compile_times.items()},
+            step_times,
+            input_wait_s,
+            lowered=lowered,
+            dtype=dtype,
+        )
     steps_comp = None
     if mesh.size > 1:
         if build is None:
@@ -336,6 +359,89 @@ def from_run(
         beyond_step = max(loop["median"] - result["step_time_s"]["median"], 0.0)
         exposed_input = min(wait["mean"], beyond_step)
     result.update(loop_step_time_s=loop, input_wait_s=wait, exposed_input_s=exposed_input)
+    return result
+
+
+def _one_device_report(
+    steps,
+    compiled,
+    state,
+    batch,
+    rng,
+    compile_times: dict,
+    step_times: Sequence[float],
+    input_wait_s: Sequence[float],
+    *,
+    lowered,
+    dtype: str | None,
+) -> dict:
+    """``from_run``'s report on one device, where there is nothing to separate.
+
+    Compute is the whole step and every collective field is 0, so no step is
+    run again: the step times are the loop's own (its steady-state dispatch
+    intervals, which on one device also hold whatever input wait the device
+    did not hide), and the rest comes from the loop's executable (FLOPs,
+    memory) and its compile record. Nothing is traced, compiled or timed.
+
+    FLOPs are counted once, where the report takes them from: the compiled
+    program, except on GPUs, whose compiled count leaves cuDNN's convolutions
+    out and where the lowered program is counted too. ``flops_lowered`` is
+    None elsewhere: converting the lowered program to count it was most of
+    what this report still cost (about 0.5 s for the quickstart's ResNet-18).
+    """
+    info = devices_lib.describe(list(steps.mesh.devices.flat))
+    gbs = _global_batch_size(batch)
+    loop = stats(step_times)
+    step_s = loop["median"]
+    if lowered is None and info["platform"] == "gpu":
+        # The same jitted function with the same argument types as the loop's
+        # compile: JAX returns its cached lowering (no trace, no compile).
+        base = steps.place_state(state)
+        lowered = steps.train_step.lower(base, steps.shard_batch(batch), rng)
+    params = state.params
+    result = {
+        **info,
+        "strategy": getattr(steps, "strategy", None),
+        "global_batch_size": gbs,
+        "per_device_batch": gbs,
+        "warmup_steps": None,  # the loop's warm-up, dropped from step_times by the caller
+        "timed_steps": loop["n"],
+        "step_time_source": "loop",
+        "step_time_s": loop,
+        "compute_time_s": dict(loop),
+        "exposed_collective_s": 0.0,
+        "exposed_collective_raw_s": 0.0,
+        "exposed_collective_paired_s": 0.0,
+        # The loop dispatches back to back: its intervals are the pipelined step.
+        "pipelined_step_s": step_s,
+        "images_per_s": gbs / step_s,
+        "images_per_s_per_device": gbs / step_s,
+        "images_per_s_pipelined": gbs / step_s,
+        "compile": compile_times,
+        "shares": {"compute": 1.0, "collective": 0.0},
+        "gradient_bytes": devices_lib.tree_bytes(params),
+        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "allreduce_s": stats([0.0]),
+        "allreduce_bus_GBps": None,
+    }
+    result.update(
+        _flops_fields(
+            lowered,
+            compiled,
+            info,
+            step_s,
+            step_s,
+            dtype,
+            jit_global=result["strategy"] == "jit",
+            n=1,
+        )
+    )
+    result["peak_memory_bytes"] = devices_lib.peak_memory_bytes()
+    result["compiled_memory_bytes"] = devices_lib.compiled_memory_bytes(compiled)
+    result["note"] = ONE_DEVICE_NOTE
+    # The input wait is inside the loop's intervals, and with no step timed
+    # apart it cannot be told from the device's step.
+    result.update(loop_step_time_s=loop, input_wait_s=stats(input_wait_s), exposed_input_s=None)
     return result
 
 
@@ -398,6 +504,7 @@ def _measure_compiled(
         "per_device_batch": gbs // n,
         "warmup_steps": warmup,
         "timed_steps": iters,
+        "step_time_source": "synchronised",
         "step_time_s": full,
         "compute_time_s": comp,
         "exposed_collective_s": max(raw_diff, 0.0),

@@ -79,9 +79,10 @@ def _hlo_text(compiled) -> str | None:
 
 
 def _flops_fields(lowered, compiled, info, compute_s, step_s, dtype, *, jit_global, n) -> dict:
-    """FLOPs of one device's step and the utilisation they imply."""
+    """FLOPs of one device's step and the utilisation they imply (``lowered`` None: the
+    compiled count alone)."""
     flops_compiled = safe_cost(compiled)
-    flops_lowered = safe_cost(lowered)
+    flops_lowered = safe_cost(lowered) if lowered is not None else None
     if jit_global and flops_lowered is not None:
         flops_lowered /= n  # plain jit lowers the global program, before partitioning
     note = None
@@ -145,13 +146,15 @@ MAYBE_NONE = (
 )
 
 
-def check(result: Mapping[str, Any], *, tolerance: float = 0.25) -> list[str]:
+def check(result: Mapping[str, Any], *, tolerance: float | None = None) -> list[str]:
     """Problems with a ``measure()`` result (empty list: consistent).
 
-    Every field present; every number >= 0; compute at most the full step
-    (``tolerance`` relative slack for timing noise on a shared machine);
-    lower and compile times > 0. Steps cannot contain compiles by construction:
-    executables are compiled before the first timed call.
+    Every field present; every number >= 0; lower and compile times > 0.
+    Steps cannot contain compiles by construction: executables are compiled
+    before the first timed call. With ``tolerance`` (a fraction), also the
+    timings' own relation: compute at most the full step plus that slack.
+    That one is a statement about the machine's quiet, not the code, so only
+    benchmarks ask it (a loaded machine breaks it: tests leave it out).
     """
     problems = []
     for f in FIELDS:
@@ -173,7 +176,12 @@ def check(result: Mapping[str, Any], *, tolerance: float = 0.25) -> list[str]:
     walk("", {k: v for k, v in result.items() if k != "profile"})
     step = (result.get("step_time_s") or {}).get("median")
     comp = (result.get("compute_time_s") or {}).get("median")
-    if step is not None and comp is not None and comp > step * (1 + tolerance):
+    if (
+        tolerance is not None
+        and step is not None
+        and comp is not None
+        and comp > step * (1 + tolerance)
+    ):
         problems.append(
             f"compute median {comp:.4g} s exceeds step median {step:.4g} s "
             f"by more than {tolerance:.0%}"

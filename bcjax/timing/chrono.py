@@ -16,6 +16,7 @@ import collections
 import contextlib
 import os
 import pathlib
+import threading
 import time
 
 import numpy as np
@@ -52,14 +53,20 @@ def claim_startup_s() -> float:
 @contextlib.contextmanager
 def cache_events():
     """Counts JAX's persistent-compilation-cache events ("cache_hits",
-    "cache_misses", ...) inside the block, via jax.monitoring."""
+    "cache_misses", ...) inside the block, via jax.monitoring.
+
+    Only this thread's: JAX records a compile's events on the thread that
+    compiles, so a compile elsewhere in the process (another thread's) is not
+    counted as this one's.
+    """
     import jax.monitoring as monitoring
 
     counts: collections.Counter = collections.Counter()
     prefix = "/jax/compilation_cache/"
+    thread = threading.get_ident()
 
     def listener(event: str, **kwargs) -> None:
-        if event.startswith(prefix):
+        if event.startswith(prefix) and threading.get_ident() == thread:
             counts[event[len(prefix) :]] += 1
 
     monitoring.register_event_listener(listener)
@@ -81,21 +88,29 @@ def cache_outcome(counts) -> str:
     return "off"
 
 
+def timed_lower(fn, *args) -> tuple:
+    """``(lowered, seconds)`` of ``fn.lower(*args)`` (tracing; Python, holds the GIL)."""
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    return lowered, time.perf_counter() - t0
+
+
+def timed_compile_lowered(lowered) -> tuple:
+    """``(compiled, {"compile_s", "persistent_cache"})`` of ``lowered.compile()``."""
+    with cache_events() as events:
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        t1 = time.perf_counter()
+    return compiled, {"compile_s": t1 - t0, "persistent_cache": cache_outcome(events)}
+
+
 def timed_compile(fn, *args) -> tuple:
     """``(lowered, compiled, {"lower_s", "compile_s", "persistent_cache"})``
     for a jitted ``fn``; persistent_cache: "hit" (a warm compile, read back
     from disk), "miss" (compiled cold) or "off"."""
-    with cache_events() as events:
-        t0 = time.perf_counter()
-        lowered = fn.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    return (
-        lowered,
-        compiled,
-        {"lower_s": t1 - t0, "compile_s": t2 - t1, "persistent_cache": cache_outcome(events)},
-    )
+    lowered, lower_s = timed_lower(fn, *args)
+    compiled, times = timed_compile_lowered(lowered)
+    return lowered, compiled, {"lower_s": lower_s, **times}
 
 
 class Chrono:

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run: train state, data-iterator state and metadata.
 
 Layout: ``<directory>/<step>/{state,data_iter,extra}`` plus Orbax's root
-metadata (the run's identity: model and shape-defining fields).
+metadata (the run's identity, bcjax.specs.identity, and its config).
 
 Retention uses Orbax preservation policies: the latest ``keep_latest``
 checkpoints AND the best ``keep_best`` by a validation metric are kept.
@@ -32,34 +32,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from bcjax import specs
 from bcjax.train.early_stopping import minimised
 
 log = logging.getLogger(__name__)
-
-# What a resumed run must share with the checkpoint: the model, and what a step
-# number means (batch size, image size, data, the classes and their order).
-# Fields are only ever added: identities are compared on the keys both sides
-# have, so the checkpoints of runs written before a field existed still resume.
-IDENTITY_FIELDS = (
-    "model",
-    "width",
-    "width_multiplier",
-    "global_batch_size",
-    "image_size",
-    "dataset",
-    "data_dir",
-    "data_csv",
-    "class_names",
-    "split_seed",
-    "split_fractions",
-    "exclude_conflicts",
-    "synthetic_num",
-    "synthetic_seed",
-    "synthetic_mark",
-    "synthetic_mark_prob",
-    "cv",
-    "pretrained",
-)
 
 
 class CheckpointMismatchError(ValueError):
@@ -73,27 +49,19 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_metadata(config, *, class_names=None) -> dict:
-    """Metadata saved with the checkpoints: the whole config plus the run's
-    identity (``IDENTITY_FIELDS`` present in the config). ``config``: a
-    ConfigDict or a dict.
+    """Metadata saved with the checkpoints: the whole config plus the run's identity
+    (bcjax.specs.identity: the model, and what a step number means). ``config``: a
+    ConfigDict, a dict (an older run's, completed by the defaults) or bcjax.specs.Specs.
 
-    class_names: the classes as read from the data, in label order; they are
-    the identity's "class_names". Without them, config.class_names stands in
-    when it names classes; empty ("from the data") it says nothing, so the key
-    is left out and not compared.
+    Identities are compared on the keys both sides have, so the checkpoints of
+    runs written before a field existed still resume.
+    class_names: the classes as read from the data, in label order.
     """
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    cfg = _json_safe(cfg)
-    identity = {k: cfg[k] for k in IDENTITY_FIELDS if k in cfg}
-    if class_names is not None:
-        identity["class_names"] = [str(c) for c in class_names]
-    elif not identity.get("class_names", True):
-        del identity["class_names"]
-    if cfg.get("model", "").startswith("resnet"):
-        identity.pop("width_multiplier", None)
-    elif "model" in cfg:
-        identity.pop("width", None)
-    return {"identity": identity, "config": cfg}
+    run_specs = config if isinstance(config, specs.Specs) else specs.from_config(config)
+    return {
+        "identity": _json_safe(specs.identity(run_specs, class_names=class_names)),
+        "config": _json_safe(run_specs.config),
+    }
 
 
 def check_identity(saved: Mapping | None, current: Mapping | None) -> None:

@@ -4,45 +4,50 @@ Steps are pure jitted functions (bcjax.parallel.strategies); this module feeds
 them, keeps the time, evaluates, logs, checkpoints and writes the summary.
 Only process 0 writes files; every process runs the same steps.
 
-`train_and_evaluate` reads top down through its phases:
+`train_and_evaluate` reads top down:
 
-    set_up          workdir, data, mesh, steps, state (restored when resuming): run_setup.py
-    train_epochs    compile, then per epoch: steps, evaluation, log, early stop, checkpoint
-    evaluate_best   the best checkpoint on the test and validation parts
-    outputs         predictions, plots, timing.json and, last, results.json: outputs.py
+    set_up          the frozen RunContext, the train state and Progress (run_setup.py)
+    train           compile, then one loop over the steps; at each epoch's end:
+                    validate, log, decide on early stopping, checkpoint
+    evaluate_best   the best checkpoint on the test part (bcjax.eval.evaluators),
+                    with the clinical report; then the timing breakdown
+    outputs         predictions, plots, timing.json and, last, results.json (outputs.py)
 
 A finished run (every epoch trained, or stopped early) skips training: `re_evaluate`.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bcjax import report
 from bcjax.data import pipeline
-from bcjax.eval import accumulators, clinical_outputs
+from bcjax.eval import accumulators, evaluators
 from bcjax.eval import metrics as metrics_lib
 from bcjax.parallel import strategies
-from bcjax.timing import breakdown
 from bcjax.timing import chrono as chrono_lib
+from bcjax.train import console as console_lib
 from bcjax.train import outputs
 from bcjax.train.periodic import itstime
+from bcjax.train.run_setup import Progress, RunContext, set_up
+from bcjax.train.workdir import WorkdirError
 
-# Also reached through this module (bcjax.main's error messages, bcjax.predict's model).
-from bcjax.train.run_setup import (
-    Run,
-    create_model,  # noqa: F401
-    set_up,
-)
-from bcjax.train.workdir import WorkdirError  # noqa: F401
+__all__ = [
+    "Interrupted",
+    "NonFiniteError",
+    "WorkdirError",  # what bcjax.main reports as a message, not a traceback
+    "evaluate_best",
+    "re_evaluate",
+    "train",
+    "train_and_evaluate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,38 +63,18 @@ class NonFiniteError(FloatingPointError):
     """The loss or gradients became NaN/Inf and config.nan_policy is "stop"."""
 
 
-def evaluate(
-    steps,
-    state,
-    data: pipeline.ArraySet,
-    global_batch_size: int,
-    class_names,
-    *,
-    positive_class: str | None = None,
-    with_arrays: bool = False,
-):
-    """Every example exactly once (padding masked out); a report dict.
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What training leaves for the evaluators after it: the final state, the compiled
+    train step with the host batch it was compiled for (the breakdown times them), and
+    the compiled eval step (None when no part had a batch to compile it for), and the
+    seconds each checkpoint save blocked the loop (its write may still be running)."""
 
-    class_names: what the labels index (the data's); positive_class: the one a
-    2-class report calls positive (default the last).
-    with_arrays: also {"names", "labels", "probs"} in the order of `data`.
-    """
-    accumulator = accumulators.EvalAccumulator(
-        len(class_names), list(class_names), positive_class=positive_class
-    )
-    for batch in pipeline.eval_batches(
-        data, global_batch_size, jax.process_index(), jax.process_count()
-    ):
-        out = steps.eval_step(state, steps.shard_batch(batch))
-        accumulator.update(out["logits"], out["label"], out["valid"], loss=out["loss"])
-    if not with_arrays:
-        return accumulator.compute()
-    arrays = accumulator.arrays()
-    return accumulator.compute(), {
-        "names": np.asarray(data.names),
-        "labels": np.asarray(arrays["labels"]),
-        "probs": np.asarray(arrays["probs"]),
-    }
+    state: Any
+    executable: Any
+    host_batch: dict
+    eval_step: Any = None
+    save_s: tuple[float, ...] = ()
 
 
 # ------------------------------------------------------------------ the run
@@ -106,308 +91,366 @@ def train_and_evaluate(config, workdir, *, on_epoch_end: OnEpochEnd | None = Non
     """
     chrono = chrono_lib.Chrono(startup_s=chrono_lib.claim_startup_s())
     with chrono.phase("setup"):
-        run = set_up(config, workdir, chrono)
+        ctx, state, progress = set_up(config, workdir, chrono)
     try:
-        if run.is_complete:
+        if ctx.first_step >= ctx.total_steps or progress.stopped is not None:
             log.info(
-                "The run in %s is complete; evaluating its best checkpoint again.", run.workdir
+                "The run in %s is complete; evaluating its best checkpoint again.", ctx.workdir
             )
-            return re_evaluate(run)
-        train_epochs(run, on_epoch_end)
+            return re_evaluate(ctx, state, progress)
+        trained = train(ctx, state, progress, on_epoch_end)
         # A resumed run adds the time its earlier processes took to reach the
         # checkpoint it resumed from (work they did after it is redone, not counted twice).
         walls = {
-            "train_wall_s": run.progress.wall_before_s + chrono.elapsed_s(),
+            "train_wall_s": progress.wall_before_s + chrono.elapsed_s(),
             "train_wall_s_this_process": chrono.elapsed_s(),
         }
         # Now too, so that a kill in the test or the breakdown loses no timing.
-        outputs.write_timing(run, {**chrono.summary(), **walls})
+        outputs.write_timing(ctx, {**chrono.summary(), **walls})
         with chrono.phase("test"):
-            best = evaluate_best(run)
-        if config.timing_breakdown:  # after the test, so wall_time_s is the run's own
+            best = evaluate_best(ctx, trained.state, eval_step=trained.eval_step, final_state=True)
+        if ctx.specs.run.timing_breakdown:  # after the test, so wall_time_s is the run's own
             with chrono.phase("breakdown"):
-                measure_breakdown(run)
+                chrono.record("breakdown", breakdown_of(ctx, trained).run(trained.state))
+        # The last checkpoint's write ran beside the test; it is on disk before the outputs.
+        finish_checkpoint_writes(ctx, trained.save_s)
         results = outputs.summarize(
-            run, best, walls["train_wall_s"], walls["train_wall_s_this_process"]
+            ctx, progress, best, walls["train_wall_s"], walls["train_wall_s_this_process"]
         )
         with chrono.phase("outputs"):
-            outputs.write_outputs(run, best)
-        outputs.write_timing(run, {**chrono.summary(), **walls})
-        outputs.write_results(run, results)  # last: its presence means the run is complete
+            outputs.write_outputs(ctx, progress, best)
+        outputs.write_timing(ctx, {**chrono.summary(), **walls})
+        outputs.write_results(ctx, results)  # last: its presence means the run is complete
         return results
     finally:
-        run.close()
+        ctx.close()
 
 
-def re_evaluate(run: Run) -> dict:
+def re_evaluate(ctx: RunContext, state, progress: Progress) -> dict:
     """A finished run's best checkpoint scored again; the trained process's timing is kept."""
-    best = evaluate_best(run)
-    walls = outputs.previous_walls(run.workdir)
+    best = evaluate_best(ctx, state)
+    walls = outputs.previous_walls(ctx.workdir)
+    elapsed = ctx.chrono.elapsed_s()
     results = outputs.summarize(
-        run,
+        ctx,
+        progress,
         best,
-        walls.get("wall_time_s", run.progress.wall_before_s + run.chrono.elapsed_s()),
-        walls.get("wall_time_s_this_process", run.chrono.elapsed_s()),
+        walls.get("wall_time_s", progress.wall_before_s + elapsed),
+        walls.get("wall_time_s_this_process", elapsed),
     )
-    outputs.write_outputs(run, best)
-    outputs.write_results(run, results)
+    outputs.write_outputs(ctx, progress, best)
+    outputs.write_results(ctx, results)
     return results
 
 
 # ------------------------------------------------------------------ training
 
 
-def train_epochs(run: Run, on_epoch_end: OnEpochEnd | None = None) -> None:
-    """Compiles the train step, then trains from the resumed epoch to the last or an early stop."""
-    config, chrono = run.config, run.chrono
-    rng = jax.random.key(config.seed)
+def train(ctx: RunContext, state, progress: Progress, on_epoch_end: OnEpochEnd | None = None):
+    """Compiles the train step, then trains from the resumed step to the last or an early
+    stop; returns `Trained`. `progress` is updated in place (and checkpointed with the state)."""
+    run, chrono = ctx.specs.run, ctx.chrono
+    rng = jax.random.key(run.seed)
     with chrono.phase("data"):
-        to_device = _batch_to_device(run)
-    with chrono.phase("compile"):  # apart from the steps, so that no step time includes it
-        run.first_host_batch = next(run.train_iter)
-        batch = to_device(run.first_host_batch)
-        train_step = chrono.compile("train_step", run.steps.train_step, run.state, batch, rng)
-        run.train_executable = train_step  # the breakdown times it again, compiling nothing
-    started = (time.perf_counter(), run.step)
-    with chrono.phase("train"):
-        for epoch in range(run.step // run.steps_per_epoch + 1, config.num_epochs + 1):
-            epoch_start = time.perf_counter()
-            train_metrics, skipped = _train_one_epoch(
-                run, train_step, to_device, batch, rng, epoch, started
-            )
-            batch = None  # the first batch is the first epoch's
-            record = {
-                "epoch": epoch,
-                "lr": float(run.schedule(run.step)),
-                "epoch_time_s": time.perf_counter() - epoch_start,
-                "train": train_metrics,
-                "skipped_steps": run.progress.skipped_steps + skipped,
-            }
-            if itstime(epoch, config.eval_every_epochs, config.num_epochs):
-                with chrono.phase("eval"):
-                    record["val"] = evaluate(
-                        run.steps,
-                        run.state,
-                        run.data.val,
-                        config.global_batch_size,
-                        run.data.class_names,
-                        positive_class=run.data.positive_class,
-                    )
-                _log_epoch(record)
-            _end_epoch(run, record)
-            if on_epoch_end is not None and on_epoch_end(record):
-                run.ckpt.wait_until_finished()
-                raise Interrupted(f"stopped after epoch {epoch} (on_epoch_end)")
-            if run.progress.stopped:
-                break
-    with chrono.phase("checkpoint"):
-        run.ckpt.wait_until_finished()
-    chrono.record("checkpoints_saved", run.checkpoints_saved)
-
-
-def _batch_to_device(run: Run) -> Callable[[dict], dict]:
-    """Host batch -> the train step's input; with the images on the devices, only indices cross."""
-    if not run.images_on_device:
-        return run.steps.shard_batch
-    add_images = strategies.on_device_images(run.data.train.images, run.mesh)
-    return lambda host_batch: add_images(run.steps.shard_batch(host_batch))
-
-
-def _train_one_epoch(
-    run: Run, train_step, to_device, batch, rng, epoch: int, started: tuple[float, int]
-) -> tuple[dict, int]:
-    """The epoch's steps: its train metrics and how many steps were skipped for NaN/Inf.
-
-    batch: the first step's input when already on the devices, else None.
-    started: (time, step) when this process began training, for the rate and the ETA.
-    """
-    config, chrono = run.config, run.chrono
-    accumulator = accumulators.TrainAccumulator()
-    skipped, pending_check = 0, None
-    for _ in range(run.steps_per_epoch):
-        if batch is None:
-            with chrono.input_wait():
-                batch = to_device(next(run.train_iter))
-        run.state, step_metrics = train_step(run.state, batch, rng)
-        batch = None
-        accumulator.update(step_metrics)
-        run.step += 1
-        chrono.step_dispatched()
-        # Read one step late, so the check never waits for the step just dispatched.
-        skipped += _check_finite(pending_check, config.nan_policy, run.ckpt)
-        pending_check = (run.step, step_metrics["grads_finite"])
-        if run.is_main and itstime(run.step, config.log_every_steps, run.total_steps):
-            rate = (run.step - started[1]) / max(time.perf_counter() - started[0], 1e-9)
-            log.info(
-                "epoch %d/%d step %d/%d  %.1f steps/s  ETA %s",
-                epoch,
-                config.num_epochs,
-                run.step,
-                run.total_steps,
-                rate,
-                report.duration((run.total_steps - run.step) / max(rate, 1e-9)),
-            )
-    chrono.pause()
-    skipped += _check_finite(pending_check, config.nan_policy, run.ckpt)
-    return accumulator.compute(), skipped
-
-
-def _check_finite(pending, policy: str, ckpt) -> int:
-    """1 when the step in `pending` was skipped for a NaN/Inf loss or gradient.
-
-    The step itself never applied a non-finite update; with policy "stop" the
-    run ends here, naming the step and the last good checkpoint.
-    """
-    if pending is None or bool(pending[1]):
-        return 0
-    step = pending[0]
-    if policy == "stop":
-        ckpt.wait_until_finished()
-        last = ckpt.latest_step()
-        where = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
-        raise NonFiniteError(
-            f"NaN or Inf in the loss or gradients at step {step} (the update was not applied). "
-            f"Last good checkpoint: {where}. Lower the learning rate, set config.clip_norm, "
-            "or set config.nan_policy='skip' to skip such steps."
+        to_device = _batch_to_device(ctx)
+    # Apart from the steps, so that no step time includes the compile; the eval step
+    # compiles here too, not inside the first validation's time. One after the other: on
+    # 2 cores, compiling them side by side (on a thread) made the phase longer, not shorter
+    # (XLA:CPU's compiler already uses every core; BUILD_NOTES, #23 fixed costs).
+    with (
+        chrono.phase("compile"),
+        console_lib.announced("compiling the train and eval steps", enabled=ctx.is_main),
+    ):
+        host_batch = next(ctx.train_iter)
+        first_batch = to_device(host_batch)
+        train_step = chrono.compile("train_step", ctx.steps.train_step, state, first_batch, rng)
+        eval_batch = _eval_batch_to_compile_for(ctx)
+        eval_step = (
+            None
+            if eval_batch is None
+            else chrono.compile("eval_step", ctx.steps.eval_step, state, eval_batch)
         )
-    log.warning("Step %d: NaN or Inf in the loss or gradients; update skipped.", step)
-    return 1
-
-
-def _log_epoch(record: dict) -> None:
-    # A metric is None when undefined (e.g. every step of the epoch skipped for NaN).
-    train, val = record["train"], record["val"]
-    log.info(
-        "epoch %d: train loss %s acc %s | val loss %s acc %s macro-F1 %s (%.1f s)",
-        record["epoch"],
-        report.number(train["loss"], 4),
-        report.number(train["accuracy"]),
-        report.number(val["loss"], 4),
-        report.number(val["accuracy"]),
-        report.number(val["macro_f1"]),
-        record["epoch_time_s"],
+    console = console_lib.Console(
+        first_step=ctx.first_step,
+        total_steps=ctx.total_steps,
+        steps_per_epoch=ctx.steps_per_epoch,
+        platform=jax.devices()[0].platform,
+        enabled=ctx.is_main,
+    )
+    validation = evaluators.Validation(scorer(ctx, eval_step), ctx.data.val)
+    epoch_metrics = accumulators.TrainAccumulator()
+    checks = _FiniteChecks(run.nan_policy, ctx.ckpt, progress.total("skipped_steps"))
+    save_s: list[float] = []  # what each asynchronous save blocked the loop for
+    console.start()
+    epoch_start = time.perf_counter()
+    with chrono.phase("train"):
+        batches = _device_batches(first_batch, ctx, to_device)
+        for step, batch in zip(range(ctx.first_step + 1, ctx.total_steps + 1), batches):
+            state, step_metrics = train_step(state, batch, rng)
+            chrono.step_dispatched()
+            if step > ctx.first_step + 1 and (step - 1) % ctx.steps_per_epoch == 0:
+                # An epoch's first step: the epoch's end read every flag, so the next step
+                # is dispatched at once, without waiting for this one; that interval would
+                # be dispatch alone, not a step (the finite checks pace the loop, see there).
+                chrono.pause()
+            epoch_metrics.update(step_metrics)
+            checks.after(step, step_metrics)
+            console.step(step)
+            if ctx.is_main and itstime(step, run.log_every_steps, ctx.total_steps):
+                eta = console.eta_s(step)
+                log.info(
+                    "epoch %d/%d step %d/%d  ETA %s",
+                    (step - 1) // ctx.steps_per_epoch + 1,
+                    run.num_epochs,
+                    step,
+                    ctx.total_steps,
+                    report.short_duration(eta) if eta is not None else "–",
+                )
+            if step % ctx.steps_per_epoch:
+                continue
+            # ---- the epoch's end
+            chrono.pause()
+            checks.flush()
+            epoch = step // ctx.steps_per_epoch
+            record = _epoch_record(ctx, progress, epoch, step, epoch_metrics.compute(), checks)
+            record["epoch_time_s"] = time.perf_counter() - epoch_start
+            epoch_metrics = accumulators.TrainAccumulator()
+            if itstime(epoch, run.eval_every_epochs, run.num_epochs):
+                with chrono.phase("eval"):
+                    record["val"] = validation.run(state)
+            log_epoch(ctx, progress, record, step)
+            console.epoch(record, step)
+            if "val" in record:  # a checkpoint carries its validation metrics: only then
+                decide_early_stop(progress, record, run.best_metric)
+                if checkpoint_due(progress, epoch, run.checkpoint_every_epochs, run.num_epochs):
+                    save_s.append(save_checkpoint(ctx, state, progress, step, record["val"]))
+            if on_epoch_end is not None and on_epoch_end(record):
+                ctx.ckpt.wait_until_finished()
+                raise Interrupted(f"stopped after epoch {epoch} (on_epoch_end)")
+            if progress.stopped:
+                break
+            epoch_start = time.perf_counter()
+    chrono.record("checkpoints_saved", len(save_s))
+    return Trained(
+        state=state,
+        executable=train_step,
+        host_batch=host_batch,
+        eval_step=eval_step,
+        save_s=tuple(save_s),
     )
 
 
-def _end_epoch(run: Run, record: dict) -> None:
-    """Logs the epoch; after an evaluation, updates early stopping and saves when due."""
-    config, progress, epoch = run.config, run.progress, record["epoch"]
+def finish_checkpoint_writes(ctx: RunContext, save_s=()) -> None:
+    """Waits for the asynchronous checkpoint writes (before any output that says the run is
+    done); timing.json's "checkpoint_s": what each save blocked the loop for, and this wait."""
+    with ctx.chrono.phase("checkpoint"):
+        t0 = time.perf_counter()
+        ctx.ckpt.wait_until_finished()
+        final_wait_s = time.perf_counter() - t0
+    ctx.chrono.record("checkpoint_s", {"save_calls": list(save_s), "final_wait": final_wait_s})
+
+
+def scorer(ctx: RunContext, eval_step=None) -> evaluators.Scorer:
+    """The eval step over a part; eval_step: its compiled executable (None: compiled on use)."""
+    return evaluators.Scorer(
+        ctx.steps,
+        ctx.specs.run.global_batch_size,
+        tuple(ctx.data.class_names),
+        positive_class=ctx.data.positive_class,
+        eval_step=eval_step,
+    )
+
+
+def _eval_batch_to_compile_for(ctx: RunContext):
+    """The validation part's first batch on the devices (else the test part's): every eval
+    batch has its shapes (the last one is padded). None when both parts are empty."""
+    for part in (ctx.data.val, ctx.data.test):
+        if len(part):
+            batches = pipeline.eval_batches(
+                part, ctx.specs.run.global_batch_size, jax.process_index(), jax.process_count()
+            )
+            return ctx.steps.shard_batch(next(iter(batches)))
+    return None
+
+
+def _batch_to_device(ctx: RunContext) -> Callable[[dict], dict]:
+    """Host batch -> the train step's input; with the images on the devices, only indices cross."""
+    if not ctx.images_on_device:
+        return ctx.steps.shard_batch
+    add_images = strategies.on_device_images(ctx.data.train.images, ctx.mesh)
+    return lambda host_batch: add_images(ctx.steps.shard_batch(host_batch))
+
+
+def _device_batches(first_batch, ctx: RunContext, to_device) -> Iterator[dict]:
+    """The compiled-for batch, then the iterator's, each fetched only when asked for (so a
+    checkpoint's iterator state is that of the steps taken), its wait timed."""
+    yield first_batch
+    while True:
+        with ctx.chrono.input_wait():
+            batch = to_device(next(ctx.train_iter))
+        yield batch
+
+
+class _FiniteChecks:
+    """Steps whose update was skipped for a NaN/Inf loss or gradient; with nan_policy
+    "stop" the run ends at the check, naming the step and the last good checkpoint.
+
+    A step's flag is read one step late, so the check never waits for the step just
+    dispatched. That read is also what paces the loop: without it the host would
+    dispatch ahead of the devices and the dispatch intervals (chrono's step times,
+    timing.json, the one-device breakdown) would measure dispatch, not steps. A float16
+    overflow ("overflow" in the step's metrics, grads_finite still True) is the loss
+    scale's expected skip, counted per epoch apart from these. `skipped`: the run's
+    non-finite steps so far.
+    """
+
+    def __init__(self, policy: str, ckpt, skipped: int):
+        self.policy, self.ckpt, self.skipped = policy, ckpt, skipped
+        self._pending: tuple[int, Any] | None = None
+
+    def after(self, step: int, step_metrics: dict) -> None:
+        self.flush()
+        self._pending = (step, step_metrics["grads_finite"])
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        (step, finite), self._pending = self._pending, None
+        if bool(finite):
+            return
+        if self.policy == "stop":
+            self.ckpt.wait_until_finished()
+            last = self.ckpt.latest_step()
+            where = (
+                f"step {last} in {self.ckpt.directory}" if last is not None else "none saved yet"
+            )
+            raise NonFiniteError(
+                f"NaN or Inf in the loss or gradients at step {step} (the update was not "
+                f"applied). Last good checkpoint: {where}. Lower the learning rate, set "
+                "config.clip_norm, or set config.nan_policy='skip' to skip such steps."
+            )
+        log.warning("Step %d: NaN or Inf in the loss or gradients; update skipped.", step)
+        self.skipped += 1
+
+
+def _epoch_record(ctx, progress: Progress, epoch: int, step: int, train_metrics, checks) -> dict:
+    # float16: "overflow" averages to the fraction of the epoch's steps that overflowed.
+    overflowed = round((train_metrics.get("overflow") or 0.0) * train_metrics.get("steps", 0))
+    return {
+        "epoch": epoch,
+        "lr": float(ctx.schedule(step)),
+        "train": train_metrics,
+        "skipped_steps": checks.skipped,
+        "overflow_skipped_steps": progress.total("overflow_skipped_steps") + overflowed,
+    }
+
+
+def log_epoch(ctx: RunContext, progress: Progress, record: dict, step: int) -> None:
+    """The epoch into the history, metrics.jsonl and TensorBoard."""
     progress.history.append(record)
     scalars = {
         "lr": record["lr"],
         "epoch_time_s": record["epoch_time_s"],
+        "overflow_skipped_steps": record["overflow_skipped_steps"],
         **metrics_lib.flatten_scalars(record["train"], "train/"),
     }
     if "val" in record:
         scalars.update(metrics_lib.flatten_scalars(record["val"], "val/"))
-    run.writer.write_scalars(run.step, scalars, epoch=epoch)
-    if "val" not in record:
-        return  # a checkpoint carries its validation metrics (the best one is chosen by them)
-    progress.early_stopping = progress.early_stopping.update(record["val"].get(config.best_metric))
+    ctx.writer.write_scalars(step, scalars, epoch=record["epoch"])
+
+
+def decide_early_stop(progress: Progress, record: dict, best_metric: str) -> None:
+    """Early stopping told of the epoch's validation metric; `progress.stopped` once it says so."""
+    progress.early_stopping = progress.early_stopping.update(record["val"].get(best_metric))
     if progress.early_stopping.should_stop:
-        progress.stopped = {"epoch": epoch, "reason": progress.early_stopping.reason()}
-        log.info("Early stop after epoch %d: %s.", epoch, progress.stopped["reason"])
-    # A new best is always saved, so the best checkpoint is the best epoch;
-    # an early stop is saved so that a rerun knows the run is over.
-    if (
-        itstime(epoch, config.checkpoint_every_epochs, config.num_epochs)
-        or progress.early_stopping.improved
-        or progress.stopped
-    ):
-        # Asynchronous: the phase holds what the loop waits for (the copy off the device).
-        with run.chrono.phase("checkpoint"):
-            wall_time_s = progress.wall_before_s + run.chrono.elapsed_s()
-            run.ckpt.save(
-                run.step,
-                run.state,
-                run.train_iter.get_state(),
-                metrics=record["val"],
-                extra=progress.to_extra(wall_time_s),
-            )
-        run.checkpoints_saved += 1
+        progress.stopped = {"epoch": record["epoch"], "reason": progress.early_stopping.reason()}
+        log.info("Early stop after epoch %d: %s.", record["epoch"], progress.stopped["reason"])
+
+
+def checkpoint_due(progress: Progress, epoch: int, every: int, num_epochs: int) -> bool:
+    """Every `every` epochs and the last; also a new best, so that the best checkpoint is
+    the best epoch, and an early stop, so that a rerun knows the run is over."""
+    return bool(
+        itstime(epoch, every, num_epochs) or progress.early_stopping.improved or progress.stopped
+    )
+
+
+def save_checkpoint(ctx: RunContext, state, progress: Progress, step: int, val: dict) -> float:
+    """Starts the checkpoint's asynchronous write; returns the seconds the loop waited (the
+    copy off the devices), which the phase holds."""
+    with ctx.chrono.phase("checkpoint"):
+        t0 = time.perf_counter()
+        wall_time_s = progress.wall_before_s + ctx.chrono.elapsed_s()
+        ctx.ckpt.save(
+            step,
+            state,
+            ctx.train_iter.get_state(),
+            metrics=val,
+            extra=progress.to_extra(wall_time_s),
+        )
+        return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------ after training
 
 
-def evaluate_best(run: Run) -> dict:
-    """The best checkpoint: {"epoch", "test" (report), "predictions" {"test", "val"}}."""
-    best_step = run.ckpt.best_step()
-    state, _, _ = run.ckpt.restore(best_step, run.state)
-    state = run.steps.place_state(state)
-    score = functools.partial(
-        evaluate,
-        run.steps,
-        state,
-        global_batch_size=run.config.global_batch_size,
-        class_names=run.data.class_names,
-        positive_class=run.data.positive_class,
-        with_arrays=True,
-    )
-    test, test_predictions = score(run.data.test)
-    _, val_predictions = score(run.data.val)
-    best_epoch = best_step // run.steps_per_epoch
-    log.info("Test (best checkpoint, epoch %d):\n%s", best_epoch, metrics_lib.format_report(test))
-    clinical = {}
-    if run.config.clinical_report:
-        with run.chrono.phase("clinical"):
-            clinical = clinical_report(run, state, score, val_predictions, test_predictions)
-    return {
-        "epoch": best_epoch,
-        "test": test,
-        "clinical": clinical,
-        "predictions": {"test": test_predictions, "val": val_predictions},
-    }
+def evaluate_best(ctx: RunContext, state, *, eval_step=None, final_state: bool = False) -> dict:
+    """The best checkpoint: {"epoch", "test" (report), "clinical", "predictions" {"test", "val"}}.
 
-
-def clinical_report(run: Run, state, score, val_predictions, test_predictions) -> dict:
-    """Calibration, operating points, bootstrap, grounding and probes of the test part."""
-
-    def probs_of(images):  # the probes' altered test images through the compiled eval step
-        altered = pipeline.ArraySet(images, run.data.test.labels, run.data.test.names)
-        return score(altered)[1]["probs"]
-
-    # Every process calls this (the eval step is collective); only the main one writes files.
-    sections = clinical_outputs.clinical_sections(
-        model=create_model(run.config, num_classes=len(run.data.class_names), dtype=jnp.float32),
-        variables=state.variables,
-        test_examples=clinical_outputs.test_examples(run.config, run.data),
-        test_images=run.data.test.images,
-        val_probs=val_predictions["probs"],
-        val_labels=val_predictions["labels"],
-        test_probs=test_predictions["probs"],
-        test_labels=test_predictions["labels"],
-        class_names=run.data.class_names,
-        positive_class=run.data.positive_class,
-        out_dir=run.workdir if run.is_main else None,
-        seed=run.config.seed,
-        eval_fn=probs_of,
-        batch_size=run.config.global_batch_size,
-    )
+    state: a train state of the run (the target the checkpoint is restored into);
+    eval_step: the compiled eval step, when training compiled one. final_state: `state`
+    is the one training ended with, saved as the latest checkpoint; when that one is the
+    best it is scored as it is (the same arrays the checkpoint holds), so its write goes
+    on in the background instead of being waited for and read back.
+    """
+    best_step = ctx.ckpt.best_step()
+    if final_state and best_step == ctx.ckpt.latest_step() == int(state.step):
+        best_state = state
+    else:
+        best_state, _, _ = ctx.ckpt.restore(best_step, state)
+        best_state = ctx.steps.place_state(best_state)
+    score = scorer(ctx, eval_step)
+    tested = evaluators.Test(score, ctx.data.test, ctx.data.val).run(best_state)
+    best_epoch = best_step // ctx.steps_per_epoch
     log.info(
-        "Clinical (best checkpoint, test part):\n%s", clinical_outputs.format_sections(sections)
+        "Test (best checkpoint, epoch %d):\n%s",
+        best_epoch,
+        metrics_lib.format_report(tested["test"]),
     )
-    return sections
+    clinical = {}
+    if ctx.specs.run.clinical_report:
+        with ctx.chrono.phase("clinical"):
+            clinical = clinical_report_of(ctx, score, tested["predictions"]).run(best_state)
+    return {"epoch": best_epoch, **tested, "clinical": clinical}
 
 
-def measure_breakdown(run: Run) -> None:
-    """The step's compute vs collective time (bcjax.timing.breakdown) into timing.json,
-    from the executable, compile and step times the loop already has."""
-    batch = run.first_host_batch
-    if "image" not in batch:  # the images stayed on the devices; the breakdown times a host batch
-        batch = {**batch, "image": np.take(run.data.train.images, batch["index"], axis=0)}
-    chrono = run.chrono
-    result = breakdown.from_run(
-        run.steps,
-        run.train_executable,
-        run.state,
-        batch,
-        jax.random.key(run.config.seed),
-        compile_times=chrono.compile_s,
-        step_times=chrono.step_times(),
-        input_wait_s=chrono.input_wait_s[chrono.warmup_steps :],
-        build=lambda collectives: run.build_steps(collectives=collectives),
-        dtype=run.config.dtype,
+def clinical_report_of(ctx: RunContext, score, predictions: dict) -> evaluators.ClinicalReport:
+    def test_examples():  # the test part's masks, read only when the report runs
+        from bcjax.eval import clinical_outputs
+
+        return clinical_outputs.test_examples(ctx.specs.data, ctx.data)
+
+    return evaluators.ClinicalReport(
+        score=score,
+        # The trained network in float32: the report's gradients and probes need no bf16.
+        model=ctx.model.clone(dtype=jnp.float32),
+        test=ctx.data.test,
+        test_examples=test_examples,
+        predictions=predictions,
+        out_dir=ctx.workdir if ctx.is_main else None,
+        seed=ctx.specs.run.seed,
+        batch_size=ctx.specs.run.global_batch_size,
     )
-    run.chrono.record("breakdown", result)
-    log.info("Timing breakdown:\n%s", breakdown.format_summary(result))
+
+
+def breakdown_of(ctx: RunContext, trained: Trained) -> evaluators.Breakdown:
+    return evaluators.Breakdown(
+        steps=ctx.steps,
+        executable=trained.executable,
+        host_batch=trained.host_batch,
+        train_images=ctx.data.train.images,
+        build_steps=ctx.build_steps,
+        chrono=ctx.chrono,
+        seed=ctx.specs.run.seed,
+        dtype=ctx.specs.model.dtype,
+    )

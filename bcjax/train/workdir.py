@@ -94,7 +94,9 @@ def drop_failed_start(workdir: pathlib.Path) -> None:
 
 
 def is_same_run(workdir: pathlib.Path, config) -> bool:
-    """Whether the checkpoints in workdir were written by a run of this identity."""
+    """Whether the checkpoints in workdir were written by a run of this identity.
+
+    config: bcjax.specs.Specs, or a config (checkpoint.run_metadata takes either)."""
     saved = checkpoint.saved_metadata(workdir / "checkpoints")
     if saved is None:
         return False
@@ -126,16 +128,16 @@ def move_old_run_aside(workdir: pathlib.Path) -> pathlib.Path | None:
     return dest
 
 
-def claim_workdir(config, workdir) -> pathlib.Path:
+def claim_workdir(run_specs, workdir) -> pathlib.Path:
     """The run's folder, resolved and checked; a failed start's identity dropped and, with
-    fresh_start, another run's files moved aside."""
+    fresh_start, another run's files moved aside. run_specs: bcjax.specs.Specs."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
     check_workdir(workdir)
     if jax.process_index() == 0:
         drop_failed_start(workdir)
         # fresh_start replaces another run; a run of this same identity (say, this
         # command restarted after a kill with the flag still set) is resumed.
-        if config.fresh_start and not is_same_run(workdir, config):
+        if run_specs.run.fresh_start and not is_same_run(workdir, run_specs):
             move_old_run_aside(workdir)
     if jax.process_count() > 1:  # the others look at the workdir once process 0 is done
         from jax.experimental import multihost_utils

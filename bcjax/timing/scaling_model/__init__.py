@@ -1,11 +1,12 @@
 """The scaling model: what N GPUs would do, checked against published multi-GPU tables.
 
 One model (it absorbed ``bcjax.timing.ring_model``): a data-parallel step costs the
-per-device compute, the all-reduce left exposed after the backward pass (per bucket:
-NCCL's latency + bytes / bus bandwidth), and a synchronisation term (the slowest of N
-devices, and past one host the slowest host); the hosts' input pipeline caps the
-throughput. ``terms`` holds the terms, ``presets`` every constant and its source,
-``published`` and ``validate`` the check against published tables
+per-device compute, the gradient communication left exposed after the backward pass
+(scheduled layer by layer as the framework issues it: ``profiles``, ``schedule``), a
+synchronisation term (the slowest of N devices, and past one host the slowest host) and the
+host's CPU contention. ``terms`` holds the terms, ``presets`` every constant and its
+source, ``fitted`` the fitted numbers, ``published`` and ``validate`` the check against
+published tables
 (``python -m bcjax.timing.scaling_model validate --published CSV --out DIR``).
 """
 
@@ -18,6 +19,7 @@ from bcjax.timing.scaling_model.presets import (
 )
 from bcjax.timing.scaling_model.terms import (
     ComputeModel,
+    allreduce_cost,
     batch_for_efficiency,
     bucket_costs,
     expected_max_normal,
@@ -39,6 +41,7 @@ __all__ = [
     "with_bus_bandwidth",
     "ComputeModel",
     "batch_for_efficiency",
+    "allreduce_cost",
     "bucket_costs",
     "exposed_allreduce",
     "expected_max_normal",

@@ -1,8 +1,8 @@
 """python -m bcjax.timing.scaling_model {validate,fit,busi,predict} ...
 
-validate --published CSV --out DIR [--busbw 180e9]   the model against published rows
-fit --published CSV --out DIR                         re-fit, leave-one-out errors
-busi --out DIR                                        the study's question, redone
+validate --published CSV [CSV ...] --out DIR [--busbw 180e9]   the model against published rows
+fit --published CSV [CSV ...] --out DIR [--write]   re-fit (--write: replace fitted.json)
+busi --out DIR [--links pcie3-2gpu-nop2p,pcie4]     the study's question, redone
 predict --grad-mb 44.7 --fixed-ms 1.66 --per-image-ms 0.057   (ring_model's command line)
 """
 
@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     )
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="predict every row of a published table")
-    v.add_argument("--published", required=True, help="CSV with published_scaling.csv's columns")
+    v.add_argument(
+        "--published", required=True, nargs="+", help="CSV(s) with published_scaling.csv's columns"
+    )
     v.add_argument("--out", required=True, help="directory for validation.csv, summary.md, PNG")
     v.add_argument(
         "--busbw",
@@ -67,14 +69,22 @@ def main(argv=None) -> int:
         help="measured all-reduce bus bandwidth in bytes/s, replacing every preset's",
     )
     f = sub.add_parser("fit", help="fit on the declared subset; leave-one-out errors")
-    f.add_argument("--published", required=True)
+    f.add_argument("--published", required=True, nargs="+")
     f.add_argument("--out", required=True)
+    f.add_argument("--write", action="store_true", help="replace the shipped fitted.json")
     b = sub.add_parser("busi", help="ResNet-18 / MobileNetV2 at BUSI's batches on 2, 4, 8 GPUs")
     b.add_argument("--out", required=True)
     b.add_argument(
         "--validation",
         default=None,
-        help="validation.csv for the error bars (default: DIR/validation.csv)",
+        help="accepted for old command lines and ignored: the intervals now come from the "
+        "shipped fit's out-of-sample errors (fitted.json)",
+    )
+    b.add_argument(
+        "--links",
+        default=None,
+        help="interconnect presets, comma separated (default: pcie3-2gpu-nop2p, pcie4, "
+        "nvlink4-nvswitch); e.g. pcie3-2gpu-nop2p = 2 GPUs over PCIe 3 without P2P",
     )
     r = sub.add_parser("predict", help="ring_model's tables for one model")
     r.add_argument("--grad-mb", type=float, required=True, help="gradient size in MB (1e6 bytes)")
@@ -101,11 +111,12 @@ def main(argv=None) -> int:
         elif a.command == "fit":
             from bcjax.timing.scaling_model.validate import fit_report
 
-            print(fit_report(a.published, a.out))
+            print(fit_report(a.published, a.out, write=a.write))
         elif a.command == "busi":
             from bcjax.timing.scaling_model.busi import write_busi_question
 
-            print(write_busi_question(a.out, a.validation))
+            links = tuple(a.links.split(",")) if a.links else None
+            print(write_busi_question(a.out, links))
         else:
             _predict(a)
     except (OSError, ValueError) as e:

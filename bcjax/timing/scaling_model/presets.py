@@ -1,10 +1,11 @@
 """Every number the scaling model uses that is not a measurement of the run itself.
 
-Each preset names its source: the shared ``hardware_facts.csv`` / ``allreduce_busbw.csv``
-(NCCL maintainers' statements and NCCL's own tuning-model constants), a framework's
-documented default, or a stated assumption. The fitted quantities (``SYNC_CV``,
-``NODE_SYNC_CV``, ``HOST_CONTENTION`` and ``INPUT_CEILINGS``) say how and on what they were
-fitted; see ``fitting.py``.
+Each preset names its source: NCCL's own tuning-model constants and its maintainers'
+statements (copied in ``tests/data/hardware_facts.csv`` and ``allreduce_busbw.csv``), public
+NCCL issues for 2016-2017 NCCL 1.x bandwidths, a framework's documented default, or a stated
+assumption. The fitted quantities live in ``fitted.json`` (written by ``python -m
+bcjax.timing.scaling_model fit``; see ``fitting.py``): every one is attached to a property a
+new row can have (framework family, input kind, precision), never to one machine.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ def _pcie(name, factor, generation):
 
 PRESETS = {
     "pcie3": _pcie("pcie3", 1, "3.0"),
+    # A consumer box: 2 GPUs on PCIe, no P2P (the BUSI question's setting).
+    "pcie3-2gpu-nop2p": Interconnect(
+        "pcie3-2gpu-nop2p",
+        5e9,
+        NCCL_HOP_LATENCY["pci"],
+        "2 GPUs on PCIe 3.0 without P2P: 5 GB/s busbw through host shared memory (NVIDIA NCCL "
+        "2.3 blog); a host of 2 GPUs",
+        gpus_per_node=2,
+    ),
     "pcie4": _pcie("pcie4", 2, "4.0"),
     "pcie5": _pcie("pcie5", 4, "5.0"),
     # Link counts per GPU are stated assumptions (P100 4, V100 6, A100 12, H100 and B200 18);
@@ -105,6 +115,20 @@ PRESETS = {
         32,
         "B200 (NVLink 5)",
         " (no measured figure in shared/)",
+    ),
+    # PCIe without peer-to-peer (GeForce cards, or P2P disabled): NCCL goes through host
+    # shared memory, "which will limit the bandwidth to 5GB/s" (NVIDIA blog "Scaling Deep
+    # Learning Training with NCCL", NCCL 2.3, PCIe 3 era); PCIe 4 taken as twice that
+    # (stated assumption).
+    "pcie3-nop2p": dataclasses.replace(
+        _pcie("pcie3-nop2p", 5 / 12, "3.0"),
+        note="PCIe 3.0 without P2P, 5 GB/s busbw through host shared memory (NVIDIA NCCL 2.3 "
+        "blog); one node of 8 assumed",
+    ),
+    "pcie4-nop2p": dataclasses.replace(
+        _pcie("pcie4-nop2p", 10 / 12, "4.0"),
+        note="PCIe 4.0 without P2P, 10 GB/s busbw (2x the NCCL blog's 5 GB/s through shared "
+        "memory, stated assumption); one node of 8 assumed",
     ),
     "ethernet-100g": Interconnect(
         "ethernet-100g",
@@ -153,49 +177,218 @@ def with_bus_bandwidth(link: Interconnect | None, bus_bandwidth: float) -> Inter
     )
 
 
-# --------------------------------------------------------------- frameworks
+# --------------------------------------------------------------- 2017-era NCCL (1.x)
+
+# TensorFlow 1.1's `replicated` mode (tf_cnn_benchmarks, May 2017) called NCCL 1.x through
+# tf.contrib.nccl, one all-reduce per gradient tensor. NCCL 1.x built a single ring, far
+# from NCCL 2's several rings over every link (GPU generation decides the era: Kepler,
+# Maxwell and Pascal rows run these):
+# - PCIe: NVIDIA/nccl issue #44 (2016-08-24), NCCL 1's all_reduce_test on 8 GPUs behind two
+#   PCIe Gen3 switches: 11.3 GB/s busbw on 2 GPUs, 8.2 GB/s on 8. K80 boards carry two GPUs
+#   behind one on-board PCIe switch, so 8 GB/s is taken for K80 rings.
+# - NVLink (P100 DGX-1): one ring over one NVLink per hop, NCCL's own SM60 per-link figure
+#   (topo.h, 18 GB/s; the 4-link preset is NCCL 2's). A user of NCCL 1.x on an NVLink
+#   machine reported "less than 10 GB/s" (NVIDIA/nccl issue #76, 2017-11), a lower bound.
+NCCL1_BUS_BANDWIDTH = {"pci": 8e9, "nvlink": NCCL_NVLINK_GBPS["SM60"] * 1e9}
+NCCL1_SOURCE = {
+    "pci": "NCCL 1.x on PCIe Gen3 switches, 8 GB/s busbw at 8 GPUs (NVIDIA/nccl issue #44)",
+    "nvlink": "NCCL 1.x, one ring over one NVLink: NCCL's SM60 18 GB/s per link (topo.h)",
+}
+NCCL1_GENERATIONS = ("kepler", "maxwell", "pascal")
+
+
+def nccl1_link(link: Interconnect) -> Interconnect:
+    """The same fabric at 2017 NCCL 1.x's bandwidth (PCIe or NVLink by its hop latency)."""
+    kind = "nvlink" if link.hop_latency == NCCL_HOP_LATENCY["nvlink"] else "pci"
+    return dataclasses.replace(
+        link,
+        name=f"{link.name} (NCCL 1.x)",
+        bus_bandwidth=min(link.bus_bandwidth, NCCL1_BUS_BANDWIDTH[kind]),
+        note=NCCL1_SOURCE[kind],
+    )
+
+
+# The host side of a parameter server: each GPU pushes its gradients to the CPU's memory and
+# pulls the updated variables back over its own PCIe Gen3 x16 link (NCCL's PCI_BW, 12 GB/s),
+# and two GPUs share one upstream link (a K80 board's two GPUs; DGX-1's PCIe switches hold
+# two P100s each): 6 GB/s per GPU, stated assumption.
+PS_BYTES_PER_S_PER_GPU = NCCL_PCI_GEN3_GBPS * 1e9 / 2
+# Between hosts a parameter server goes over the instances' network: AWS p2.8xlarge has a
+# 10 Gb/s network (AWS instance type table), 1.25 GB/s; stated for any multi-node PS row.
+PS_NETWORK_BYTES_PER_S = 1.25e9
+# Synchronous parameter servers spread over the hosts (tf_cnn_benchmarks
+# distributed_replicated, a PS shard on every worker): a variable is updated once every host
+# has pushed its (host-aggregated) gradient shard, and only then pulled back. Each host's NIC
+# carries, per direction, its pushes to the other hosts' shards plus the other hosts' pulls
+# of its own shard: 2 (H - 1) / H of the gradient bytes. Push, update and pull are taken to
+# follow one another after the backward pass, not overlapped with it (stated assumption,
+# the same barrier as TF1 `replicated`; the overlapped alternative is in ablation.md).
+PS_NETWORK_OVERLAPS = False
+
+
+def ps_network_seconds(gradient_bytes: float, hosts: int) -> float:
+    """Seconds one step's parameter-server exchange takes on each host's network link."""
+    if hosts <= 1:
+        return 0.0
+    return 2 * (hosts - 1) / hosts * gradient_bytes / PS_NETWORK_BYTES_PER_S
+
+
+# --------------------------------------------------------------- communication schemes
 
 
 @dataclasses.dataclass(frozen=True)
-class Framework:
+class Scheme:
+    """How a framework turns the backward pass's gradients into collective calls.
+
+    kind: 'bucketed' (a bucket goes when all its gradients are ready; DDP, XLA combining,
+    Paddle fusion), 'fusion' (Horovod: every cycle_s, the ready tensors go in buffers of
+    bucket_bytes), 'per_tensor' (one NCCL call per gradient tensor, TF1 replicated) or
+    'parameter_server' (push to / pull from the CPU over PCIe)."""
+
     name: str
-    bucket_bytes: float  # gradients are all-reduced in buckets of about this size
+    kind: str
+    bucket_bytes: float
     source: str
+    cycle_s: float = 0.0
+    first_bucket_bytes: float = 0.0
+    # False: the calls start only once the backward pass is over (nothing hidden)
+    overlaps: bool = True
 
 
-FRAMEWORKS = (
-    Framework("pytorch", 25 * 2**20, "DistributedDataParallel bucket_cap_mb=25 (documented)"),
-    Framework("horovod", 64 * 2**20, "Horovod fusion buffer, 64 MB default (docs/tensor-fusion)"),
-    Framework("paddle", 32 * 2**20, "fleet DistributedStrategy fuse_grad_size_in_MB=32"),
-    Framework("xla", 30 * 2**20, "XLA GPU all-reduce combine threshold, 30 MiB default"),
-    Framework("mxnet", 25 * 2**20, "no fusion default documented for KVStore; 25 MB assumed"),
-)
-_FRAMEWORK_KEYWORDS = (
+SCHEMES = {
+    "ddp": Scheme(
+        "ddp",
+        "bucketed",
+        25 * 2**20,
+        "PyTorch DistributedDataParallel: bucket_cap_mb=25, buckets filled in reverse "
+        "parameter order, first bucket 1 MiB (torch.distributed _DEFAULT_FIRST_BUCKET_BYTES)",
+        first_bucket_bytes=2**20,
+    ),
+    "horovod": Scheme(
+        "horovod",
+        "fusion",
+        64 * 2**20,
+        "Horovod Tensor Fusion: HOROVOD_FUSION_THRESHOLD 64 MB and HOROVOD_CYCLE_TIME 5 ms, the "
+        "defaults until v0.21.0 (docs/tensor-fusion.rst; v0.21.0 changed them to 1 ms, 128 MB)",
+        cycle_s=5e-3,
+    ),
+    "xla": Scheme(
+        "xla",
+        "bucketed",
+        30 * 2**20,
+        "XLA GPU all-reduce combiner, combine threshold 30 MiB "
+        "(xla_gpu_all_reduce_combine_threshold_bytes default)",
+    ),
+    "paddle": Scheme(
+        "paddle", "bucketed", 32 * 2**20, "Paddle fleet DistributedStrategy fuse_grad_size_in_MB=32"
+    ),
+    "mxnet": Scheme(
+        "mxnet",
+        "bucketed",
+        25 * 2**20,
+        "MXNet KVStore documents no fusion size: 25 MB buckets assumed (stated assumption)",
+    ),
+    "tf1-replicated-nccl": Scheme(
+        "tf1-replicated-nccl",
+        "per_tensor",
+        0.0,
+        "tf_cnn_benchmarks --variable_update=replicated --use_nccl: one tf.contrib.nccl "
+        "all_sum per gradient tensor (TensorFlow performance_models.md); taken as not "
+        "overlapped with the backward (stated assumption: TF 1.x's executor gives the "
+        "weight-gradient ops no priority, and each all_sum waits for every replica's tensor)",
+        overlaps=False,
+    ),
+    "parameter-server": Scheme(
+        "parameter-server",
+        "parameter_server",
+        0.0,
+        "tf_cnn_benchmarks --variable_update=parameter_server (also replicated without NCCL and "
+        "distributed_replicated): each GPU pushes gradients and pulls variables over PCIe",
+    ),
+    "unknown": Scheme(
+        "unknown",
+        "bucketed",
+        25 * 2**20,
+        "unrecognised framework: PyTorch DDP's 25 MiB buckets assumed (the smallest documented)",
+    ),
+}
+
+_FAMILIES = (
     ("pytorch", "pytorch"),
     ("torch", "pytorch"),
-    ("horovod", "horovod"),
-    ("tensorflow", "horovod"),
+    ("tensorflow 2", "tensorflow2"),
+    ("tensorflow2", "tensorflow2"),
+    ("tf2", "tensorflow2"),
+    ("tensorflow", "tensorflow1"),
     ("paddle", "paddle"),
     ("mxnet", "mxnet"),
-    ("jax", "xla"),
-    ("flax", "xla"),
-    ("xla", "xla"),
+    ("jax", "jax"),
+    ("flax", "jax"),
+    ("xla", "jax"),
 )
 
 
-def framework(text: str) -> Framework:
-    """The framework a free-text name means; DeepLearningExamples' TensorFlow runs use
-    Horovod. Unknown names get PyTorch's 25 MB buckets (the smallest documented)."""
+def framework_family(text: str) -> str:
+    """'pytorch', 'tensorflow1', 'tensorflow2', 'mxnet', 'paddle', 'jax' or 'unknown'."""
     low = (text or "").lower()
-    by_name = {f.name: f for f in FRAMEWORKS}
-    for keyword, name in _FRAMEWORK_KEYWORDS:
+    low = low.replace("tensorflow 1", "tensorflow").replace("tensorflow1", "tensorflow")
+    for keyword, family in _FAMILIES:
         if keyword in low:
-            return by_name[name]
-    return Framework("unknown", 25 * 2**20, "unrecognised framework: 25 MB buckets assumed")
+            return family
+    return "unknown"
+
+
+def _model_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", (text or "").lower())
+
+
+def _variable_update(notes: str, model: str) -> str | None:
+    """The tf_cnn_benchmarks variable_update a row's notes give for its model: the clause
+    naming the model when the notes list several ('InceptionV3/ResNet50 parameter_server,
+    AlexNet/VGG16 replicated (with NCCL)'), else the one named."""
+    low = (notes or "").lower()
+    if "variable_update" not in low and "distributed_replicated" not in low:
+        return None
+    modes = r"distributed_replicated|parameter_server|replicated"
+    clauses = [c for c in re.split(r"[;,]", low) if re.search(modes, c)]
+    key = _model_key(model)
+    for clause in clauses:
+        names = re.split(r"[/\s:]+", clause)
+        if any(n and _model_key(n) and _model_key(n) in key for n in names if len(n) > 3):
+            return clause
+    return clauses[0] if clauses else None
+
+
+def scheme_for(framework_text: str, notes: str = "", model: str = "") -> tuple[Scheme, str]:
+    """(scheme, why): Horovod when the framework or notes name it; tf_cnn_benchmarks'
+    variable_update from the notes; else the framework family's documented default."""
+    low = f"{framework_text} {notes}".lower()
+    update = _variable_update(notes, model)
+    if update is not None:
+        if "replicated" in update and "without nccl" not in update and "distributed" not in update:
+            if "parameter_server" not in update:
+                return SCHEMES["tf1-replicated-nccl"], f"notes: {update.strip()}"
+        return SCHEMES["parameter-server"], f"notes: {update.strip()}"
+    if "horovod" in low:
+        return SCHEMES["horovod"], "Horovod named"
+    family = framework_family(framework_text)
+    if "tf_cnn_benchmarks" in low:
+        # tf_cnn_benchmarks' own default (--variable_update=parameter_server)
+        return SCHEMES["parameter-server"], "tf_cnn_benchmarks default variable_update"
+    by_family = {
+        "pytorch": "ddp",
+        "tensorflow1": "horovod",  # DeepLearningExamples' TF1 and TF2 scripts run Horovod
+        "tensorflow2": "horovod",
+        "paddle": "paddle",
+        "mxnet": "mxnet",
+        "jax": "xla",
+    }
+    name = by_family.get(family, "unknown")
+    return SCHEMES[name], f"{family} default"
 
 
 # Backward ≈ 2x forward in FLOPs, so two thirds of a step's compute is backward: the
-# window in which gradient buckets can be reduced (stated assumption).
+# window in which gradients can be reduced (stated assumption).
 BACKWARD_FRACTION = 2 / 3
 # Gradients are all-reduced in fp32 (AMP keeps fp32 master weights), stated assumption.
 GRADIENT_BYTES_PER_PARAM = 4
@@ -203,62 +396,90 @@ GRADIENT_BYTES_PER_PARAM = 4
 ASSUMED_BATCH_PER_GPU = 128
 
 
-# --------------------------------------------------------------- data path and host
+# --------------------------------------------------------------- row properties
 
 
-def loader_kind(data_source: str) -> str:
-    """'synthetic', 'dali' (decoding on the GPU), or a CPU loader: 'tf.data', 'pytorch',
-    'dali-cpu' or 'cpu' (any other, or an unrecognised text: the common default)."""
+def input_kind(data_source: str) -> str:
+    """'synthetic'; 'gpu' when the host does no per-sample decoding (DALI decodes on the
+    GPU; pre-tokenised text is read as is, a stated assumption); else 'cpu' (images decoded
+    by a CPU loader, or an unknown source: the common case)."""
     low = (data_source or "").lower()
-    if "synthetic" in low:
+    if "synthetic" in low or "dummy" in low:
         return "synthetic"
-    if "dali" in low:
-        return "dali-cpu" if re.search(r"dali[- _]?cpu", low) else "dali"
-    if "tf.data" in low:
-        return "tf.data"
-    if "pytorch" in low or "torch" in low:
-        return "pytorch"
+    if "dali" in low and not re.search(r"dali[- _]?cpu", low):
+        return "gpu"
+    if re.search(
+        r"\btext|token|sequence|wikipedia|squad|glue|wmt|bookcorpus|tfrecord of text", low
+    ):
+        return "gpu"
     return "cpu"
 
 
-CPU_LOADERS = ("tf.data", "pytorch", "dali-cpu", "cpu")
+def precision_class(precision: str) -> str:
+    """'reduced' (AMP, FP16, BF16, FP8: faster per GPU, more host work per second) or 'full'."""
+    low = (precision or "").lower()
+    return "reduced" if re.search(r"amp|mixed|fp16|bf16|half|fp8|int8", low) else "full"
 
 
-def pipeline(framework_text: str, loader: str) -> str:
-    """The input pipeline a row ran: the framework as printed, before any parenthesis, and
-    the loader, e.g. 'tensorflow 2/tf.data'. The host CPU work per image is set by the
-    framework's example pipeline (its augmentations), not by the loader library alone."""
-    family = re.sub(r"\(.*", "", (framework_text or "").lower()).strip() or "unknown"
-    return f"{family}/{loader}"
-
-
-_HOSTS = (
-    ("dgx-1", r"dgx-?1(?![0-9])"),
-    ("dgx-2", r"dgx-?2"),
-    ("dgx-a100", r"dgx[- ]?a100"),
-    ("dgx-h100", r"dgx[- ]?h100"),
-    ("dgx-b200", r"dgx[- ]?b200"),
+_GENERATIONS = (
+    ("kepler", r"\bk(10|20|40|80)\b|kepler"),
+    ("maxwell", r"\bm(4|40|60)\b|maxwell|titan x\b(?!p)"),
+    ("pascal", r"\bp(4|40|100)\b|gtx ?10[0-9]0|titan ?xp|pascal"),
+    ("volta", r"\bv100\b|titan ?v\b|volta"),
+    ("turing", r"\bt4\b|rtx ?20[0-9]0|titan ?rtx|quadro ?rtx|turing"),
+    ("ampere", r"\ba(10|16|30|40|100|800)\b|rtx ?30[0-9]0|rtx ?a[0-9]{4}|ampere"),
+    ("ada", r"\bl(4|40s?)\b|rtx ?40[0-9]0|rtx ?[0-9]{4} ?ada|ada"),
+    ("hopper", r"\bh(100|200|800|20)\b|gh200|hopper"),
+    ("blackwell", r"\bg?b(100|200|300)\b|rtx ?50[0-9]0|blackwell"),
 )
 
 
-def host_system(gpu_text: str) -> str | None:
-    """The DGX system a ``gpu`` column names, e.g. 'A100-SXM4-80GB (DGX A100)'; None if none."""
-    low = (gpu_text or "").lower()
-    for name, pattern in _HOSTS:
+def gpu_generation(gpu_text: str) -> str:
+    """The GPU generation a ``gpu`` column names ('Tesla P100 (DGX-1)' -> 'pascal');
+    'unknown' if none matches."""
+    low = (gpu_text or "").lower().replace("-", " ")
+    for name, pattern in _GENERATIONS:
         if re.search(pattern, low):
             return name
-    return None
+    return "unknown"
 
 
-# --------------------------------------------------------------- inconsistent inputs
+def infer_interconnect(text: str, generation: str) -> tuple[Interconnect | None, str]:
+    """A preset from a free-text interconnect: exact name first, then keywords (nvlink,
+    nvswitch, pcie/pci with its generation, p2p). None when nothing matches."""
+    low = (text or "").strip().lower()
+    if low in INTERCONNECTS:
+        return INTERCONNECTS[low], ""
+    no_p2p = bool(re.search(r"no[- _]?p2p|without p2p|p2p[- _]?(off|disabled)", low))
+    if "pci" in low:
+        gen = re.search(r"(?:gen|pcie|pci-e|pci)\s*([345])", low)
+        name = f"pcie{gen.group(1) if gen else 3}" + ("-nop2p" if no_p2p else "")
+        name = name if name in PRESETS else "pcie3"
+        return PRESETS[name], f"interconnect {text!r} read as {name}"
+    if "nvlink" in low or "nvswitch" in low:
+        by_generation = {
+            "pascal": "nvlink1-hybrid-cube-mesh",
+            "volta": "nvlink2-nvswitch" if "switch" in low else "nvlink2-hybrid-cube-mesh",
+            "ampere": "nvlink3-nvswitch",
+            "hopper": "nvlink4-nvswitch",
+            "blackwell": "nvlink5-nvswitch",
+        }
+        name = by_generation.get(generation)
+        if name:
+            return PRESETS[name], f"interconnect {text!r} read as {name} ({generation})"
+    return None, ""
 
-# A series' 1-GPU row is the model's measure of one GPU's compute. When another series of
-# the same framework, model, GPU chip, precision, batch and loader ran more than PEER_GAP
-# times faster on one GPU, the chip demonstrably computes that fast and the slow 1-GPU figure is
-# not the compute its own multi-GPU rows ran at. In the shared tables same-chip 1-GPU
-# rows agree within 1.14x (16 vs 32 GB, SXM2 vs SXM3, container versions); the pairs
-# 1.34x and more apart are the ones whose sources print superlinear scaling.
-PEER_GAP = 1.25
+
+_CONSUMER = r"geforce|\bgtx\b|\brtx ?[2-5]0[0-9]0|titan"
+
+
+def without_p2p(link: Interconnect, gpu_text: str) -> tuple[Interconnect, str]:
+    """GeForce/Titan cards do not do PCIe peer-to-peer (NVIDIA's driver disables it; only an
+    NVLink bridge connects them directly): a P2P PCIe preset becomes its -nop2p one."""
+    name = f"{link.name}-nop2p"
+    if re.search(_CONSUMER, (gpu_text or "").lower()) and name in PRESETS:
+        return PRESETS[name], f"consumer GPU {gpu_text!r}: no PCIe P2P, {name}"
+    return link, ""
 
 
 def gpu_chip(gpu_text: str) -> str:
@@ -272,44 +493,3 @@ def gpu_chip(gpu_text: str) -> str:
         ):
             return word.upper()
     return (gpu_text or "").strip().lower()
-
-
-# --------------------------------------------------------------- fitted
-
-# Fitted by `python -m bcjax.timing.scaling_model fit` on the declared subset: the rows of
-# DeepLearningExamples' current tables (notes without "HISTORICAL") in the shared
-# published_scaling.csv, 2026-11-30; held-out and leave-one-framework/source-out errors in
-# BUILD_NOTES. Never tuned per row.
-#
-# SYNC_CV: coefficient of variation of one GPU's step time. A synchronous step ends when
-# the slowest of N GPUs does, ~ (1 + cv * E[max of N standard normals]); fitted on the
-# rows whose host decodes no images (DALI).
-SYNC_CV = 0.024
-# NODE_SYNC_CV: the same for a whole host, counted when a run spans several: each host's
-# input pipeline, OS and network port add their own jitter, and the step waits for the
-# slowest host ~ (1 + node_cv * E[max of nodes standard normals]).
-NODE_SYNC_CV = 0.04
-# HOST_CONTENTION: fraction of a step's compute lost when all of a host's GPUs train at once,
-# by (pipeline, host): their processes' launch threads share the host's CPUs with the
-# loader workers (scaled by (g - 1) / (G - 1) for g of G GPUs). Kept only where it cuts its
-# group's error by >= 1 point; 0 elsewhere.
-HOST_CONTENTION: dict[tuple[str, str], float] = {
-    ("mxnet/dali", "dgx-2"): 0.0088,
-    ("pytorch/pytorch", "dgx-1"): 0.008,
-    ("tensorflow 1/tf.data", "dgx-2"): 0.0188,
-    ("tensorflow 2/tf.data", "dgx-1"): 0.3032,
-    ("tensorflow 2/tf.data", "dgx-a100"): 0.0244,
-}
-# Host input ceiling: images/s one host's data path delivers, by (pipeline, host) (see
-# ``pipeline``); a pipeline never fitted on a host has no ceiling (the row says so).
-INPUT_CEILINGS: dict[tuple[str, str], float] = {
-    ("mxnet/dali", "dgx-2"): 21_484,
-    ("paddlepaddle/dali", "dgx-a100"): 20_144,
-    ("pytorch/pytorch", "dgx-1"): 8_056,
-    ("pytorch/pytorch", "dgx-a100"): 16_621,
-    ("tensorflow 1/tf.data", "dgx-1"): 9_510,
-    ("tensorflow 1/tf.data", "dgx-2"): 17_250,
-    ("tensorflow 1/tf.data", "dgx-a100"): 17_400,
-    ("tensorflow 2/tf.data", "dgx-1"): 4_880,
-    ("tensorflow 2/tf.data", "dgx-a100"): 20_647,
-}

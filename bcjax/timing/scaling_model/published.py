@@ -1,76 +1,62 @@
-"""Published multi-GPU tables → one prediction per row.
+"""Published multi-GPU tables -> one prediction per row.
 
-A CSV with the shared ``published_scaling.csv``'s columns. Rows with the same ``table_id``
-form a series whose 1-GPU row is the measured input; every other row of the series is
-predicted from it, the parameter count, the per-GPU batch, the interconnect, the framework
-and the data source. Precision enters through the measured 1-GPU throughput.
-
-One check of the input itself: when another series of the same framework, model, GPU chip,
-precision, batch and data loader ran more than ``presets.PEER_GAP`` times faster on one GPU,
-the chip's compute is taken from that faster 1-GPU row (the row's ``assumptions`` say so)
-while the efficiency stays relative to the series' own printed 1-GPU figure.
+A CSV with the shared ``published_scaling.csv``'s columns (only ``table_id``, ``gpus`` and a
+throughput column are required; a missing column reads as blank and is assumed, with a
+note). Rows with the same ``table_id`` form a series; its 1-GPU row is the measured input
+and is never replaced by another series'. Each other row is predicted from it and from
+properties any row can have: framework and its communication scheme, precision, GPU
+generation, interconnect, GPUs per host, input kind (synthetic, decoded on the GPU, or on
+the CPU), the per-GPU batch and the model's per-layer parameters. Throughput may be in any
+unit (images/s, sequences/s) as long as ``batch_per_gpu`` counts the same items.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import math
 import re
 
-from bcjax.timing.scaling_model import presets
-from bcjax.timing.scaling_model.terms import weak_scaling
-
-REQUIRED_COLUMNS = (
-    "table_id",
-    "framework",
-    "model",
-    "gpu",
-    "gpus",
-    "batch_per_gpu",
-    "precision",
-    "images_per_s",
-    "params",
-    "interconnect",
-    "data_source",
+from bcjax.timing.scaling_model import presets, profiles, schedule
+from bcjax.timing.scaling_model.fitted import SHIPPED, ModelParams
+from bcjax.timing.scaling_model.terms import (
+    allreduce_cost,
+    expected_max_normal,
+    host_count,
+    host_share,
 )
+
+REQUIRED_COLUMNS = ("table_id", "gpus")
+THROUGHPUT_COLUMNS = ("images_per_s", "throughput", "sequences_per_s", "samples_per_s")
 # A published efficiency this far above linear cannot come from data parallelism.
 SUPERLINEAR = 1.02
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelParams:
-    """The fitted part of the model (presets.py holds the shipped values)."""
-
-    sync_cv: float = presets.SYNC_CV
-    input_ceilings: tuple = tuple(sorted(presets.INPUT_CEILINGS.items()))
-    node_sync_cv: float = presets.NODE_SYNC_CV
-    host_contention: tuple = tuple(sorted(presets.HOST_CONTENTION.items()))
-
-    def contention(self, pipeline: str, host: str | None) -> float:
-        """Fraction of compute a full host loses to CPU contention; 0 where none was fitted."""
-        return dict(self.host_contention).get((pipeline, host), 0.0)
-
-    def ceiling(self, pipeline: str, loader: str, host: str | None) -> float | None:
-        """images/s one host's data path delivers; None (no cap) for a pipeline never fitted
-        on that host, and for synthetic data."""
-        if loader == "synthetic":
-            return None
-        return dict(self.input_ceilings).get((pipeline, host))
+__all__ = ["ModelParams", "SHIPPED", "read_published", "prepare", "predict_case", "zoo_params"]
 
 
-def read_published(path) -> list[dict]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)}; a published "
-                f"table needs {', '.join(REQUIRED_COLUMNS)}"
-            )
-        # short lines leave None, long ones a None key: both read as blank / dropped
-        return [{k: v or "" for k, v in row.items() if k is not None} for row in reader]
+def read_published(*paths) -> list[dict]:
+    """Rows of one or more CSVs; a missing column reads as blank."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in fields]
+            if missing or not any(c in fields for c in THROUGHPUT_COLUMNS):
+                raise ValueError(
+                    f"{path}: missing column(s) {', '.join(missing) or 'images_per_s'}; a "
+                    f"published table needs {', '.join(REQUIRED_COLUMNS)} and a throughput "
+                    f"column ({' or '.join(THROUGHPUT_COLUMNS)})"
+                )
+            for row in reader:
+                # short lines leave None, long ones a None key: both read as blank / dropped
+                clean = {k: v or "" for k, v in row.items() if k is not None}
+                if not clean.get("images_per_s"):
+                    clean["images_per_s"] = next(
+                        (clean[c] for c in THROUGHPUT_COLUMNS if clean.get(c)), ""
+                    )
+                rows.append(clean)
+    return rows
 
 
 def _zoo_key(name: str) -> str:
@@ -93,12 +79,23 @@ def zoo_params(model_name: str, num_classes: int = 1000) -> int | None:
     return sum(math.prod(shape) for path, shape in shapes.items() if path[0] == "params")
 
 
-def _number(text: str) -> float | None:
+def _number(text) -> float | None:
     try:
         value = float(str(text).replace(",", "").strip())
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def source_of(row: dict) -> str:
+    """One publisher's document: the source path without its commit (a README at two
+    commits is one source), else the repository, else 'unknown'."""
+    path = (row.get("source_path") or "").split("@")[0].strip()
+    return path or (row.get("source_repo") or "").strip() or "unknown"
+
+
+def source_of_case(case: dict) -> str:
+    return case["source"]
 
 
 def prepare(rows: list[dict], *, bus_bandwidth: float | None = None) -> list[dict]:
@@ -109,124 +106,234 @@ def prepare(rows: list[dict], *, bus_bandwidth: float | None = None) -> list[dic
     """
     first_gpu_row: dict = {}
     for r in rows:
-        if _number(r["gpus"]) == 1 and _number(r["images_per_s"]):
-            first_gpu_row.setdefault(r["table_id"], r)
-    fastest_peer = _fastest_peers(first_gpu_row.values())
+        if _number(r.get("gpus")) == 1 and _number(r.get("images_per_s")):
+            first_gpu_row.setdefault(r.get("table_id", ""), r)
+    largest: dict = {}
+    for r in rows:
+        n = _number(r.get("gpus"))
+        if n:
+            largest[r.get("table_id", "")] = max(largest.get(r.get("table_id", ""), 0), int(n))
     cases = []
     for r in rows:
-        case = {"row": r, "table_id": r["table_id"], "reason": "", "assumptions": []}
+        case = {
+            "row": r,
+            "table_id": r.get("table_id", ""),
+            "source": source_of(r),
+            "reason": "",
+            "assumptions": [],
+        }
         cases.append(case)
-        gpus, ips = _number(r["gpus"]), _number(r["images_per_s"])
-        if gpus is None or ips is None or gpus < 1:
-            case["reason"] = "gpus or images_per_s is not a number"
-            continue
-        case["gpus"], case["images_per_s"] = int(gpus), ips
-        base = first_gpu_row.get(r["table_id"])
-        if base is None:
-            case["reason"] = "series has no 1-GPU row to predict from"
-            continue
-        case["images_per_s_1"] = _number(base["images_per_s"])
-        case["published_efficiency"] = ips / (gpus * case["images_per_s_1"])
-        if gpus == 1:
-            case["reason"] = "1-GPU row: the series' measured input"
-            continue
-        case.update(_inputs(r, bus_bandwidth, case["assumptions"]))
-        if case.get("reason"):
-            continue
-        peer = fastest_peer.get(_peer_key(base))
-        peer_ips = _number(peer["images_per_s"]) if peer else None
-        if peer_ips and peer_ips > presets.PEER_GAP * case["images_per_s_1"]:
-            own = case["images_per_s_1"]
-            case["compute_images_per_s"] = peer_ips
-            case["peer_note"] = (
-                f"1-GPU row ({own:g} img/s) is {peer_ips / own:.2f}x "
-                f"slower than table {peer['table_id']}'s ({peer_ips:g}) for the same framework, "
-                f"model, GPU chip, precision, batch and loader: compute taken from table "
-                f"{peer['table_id']}"
-            )
-            case["assumptions"].append(case["peer_note"])
-        elif case["published_efficiency"] > SUPERLINEAR:
-            case["unmatchable"] = (
-                f"published efficiency {case['published_efficiency']:.2f} is "
-                f"above linear: inconsistent source figures"
-            )
+        try:
+            _prepare_case(case, first_gpu_row, largest, bus_bandwidth)
+        except Exception as e:  # noqa: BLE001 - an odd row gets a reason, never a crash
+            case["reason"] = f"row could not be read: {type(e).__name__}: {e}"
     return cases
 
 
-def _peer_key(row: dict) -> tuple:
-    return (
-        row["framework"].strip().lower(),
-        _zoo_key(row["model"]),
-        presets.gpu_chip(row["gpu"]),
-        row["precision"].strip().lower(),
-        _number(row["batch_per_gpu"]),
-        presets.loader_kind(row["data_source"]),  # a synthetic-data peer is no peer of real data
-    )
+def _prepare_case(case: dict, first_gpu_row: dict, largest: dict, bus_bandwidth) -> None:
+    r = case["row"]
+    gpus, ips = _number(r.get("gpus")), _number(r.get("images_per_s"))
+    if gpus is None or ips is None or gpus < 1 or ips <= 0:
+        case["reason"] = "gpus or throughput is not a positive number"
+        return
+    case["gpus"], case["images_per_s"] = int(gpus), ips
+    base = first_gpu_row.get(case["table_id"])
+    if base is None:
+        case["reason"] = "series has no 1-GPU row to predict from"
+        return
+    case["images_per_s_1"] = _number(base["images_per_s"])
+    case["published_efficiency"] = ips / (gpus * case["images_per_s_1"])
+    if gpus == 1:
+        case["reason"] = "1-GPU row: the series' measured input"
+        return
+    case.update(_inputs(r, bus_bandwidth, case["assumptions"], largest.get(case["table_id"], 0)))
+    if case.get("reason"):
+        return
+    case.update(_communication(case))
+    if case["published_efficiency"] > SUPERLINEAR:
+        case["unmatchable"] = (
+            f"published efficiency {case['published_efficiency']:.2f} is above linear: "
+            f"inconsistent source figures (no data-parallel term gives it)"
+        )
 
 
-def _fastest_peers(one_gpu_rows) -> dict:
-    """The fastest 1-GPU row of each (framework, model, chip, precision, batch, loader)."""
-    best: dict = {}
-    for r in one_gpu_rows:
-        key = _peer_key(r)
-        if key not in best or _number(r["images_per_s"]) > _number(best[key]["images_per_s"]):
-            best[key] = r
-    return best
-
-
-def _inputs(r: dict, bus_bandwidth: float | None, assumptions: list) -> dict:
-    params = _number(r["params"])
+def _params_and_profile(r: dict, assumptions: list) -> tuple[int | None, tuple | None]:
+    params = _number(r.get("params", ""))
+    layered = profiles.from_text(r.get("layer_params", ""))
+    built = profiles.documented(r.get("model", ""))
+    if layered:
+        profile = layered
+        assumptions.append("per-layer profile from layer_params")
+    elif built:
+        profile = built
+    else:
+        profile = None
+    if params is None and profile is not None:
+        params = profiles.total_params(profile)
+        assumptions.append("params from the documented layer shapes")
+    if params is None and profiles.known_params(r.get("model", "")):
+        params, cite = profiles.known_params(r.get("model", ""))
+        assumptions.append(f"params: {cite}")
     if params is None:
-        params = zoo_params(r["model"])
-        if params is None:
-            return {"reason": f"params blank and {r['model']!r} is not in bcjax's zoo"}
-        assumptions.append("params from bcjax's zoo")
-    link = presets.INTERCONNECTS.get(r["interconnect"].strip().lower())
+        params = zoo_params(r.get("model", "")) if r.get("model") else None
+        if params is not None:
+            assumptions.append("params from bcjax's zoo")
+    if params is None:
+        return None, None
+    if profile is None:
+        assumptions.append("no per-layer profile: gradients ready evenly through the backward")
+        return int(params), profiles.uniform(int(params))
+    total = profiles.total_params(profile)
+    if abs(total - params) > 0.05 * params:  # keep the layer shape, scale to the count given
+        profile = tuple((n, p * params / total, f) for n, p, f in profile)
+    return int(params), profile
+
+
+def _link(r: dict, generation: str, bus_bandwidth, assumptions: list, largest: int = 0):
+    text = r.get("interconnect", "")
+    link, note = presets.infer_interconnect(text, generation)
+    if note:
+        assumptions.append(note)
+    if link is None:
+        link = presets.PRESETS["pcie3"]
+        assumptions.append(f"unknown interconnect {text!r}: PCIe 3 (pcie3) assumed")
+    link, note = presets.without_p2p(link, r.get("gpu", ""))
+    if note:
+        assumptions.append(note)
     measured = _number(r.get("busbw_GBps", "")) or None
     measured = measured * 1e9 if measured else bus_bandwidth
     if measured:
-        link = presets.with_bus_bandwidth(link, measured)
-    elif link is None:
+        return presets.with_bus_bandwidth(link, measured)
+    if generation in presets.NCCL1_GENERATIONS:
+        link = presets.nccl1_link(link)
+        assumptions.append(f"{generation}: {link.note}")
+    per_host = _number(r.get("gpus_per_host", "") or r.get("gpus_per_node", ""))
+    if per_host:
+        link = presets.dataclasses.replace(link, gpus_per_node=int(per_host))
+    elif largest and link.name.split()[0].split("-")[0] in ("pcie3", "pcie4", "pcie5"):
+        # a generic PCIe box holds the series' largest run when that fits one host: its
+        # CPUs are provisioned for that many GPUs (stated assumption)
+        link = presets.dataclasses.replace(link, gpus_per_node=min(link.gpus_per_node, largest))
+    return link
+
+
+def _inputs(r: dict, bus_bandwidth: float | None, assumptions: list, largest: int = 0) -> dict:
+    params, profile = _params_and_profile(r, assumptions)
+    if params is None:
         return {
-            "reason": f"unknown interconnect {r['interconnect']!r} (presets: "
-            f"{', '.join(presets.PRESETS)}; or give a measured busbw)"
+            "reason": f"params blank and {r.get('model', '')!r} is neither in bcjax's zoo nor "
+            f"a documented shape (give params, or layer_params)"
         }
-    batch = _number(r["batch_per_gpu"])
-    if batch is None:
+    generation = presets.gpu_generation(r.get("gpu", ""))
+    if generation == "unknown":
+        assumptions.append(f"GPU generation of {r.get('gpu', '')!r} not recognised")
+    batch = _number(r.get("batch_per_gpu", ""))
+    if batch is None or batch <= 0:
         batch = presets.ASSUMED_BATCH_PER_GPU
         assumptions.append(f"batch_per_gpu blank: {batch} assumed")
-    fw = presets.framework(r["framework"])
-    loader, host = presets.loader_kind(r["data_source"]), presets.host_system(r["gpu"])
-    if fw.name == "unknown":
-        assumptions.append(fw.source)
-    if host is None and loader != "synthetic":
-        assumptions.append("host system not recognised: no input ceiling")
+    scheme, why = presets.scheme_for(r.get("framework", ""), r.get("notes", ""), r.get("model"))
+    if scheme.name == "unknown":
+        assumptions.append(scheme.source)
+    family = presets.framework_family(r.get("framework", ""))
     return {
-        "params": int(params),
-        "link": link,
+        "params": params,
+        "profile": profile,
+        "link": _link(r, generation, bus_bandwidth, assumptions, largest),
         "batch": batch,
-        "framework": fw,
-        "loader": loader,
-        "pipeline": presets.pipeline(r["framework"], loader),
-        "host": host,
+        "scheme": scheme,
+        "scheme_why": why,
+        "family": family,
+        "input": presets.input_kind(r.get("data_source", "")),
+        "precision": presets.precision_class(r.get("precision", "")),
+        "generation": generation,
     }
 
 
-def predict_case(case: dict, params: ModelParams = ModelParams()) -> dict | None:
+def _exposed(case: dict, n: int, compute_s: float) -> float:
+    """Seconds of gradient communication left exposed at ``n`` GPUs for this case."""
+    scheme, link, profile = case["scheme"], case["link"], case["profile"]
+    bpp = presets.GRADIENT_BYTES_PER_PARAM
+    backward = presets.BACKWARD_FRACTION * compute_s
+    grads = schedule.ready_times(profile, backward, bpp)
+    if scheme.kind != "parameter_server":
+        if n == 1:
+            return 0.0
+        return schedule.exposed_time(grads, scheme, allreduce_cost(n, link), backward)
+    # one GPU has its PCIe link to itself; from two on, two GPUs share one upstream link
+    per_gpu = presets.PS_BYTES_PER_S_PER_GPU * (2 if n == 1 else 1)
+    nodes = host_count(n, link.gpus_per_node)
+    net = 0.0 if nodes == 1 else (nodes - 1) / nodes / presets.PS_NETWORK_BYTES_PER_S
+    if presets.PS_NETWORK_OVERLAPS:
+
+        def cost(nbytes):
+            return nbytes / per_gpu + nbytes * net
+
+        between_hosts = 0.0
+    else:
+
+        def cost(nbytes):
+            return nbytes / per_gpu
+
+        between_hosts = presets.ps_network_seconds(sum(b for _, b in grads), nodes)
+    forward = compute_s - backward
+    return (
+        schedule.finish_after(grads, cost, backward)
+        + schedule.pull_stall(profile, forward, cost, bpp)
+        + between_hosts
+    )
+
+
+def _communication(case: dict) -> dict:
+    """The parameter-free part of a case's step: compute, exposed communication, and the
+    factors the fitted terms multiply (E[max] of GPUs and hosts, the host share)."""
+    n, link = case["gpus"], case["link"]
+    step_1 = case["batch"] / case["images_per_s_1"]
+    compute = step_1
+    if case["scheme"].kind == "parameter_server":
+        # the 1-GPU step already holds its own push/pull: compute is what is left
+        compute = max(step_1 - _exposed(case, 1, step_1), 0.5 * step_1)
+        compute = max(step_1 - _exposed(case, 1, compute), 0.5 * step_1)
+    nodes = host_count(n, link.gpus_per_node)
+    return {
+        "step_1_s": step_1,
+        "compute_s": compute,
+        "exposed_1_s": step_1 - compute,
+        "exposed_s": _exposed(case, n, compute),
+        "e_gpus": expected_max_normal(n),
+        "e_nodes": expected_max_normal(nodes),
+        "share": host_share(n, link.gpus_per_node),
+        "nodes": nodes,
+    }
+
+
+def predict_case(case: dict, params: ModelParams = SHIPPED) -> dict | None:
     """The model's row for a prepared case; None when it cannot be predicted."""
     if case["reason"]:
         return None
-    ceiling = params.ceiling(case["pipeline"], case["loader"], case["host"])
-    return weak_scaling(
-        case["images_per_s_1"],
-        case["batch"],
-        case["params"] * presets.GRADIENT_BYTES_PER_PARAM,
-        case["gpus"],
-        case["link"],
-        input_ceiling=ceiling,
-        compute_images_per_s=case.get("compute_images_per_s"),
-        bucket_bytes=case["framework"].bucket_bytes,
-        sync_cv=params.sync_cv,
-        node_sync_cv=params.node_sync_cv,
-        host_contention=params.contention(case["pipeline"], case["host"]),
+    c = case["compute_s"]
+    contention, contention_from = params.host_contention(
+        case["family"], case["input"], case["precision"]
     )
+    sync = (params.sync_cv * case["e_gpus"] + params.node_sync_cv * case["e_nodes"]) * c
+    host = contention * case["share"] * c
+    step = c + case["exposed_s"] + sync + host
+    efficiency = min(1.0, case["step_1_s"] / step)
+    losses = {
+        "all-reduce" if case["scheme"].kind != "parameter_server" else "parameter-server": (
+            case["exposed_s"] - case["exposed_1_s"]
+        ),
+        "sync": sync,
+        "host": host,
+    }
+    limit = "compute" if efficiency >= 0.99 else max(losses, key=losses.get)
+    return {
+        "compute_s": c,
+        "exposed_collective_s": case["exposed_s"],
+        "sync_s": sync,
+        "contention_s": host,
+        "contention_from": contention_from,
+        "step_s": step,
+        "efficiency": efficiency,
+        "images_per_s": efficiency * case["gpus"] * case["images_per_s_1"],
+        "limit": limit,
+    }

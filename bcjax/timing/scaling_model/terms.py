@@ -27,17 +27,18 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 
+from bcjax.timing.scaling_model.fitted import SHIPPED
 from bcjax.timing.scaling_model.presets import (
     BACKWARD_FRACTION,
-    NODE_SYNC_CV,
-    SYNC_CV,
+    SCHEMES,
     Interconnect,
-    framework,
     interconnect,
 )
 
 # bcjax itself runs on JAX: XLA's all-reduce combine threshold.
-DEFAULT_BUCKET_BYTES = framework("jax").bucket_bytes
+DEFAULT_BUCKET_BYTES = SCHEMES["xla"].bucket_bytes
+SYNC_CV = SHIPPED.sync_cv
+NODE_SYNC_CV = SHIPPED.node_sync_cv
 
 
 def ring_allreduce_time(
@@ -60,12 +61,13 @@ def bucket_sizes(num_bytes: float, bucket_bytes: float | None) -> list[float]:
     return [float(bucket_bytes)] * full + ([rest] if rest > 0 else [])
 
 
-def bucket_costs(num_bytes: float, n: int, link, bucket_bytes: float | None = None) -> list[float]:
-    """Seconds of each bucket's all-reduce. Past one node the ring's bandwidth is the
-    network's, and 2(nodes-1) of its 2(N-1) steps pay the network's latency (NCCL's model)."""
+def allreduce_cost(n: int, link):
+    """seconds(bytes) of one NCCL ring all-reduce call on ``n`` devices. Past one node the
+    ring's bandwidth is the network's, and 2(nodes-1) of its 2(N-1) steps pay the network's
+    latency (NCCL's model)."""
     link = interconnect(link)
     if n == 1:
-        return [0.0 for _ in bucket_sizes(num_bytes, bucket_bytes)]
+        return lambda nbytes: 0.0
     nodes = host_count(n, link.gpus_per_node)
     bandwidth = (
         link.bus_bandwidth if nodes == 1 else min(link.bus_bandwidth, link.network_bus_bandwidth)
@@ -76,10 +78,13 @@ def bucket_costs(num_bytes: float, n: int, link, bucket_bytes: float | None = No
         + (2 * (n - 1) - net_steps) * link.hop_latency
         + net_steps * link.network_hop_latency
     )
-    return [
-        latency + ring_allreduce_time(b, n, bandwidth)
-        for b in bucket_sizes(num_bytes, bucket_bytes)
-    ]
+    return lambda nbytes: latency + ring_allreduce_time(nbytes, n, bandwidth)
+
+
+def bucket_costs(num_bytes: float, n: int, link, bucket_bytes: float | None = None) -> list[float]:
+    """Seconds of each bucket's all-reduce (``allreduce_cost`` per bucket)."""
+    cost = allreduce_cost(n, link)
+    return [cost(b) for b in bucket_sizes(num_bytes, bucket_bytes)]
 
 
 def exposed_allreduce(costs: Sequence[float], backward_s: float) -> float:
@@ -121,6 +126,7 @@ def step_time(
     sync_cv: float = SYNC_CV,
     node_sync_cv: float = NODE_SYNC_CV,
     host_contention: float = 0.0,
+    exposed_s: float | None = None,
 ) -> dict:
     """One device's step on ``n`` devices, by term (seconds).
 
@@ -128,13 +134,17 @@ def step_time(
     a number in [0, 1]: that fraction of the all-reduce is hidden (ring_model's knob).
     ``node_sync_cv`` counts only when the ``n`` devices span more than one of ``link``'s hosts.
     ``host_contention``: the fraction of compute lost when all of a host's GPUs are in use.
+    ``exposed_s``: the exposed communication when the caller scheduled it layer by layer
+    (``schedule``); otherwise the even-bucket schedule below decides.
     """
     link = interconnect(link)
     if overlap is not None and not 0.0 <= overlap <= 1.0:
         raise ValueError(f"overlap must be in [0, 1] or None, got {overlap}")
     costs = bucket_costs(gradient_bytes, n, link, bucket_bytes)
     allreduce = sum(costs)
-    if overlap is None:
+    if exposed_s is not None:
+        exposed = exposed_s
+    elif overlap is None:
         exposed = exposed_allreduce(costs, backward_fraction * compute_s)
     else:
         exposed = (1.0 - overlap) * allreduce
@@ -188,18 +198,14 @@ def weak_scaling(
     link,
     *,
     input_ceiling: float | None = None,
-    compute_images_per_s: float | None = None,
     **step_kw,
 ) -> dict:
-    """A published-table row: same per-device batch on n devices, from the measured
-    1-device throughput. ``input_ceiling``: images/s one host's data path delivers.
-    ``compute_images_per_s``: what one device computes, when it is not ``images_per_s_1``
-    (a 1-device figure that its peers show to be wrong); efficiency stays relative to
-    ``images_per_s_1``, the figure the table prints."""
+    """A published-table row: same per-device batch on n devices, from the series' own
+    measured 1-device throughput (never another series'). ``input_ceiling``: images/s one
+    host's data path delivers, when the caller knows it."""
     link = interconnect(link)
-    per_device = compute_images_per_s or images_per_s_1
-    row = step_time(batch_per_device / per_device, gradient_bytes, n, link, **step_kw)
-    images_per_s = n * batch_per_device / row["step_s"]
+    row = step_time(batch_per_device / images_per_s_1, gradient_bytes, n, link, **step_kw)
+    images_per_s = min(n * images_per_s_1, n * batch_per_device / row["step_s"])
     nodes = host_count(n, link.gpus_per_node)
     input_bound = input_ceiling is not None and nodes * input_ceiling < images_per_s
     if input_bound:
@@ -434,6 +440,7 @@ __all__ = [
     "ComputeModel",
     "ring_allreduce_time",
     "bucket_sizes",
+    "allreduce_cost",
     "bucket_costs",
     "exposed_allreduce",
     "expected_max_normal",

@@ -1,0 +1,104 @@
+"""The fitted part of the model, as ``python -m bcjax.timing.scaling_model fit`` wrote it.
+
+``fitted.json`` beside this file holds every fitted number; a test re-fits the shared
+published tables (tests/data) and checks the file reproduces, so a model change means
+re-running ``fit``, never hand-editing constants. Each number is attached to a property a
+new row can have:
+
+- ``sync_cv``: spread of one GPU's step time (the slowest of N GPUs ends the step); range
+  searched 0 ... 0.05;
+- ``node_sync_cv``: the same for a whole host, past one host; range 0 ... 0.1;
+- ``contention``: fraction of a step's compute a full host loses while all its GPUs train,
+  by (framework family, input kind, precision class); ``pooled_contention`` by (input kind,
+  precision class) over all frameworks, used for a family the fit has not seen; range
+  0 ... 0.2 (``fitting.MAX_CONTENTION``);
+- ``residual_quantiles``: the 10th and 90th percentiles of the out-of-sample errors
+  (predicted - published) of all fittable rows, leaving each source document out and
+  leaving each GPU generation out, pooled: one pair for every row. Splitting them by scheme
+  kind or by the loss predicted held for a new document but not for a new generation
+  (BUILD_NOTES, session 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+FITTED_PATH = pathlib.Path(__file__).with_name("fitted.json")
+INTERVAL_LEVEL = 0.8  # the intervals' nominal coverage (10th to 90th percentile)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    sync_cv: float = 0.0
+    node_sync_cv: float = 0.0
+    contention: tuple = ()  # ((family, input, precision), fraction)
+    pooled_contention: tuple = ()  # ((input, precision), fraction)
+    residual_quantiles: tuple = ()  # (scheme kind or 'all', (q10, q90, rows))
+    rows: int = 0
+    sources: tuple = ()  # the source documents the fit saw
+
+    def host_contention(self, family: str, input_kind: str, precision: str) -> tuple[float, str]:
+        """(fraction, which fit it came from): the family's own, else the pooled one."""
+        own = dict(self.contention).get((family, input_kind, precision))
+        if own is not None:
+            return own, f"{family}/{input_kind}/{precision}"
+        pooled = dict(self.pooled_contention).get((input_kind, precision), 0.0)
+        return pooled, f"pooled {input_kind}/{precision}"
+
+    def interval(self, kind: str = "all") -> tuple[float, float, str]:
+        """(q10, q90, group) of the out-of-sample errors: the scheme kind's where a fitted
+        file has one (round 1 shipped them), else all rows' (what ``fit`` now writes)."""
+        table = dict(self.residual_quantiles)
+        for key in (kind, "all"):
+            if key in table:
+                return table[key][0], table[key][1], key
+        return 0.0, 0.0, "none"
+
+    def count(self) -> int:
+        """How many numbers are fitted (the intervals' quantiles included)."""
+        return (
+            2
+            + len(self.contention)
+            + len(self.pooled_contention)
+            + 2 * len(self.residual_quantiles)
+        )
+
+    def to_json(self) -> str:
+        def listed(pairs):
+            return [[list(k) if isinstance(k, tuple) else k, v] for k, v in pairs]
+
+        data = {
+            "sync_cv": self.sync_cv,
+            "node_sync_cv": self.node_sync_cv,
+            "contention": listed(self.contention),
+            "pooled_contention": listed(self.pooled_contention),
+            "residual_quantiles": listed((k, list(v)) for k, v in self.residual_quantiles),
+            "rows": self.rows,
+            "sources": list(self.sources),
+        }
+        return json.dumps(data, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelParams:
+        d = json.loads(text)
+        return cls(
+            sync_cv=d["sync_cv"],
+            node_sync_cv=d["node_sync_cv"],
+            contention=tuple((tuple(k), v) for k, v in d["contention"]),
+            pooled_contention=tuple((tuple(k), v) for k, v in d["pooled_contention"]),
+            residual_quantiles=tuple((k, tuple(v)) for k, v in d["residual_quantiles"]),
+            rows=d.get("rows", 0),
+            sources=tuple(d.get("sources", ())),
+        )
+
+
+def load() -> ModelParams:
+    """The shipped fit; all zeros (no fitted terms) if the file is missing."""
+    if not FITTED_PATH.exists():
+        return ModelParams()
+    return ModelParams.from_json(FITTED_PATH.read_text())
+
+
+SHIPPED = load()
