@@ -141,3 +141,35 @@ def test_announced_says_what_runs(caplog):
     with console_lib.announced("compiling the train step", enabled=False):
         pass
     assert not caplog.records
+
+
+def test_not_on_a_terminal_long_epochs_log_a_line_every_few_steps_short_ones_do_not(caplog):
+    clock = FakeClock()
+    stream = io.StringIO()
+    console = console_lib.Console(
+        first_step=0,
+        total_steps=200,
+        steps_per_epoch=40,
+        platform="gpu",
+        clock=clock,
+        stream=stream,
+        tty=False,
+        log_every_steps=10,
+    )
+    caplog.set_level(logging.INFO, logger=console_lib.__name__)
+    console.start()
+
+    def step_lines():
+        return [r.getMessage() for r in caplog.records if " step " in r.getMessage()]
+
+    _train(console, clock, 40, 0.1)  # a 4 s epoch: only its own line
+    console.epoch(_record(1), 40)
+    assert step_lines() == []
+    _train(console, clock, 39, 1.0, start=41)  # a 40 s epoch: steps 50, 60, 70 past 10 s
+    # ETA = time so far / steps done x steps left: 14/50 x 150, 24/60 x 140, 34/70 x 130.
+    assert step_lines() == [
+        "  epoch 2/5 step 50/200  ETA 42s",
+        "  epoch 2/5 step 60/200  ETA 56s",
+        "  epoch 2/5 step 70/200  ETA 1m03s",
+    ]
+    assert stream.getvalue() == ""  # no bar off a terminal

@@ -1,8 +1,9 @@
 """What a user sees while a run trains (process 0 only).
 
 - ``epoch 2/100: train loss ... | val ... (105.1 s, ETA 2h51m)``: one line per epoch;
-- on a terminal, a progress bar inside an epoch once it has run ``bar_after_s``
-  (10 s); never in a log file or a notebook's captured output;
+- inside an epoch once it has run ``bar_after_s`` (10 s): on a terminal a progress
+  bar; elsewhere (a log file, a notebook's captured output) a line every
+  ``log_every_steps`` steps, so short epochs leave one line each;
 - once the first steps after warm-up are timed, one line estimating the whole
   run, and on a CPU, where that exceeds 15 minutes, a pointer to
   configs/quickstart.py;
@@ -50,6 +51,7 @@ class Console:
         tty: bool | None = None,
         bar_after_s: float = 10.0,
         bar_every_s: float = 0.5,
+        log_every_steps: int = 20,
         warmup_steps: int = 2,
         timed_steps: int = 5,
     ):
@@ -59,6 +61,7 @@ class Console:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", bool)())
         self.bar_after_s, self.bar_every_s = bar_after_s, bar_every_s
+        self.log_every_steps = log_every_steps
         self.warmup_steps, self.timed_steps = warmup_steps, timed_steps
         self._start: float | None = None
         self._epoch_start: float | None = None
@@ -90,8 +93,26 @@ class Console:
             self._warm = (self.clock(), step)
         elif not self._estimated and done == self.warmup_steps + self.timed_steps:
             self._estimate(step)
-        if self.tty and step % self.steps_per_epoch:
+        if not step % self.steps_per_epoch:
+            return  # the epoch's own line follows
+        if self.tty:
             self._draw_bar(step)
+        elif step % self.log_every_steps == 0 and self._in_long_epoch():
+            self._log_step(step)
+
+    def _in_long_epoch(self) -> bool:
+        return self.clock() - self._epoch_start >= self.bar_after_s
+
+    def _log_step(self, step: int) -> None:
+        eta = self.eta_s(step)
+        log.info(
+            "  epoch %d/%d step %d/%d  ETA %s",
+            step // self.steps_per_epoch + 1,
+            self.num_epochs,
+            step,
+            self.total_steps,
+            report.short_duration(eta) if eta is not None else "–",
+        )
 
     def _estimate(self, step: int) -> None:
         self._estimated = True
@@ -116,9 +137,9 @@ class Console:
             )
 
     def _draw_bar(self, step: int) -> None:
-        now = self.clock()
-        if now - self._epoch_start < self.bar_after_s:
+        if not self._in_long_epoch():
             return
+        now = self.clock()
         if self._bar_shown_at is not None and now - self._bar_shown_at < self.bar_every_s:
             return
         self._bar_shown_at = now

@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bcjax import report
 from bcjax.data import pipeline
 from bcjax.eval import accumulators, evaluators
 from bcjax.eval import metrics as metrics_lib
@@ -176,6 +175,7 @@ def train(ctx: RunContext, state, progress: Progress, on_epoch_end: OnEpochEnd |
         steps_per_epoch=ctx.steps_per_epoch,
         platform=jax.devices()[0].platform,
         enabled=ctx.is_main,
+        log_every_steps=run.log_every_steps,
     )
     validation = evaluators.Validation(scorer(ctx, eval_step), ctx.data.val)
     epoch_metrics = accumulators.TrainAccumulator()
@@ -196,16 +196,6 @@ def train(ctx: RunContext, state, progress: Progress, on_epoch_end: OnEpochEnd |
             epoch_metrics.update(step_metrics)
             checks.after(step, step_metrics)
             console.step(step)
-            if ctx.is_main and itstime(step, run.log_every_steps, ctx.total_steps):
-                eta = console.eta_s(step)
-                log.info(
-                    "epoch %d/%d step %d/%d  ETA %s",
-                    (step - 1) // ctx.steps_per_epoch + 1,
-                    run.num_epochs,
-                    step,
-                    ctx.total_steps,
-                    report.short_duration(eta) if eta is not None else "–",
-                )
             if step % ctx.steps_per_epoch:
                 continue
             # ---- the epoch's end
