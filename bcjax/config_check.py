@@ -11,7 +11,7 @@ import math
 
 from bcjax.data.busi import CLASSES as BUSI_CLASSES
 from bcjax.models import family, list_models
-from bcjax.specs import OPTIMIZERS, STRATEGIES
+from bcjax.specs import OPTIMIZERS, STRATEGIES, ConfigError  # ConfigError: exported as before
 
 MODELS = tuple(list_models())
 DATASETS = ("auto", "busi", "synthetic", "folder", "csv")
@@ -39,10 +39,6 @@ TEXTS = (
     "data_csv",
     "positive_class",
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value that bcjax cannot run with."""
 
 
 def _choice(c, field, allowed):

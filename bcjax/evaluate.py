@@ -62,6 +62,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from bcjax import files, predict, report, specs
+from bcjax.data import manifest as manifest_lib
 from bcjax.data import overlap, pipeline, readers, splits
 from bcjax.data.busi import BusiError, Example
 from bcjax.data.class_map import ClassMapError, map_classes, parse_class_map
@@ -80,9 +81,9 @@ def run_classes(workdir: pathlib.Path) -> tuple[tuple[str, ...], dict | None]:
     """(the model's class names, the run's split manifest or None for a run without one)."""
     path = workdir / "manifest.json"
     if not path.is_file():
-        return splits.BUSI_CLASSES, None
-    manifest = splits.load_manifest(path)
-    return splits.manifest_class_names(manifest), manifest
+        return manifest_lib.BUSI_CLASSES, None
+    manifest = manifest_lib.load_manifest(path)
+    return manifest_lib.manifest_class_names(manifest), manifest
 
 
 # ----------------------------------------------------------------------------- the report
@@ -129,7 +130,7 @@ def training_examples(
         raise BusiError("the run records no data path")
     kind = "busi" if source["dataset"] in ("busi", "synthetic") else source["dataset"]
     labelled = readers.read(kind, source["path"], class_names=class_names, verify=False)
-    return splits.select(labelled.examples, manifest["train"])
+    return manifest_lib.select(labelled.examples, manifest["train"])
 
 
 def duplicates_with_training(workdir, manifest, class_names, examples, hashes, echo) -> dict:

@@ -4,7 +4,7 @@
 
 Kept short on purpose (as flax examples/imagenet does): the configuration is
 checked, the devices are requested and the workdir is locked here (one run per
-workdir at a time: bcjax.run_lock), everything else lives in `bcjax.train.loop`.
+workdir at a time: bcjax.train.run_lock), everything else lives in `bcjax.train.loop`.
 """
 
 import contextlib
@@ -53,7 +53,7 @@ def main(argv):
         _start(config)
     except config_check.ConfigError as e:
         sys.exit(f"error: {e}")
-    from bcjax import run_lock
+    from bcjax.train import run_lock
 
     try:
         with contextlib.ExitStack() as held:
@@ -104,7 +104,7 @@ def _train(config, workdir) -> None:
 
 
 def _lock_workdir(stack: contextlib.ExitStack, config, workdir) -> None:
-    """One run per workdir (bcjax.run_lock), held until ``stack`` closes.
+    """One run per workdir (bcjax.train.run_lock), held until ``stack`` closes.
 
     Process 0 takes the lock for all processes and tells them whether it got it,
     so that a refused multi-process run ends everywhere at once. Cross-validation
@@ -112,9 +112,8 @@ def _lock_workdir(stack: contextlib.ExitStack, config, workdir) -> None:
     study's workdir with the others, not with a whole study (which also locks the
     workdir itself, against a second whole study).
     """
-    import jax
-
-    from bcjax import cv, run_lock
+    from bcjax import cv
+    from bcjax.train import run_lock
 
     folders = [workdir]
     if config.cv.folds >= 2:
@@ -122,24 +121,9 @@ def _lock_workdir(stack: contextlib.ExitStack, config, workdir) -> None:
         folders = [cv.fold_dir(workdir, k) for k in folds]
         if config.cv.fold < 0:
             folders.insert(0, workdir)
-    refusal = None
-    if jax.process_index() == 0:
-        try:
-            for folder in folders:
-                stack.enter_context(run_lock.hold(folder))
-        except run_lock.RunLockError as e:
-            refusal = e
-    if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-
-        refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
-        if int(refused) and refusal is None:
-            refusal = run_lock.RunLockError(
-                f"process 0 could not lock the workdir {workdir} (its log says why)."
-            )
-    if refusal is not None:
-        raise refusal
+    # The loop holds its workdir too (a call from a notebook has no main); inside this
+    # hold it re-enters this one (run_lock.hold's reenter).
+    stack.enter_context(run_lock.hold_on_process_0(folders))
 
 
 def run():

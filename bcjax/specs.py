@@ -32,6 +32,15 @@ STRATEGIES = ("shard_map", "pmap", "jit")
 OPTIMIZERS = ("sgd", "adamw")
 
 
+class ConfigError(ValueError):
+    """A configuration value that bcjax cannot run with.
+
+    Raised by the checks at the boundary (bcjax.config_check, which exports it
+    too) and by code below it that finds a value unusable for the data it got
+    (a positive class the data lacks, a batch larger than the training split):
+    defined here, so that code does not import the checks."""
+
+
 # No spec field has a default of its own: configs/default.py holds them all.
 def _field():
     return dataclasses.field()

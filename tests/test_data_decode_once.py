@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from bcjax.data import busi, pipeline, splits, synthetic
+from bcjax.data import manifest as manifest_lib
 
 S = 16
 
@@ -50,7 +51,9 @@ def test_same_arrays_hashes_and_split_from_one_decode(examples, opens):
     _clear_hash_memo()
     hashes = splits.phashes(examples)
     split = splits.make_split(examples, seed=0)
-    parts = {p: pipeline.load_arrays(splits.select(examples, split[p]), S) for p in splits.SPLITS}
+    parts = {
+        p: pipeline.load_arrays(manifest_lib.select(examples, split[p]), S) for p in splits.SPLITS
+    }
     assert len(opens) == 2 * len(examples)
 
     _clear_hash_memo()

@@ -15,6 +15,7 @@ from PIL import Image
 from bcjax import specs
 from bcjax.config_check import ConfigError
 from bcjax.data import busi, datasets, readers, splits, synthetic
+from bcjax.data import manifest as manifest_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -333,8 +334,8 @@ def test_manifests_and_class_names(tmp_path):
     # A manifest from before class names were recorded still loads: BUSI's three.
     old = json.loads(json.dumps(run.manifest))
     del old["meta"]["class_names"], old["meta"]["source"]
-    splits.save_manifest(old, tmp_path / "old.json")
-    assert splits.manifest_class_names(old) == busi.CLASSES
+    manifest_lib.save_manifest(old, tmp_path / "old.json")
+    assert manifest_lib.manifest_class_names(old) == busi.CLASSES
     again = _prepare(
         _config(dataset="busi", data_dir=str(root), split_manifest=str(tmp_path / "old.json")),
         tmp_path / "work2",
@@ -343,7 +344,7 @@ def test_manifests_and_class_names(tmp_path):
     assert [again.manifest[p] for p in splits.SPLITS] == [run.manifest[p] for p in splits.SPLITS]
     # Class order is part of what a manifest means.
     reordered = ("malignant", "benign", "normal")
-    recorded = splits.save_manifest(run.manifest, tmp_path / "new.json")
+    recorded = manifest_lib.save_manifest(run.manifest, tmp_path / "new.json")
     with pytest.raises(
         busi.BusiError, match=r"made for the classes \['normal', 'benign', 'malignant'\]"
     ):

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from bcjax.data import busi, splits, synthetic
+from bcjax.data import manifest as manifest_lib
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +98,16 @@ def test_kfold(planted):
 
 def test_manifest_round_trip(planted, tmp_path):
     m = splits.make_split(planted, seed=5)
-    path = splits.save_manifest(m, tmp_path / "run" / "manifest.json")
+    path = manifest_lib.save_manifest(m, tmp_path / "run" / "manifest.json")
     assert not list(path.parent.glob("*.tmp"))
-    back = splits.load_manifest(path)
+    back = manifest_lib.load_manifest(path)
     assert back == m
-    train = splits.select(planted, back["train"])
+    train = manifest_lib.select(planted, back["train"])
     assert [ex.name for ex in train] == m["train"]
     with pytest.raises(busi.BusiError, match="not in the data set"):
-        splits.select(planted[:5], back["train"])
+        manifest_lib.select(planted[:5], back["train"])
     with pytest.raises(busi.BusiError, match="does not exist"):
-        splits.load_manifest(tmp_path / "none.json")
+        manifest_lib.load_manifest(tmp_path / "none.json")
 
 
 def test_hash_disk_cache(planted, tmp_path):
@@ -158,7 +159,7 @@ def test_class_names_are_recorded_and_count_the_labels(planted):
     two = [busi.Example(ex.name, min(ex.label, 1), ex.image_path) for ex in planted]
     m = splits.make_split(two, seed=0, class_names=("healthy", "lesion"))
     assert m["meta"]["class_names"] == ["healthy", "lesion"]
-    assert splits.manifest_class_names(m) == ("healthy", "lesion")
+    assert manifest_lib.manifest_class_names(m) == ("healthy", "lesion")
     counts = m["meta"]["counts"]
     total = {c: sum(counts[p][c] for p in splits.SPLITS) for c in ("healthy", "lesion")}
     assert total == {

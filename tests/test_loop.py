@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny config: outputs, resume, restore elsewhere."""
 
 import json
+import os
 import pathlib
 import sys
 
@@ -15,7 +16,7 @@ import _events  # noqa: E402
 from _tiny import tiny_config  # noqa: E402
 
 from bcjax.data import synthetic  # noqa: E402
-from bcjax.train import loop  # noqa: E402
+from bcjax.train import loop, run_lock  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +34,17 @@ def _final_params(workdir):
 def test_run_writes_its_outputs(tiny_busi, tmp_path, monkeypatch):
     # Every model of the run comes from family.create_model: a patch there reaches the
     # clinical report too (it clones the run's model in float32, builds none of its own).
+    from bcjax.data import datasets
     from bcjax.eval import evaluators
     from bcjax.models import family
 
-    built, reported = [], []
+    built, reported, reads = [], [], []
     real_create, real_report = family.create_model, evaluators.ClinicalReport.run
+    real_read = datasets.read_source
+
+    def read_source(*args):
+        reads.append(args)
+        return real_read(*args)
 
     def create_model(*args, **kwargs):
         built.append(real_create(*args, **kwargs))
@@ -45,8 +52,11 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path, monkeypatch):
 
     def report(self, state):
         reported.append(self.model)
+        examples.extend(self.test_examples)
         return real_report(self, state)
 
+    examples = []
+    monkeypatch.setattr(datasets, "read_source", read_source)
     monkeypatch.setattr(family, "create_model", create_model)
     monkeypatch.setattr(evaluators.ClinicalReport, "run", report)
     results = loop.train_and_evaluate(
@@ -86,6 +96,13 @@ def test_run_writes_its_outputs(tiny_busi, tmp_path, monkeypatch):
     for key in ("calibration", "operating_points", "bootstrap", "grounding", "probes"):
         assert saved[key], key
     assert len(built) == 1 and reported == [built[0].clone(dtype=jax.numpy.float32)]
+    # The clinical report used the test examples set-up read (the source was read once),
+    # and they are what reading the source again gives for the test part, in its order.
+    assert len(reads) == 1
+    by_name = {e.name: e for e in real_read(*reads[0]).examples}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert examples == [by_name[name] for name in manifest["test"]]
+    assert any(e.mask_paths for e in examples)
     shortcut = saved["probes"]["shortcut"]["criteria"]
     assert shortcut["drops_on_random_mark"]["flagged"] is None  # a run has no random-mark copy
     removal = shortcut["survives_lesion_removal"]
@@ -163,8 +180,17 @@ def test_restart_resumes_to_the_same_parameters(tiny_busi, tmp_path):
     # The interrupted run keeps its images on the devices (straight: sent from
     # the host every step): same batches, so the same parameters too.
     on_device = tiny_config(tiny_busi, num_devices=2, input_on_device="yes")
+    lock_holders = []
+
+    def stop_after_epoch_2(record):
+        lock_holders.append(json.loads((interrupted / run_lock.LOCK_NAME).read_text())["pid"])
+        return record["epoch"] == 2
+
     with pytest.raises(loop.Interrupted):
-        loop.train_and_evaluate(on_device, interrupted, on_epoch_end=lambda r: r["epoch"] == 2)
+        loop.train_and_evaluate(on_device, interrupted, on_epoch_end=stop_after_epoch_2)
+    # Called from Python, the run held its workdir's lock and released it when interrupted.
+    assert lock_holders == [os.getpid()] * 2
+    assert not (interrupted / run_lock.LOCK_NAME).exists()
     resumed = loop.train_and_evaluate(on_device, interrupted)
     assert (
         resumed["input_on_device"]
@@ -383,3 +409,33 @@ def test_finite_checks_read_each_step_one_step_late():
     with pytest.raises(loop.NonFiniteError, match="at step 9 .*step 4 in ckpts"):
         stopping.flush()
     assert ckpt.waited == 1  # the last good checkpoint is on disk before it is named
+
+
+def test_the_logged_learning_rate_is_the_one_the_optimiser_uses():
+    # A skipped step (NaN/Inf under nan_policy "skip", a float16 overflow) keeps the whole
+    # optimiser state, its schedule's count with it: optax itself says which rate is next.
+    import types
+
+    import optax
+
+    from bcjax.train.run_setup import Progress
+
+    schedule = optax.cosine_decay_schedule(1.0, decay_steps=20)
+    tx = optax.sgd(schedule)
+    params = {"w": jax.numpy.zeros(3)}
+    opt_state = tx.init(params)
+    for step in range(1, 11):
+        if step in (3, 6, 9):  # two NaN/Inf skips and one float16 overflow: state kept
+            continue
+        _, opt_state = tx.update({"w": jax.numpy.ones(3)}, opt_state, params)
+    count = int(optax.tree_utils.tree_get(opt_state, "count"))
+    record = loop._epoch_record(
+        types.SimpleNamespace(schedule=schedule),
+        Progress([], early_stopping=None),
+        epoch=1,
+        step=10,
+        train_metrics={"overflow": 0.1, "steps": 10},  # 1 of the epoch's 10 steps overflowed
+        checks=types.SimpleNamespace(skipped=2),
+    )
+    assert count == 7 and record["overflow_skipped_steps"] == 1
+    assert record["lr"] == float(schedule(count)) != float(schedule(10))

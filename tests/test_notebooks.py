@@ -4,8 +4,13 @@ import json
 import os
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import nbformat
+import numpy as np
 from nbclient import NotebookClient
+
+from bcjax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -143,3 +148,84 @@ def test_scaling_notebook_runs_the_study(tmp_path, monkeypatch):
     # The scaling model's prediction, through its CLI, from the 1-device run.
     assert "bcjax.timing.scaling_model predict" in text and "--link=pcie4" in text
     assert "--devices=1,2,4,8" in text and "| devices | per-device batch |" in text
+
+
+def test_scaling_notebook_on_two_gpus(tmp_path, monkeypatch):
+    """The 2-GPU branch (Kaggle's GPU T4 x2) on 2 simulated CPU devices: the kernel's device
+    probe answers what two T4s answer; the notebook's own code then runs 1 and 2 devices
+    cross-validated, compares them fold by fold, and prints the scaling model's prediction for
+    2 GPUs over PCIe 3 (no peer to peer: this host has no nvidia-smi to report it)."""
+    from bcjax import runtime
+    from bcjax.data import synthetic
+    from bcjax.timing.scaling_model import presets
+
+    data = synthetic.generate(tmp_path / "data", num=60, seed=0, min_size=40, max_size=56)
+    monkeypatch.setenv(
+        "XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_llvm_disable_expensive_passes=true"
+    )
+    out = tmp_path / "study"
+    nb = execute(
+        "scaling.ipynb",
+        dict(
+            DEVICES="auto",  # the runtime's: 1 and 2
+            CV_FOLDS=2,  # "auto" gives 5 on 2 GPUs; 2 keeps this test small
+            EPOCHS=2,
+            IMAGE_SIZE=32,
+            WORKDIR=str(out),
+            REPO_DIR=str(ROOT),
+            INSTALL=False,
+            JOBS=2,
+            EXTRA=[
+                "--config.dataset=busi",
+                f"--config.data_dir={data}",
+                "--config.width=4",
+                # 4: enough steps per epoch for the loop to time some after its warm-up
+                "--config.global_batch_size=4",
+                "--config.log_every_steps=100",
+                "--config.augment.enabled=False",
+                "--config.timing_breakdown=False",
+                "--config.clinical_report=False",
+            ],
+        ),
+        tmp_path,
+        # What runtime.probe_devices answers on Kaggle's T4 x2 (compute capability 7.5);
+        # the runs themselves train on this host's simulated CPU devices.
+        code=(
+            f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from bcjax import runtime as _runtime\n"
+            "_runtime.probe_devices = lambda timeout=120.0: "
+            '("gpu", 2, "Tesla T4", _runtime.dtype_for("gpu", "7.5"))'
+        ),
+        timeout=600,
+    )
+    text = outputs(nb)
+    link = runtime.two_gpu_link()  # pcie3-2gpu-nop2p without nvidia-smi
+    assert "2 x Tesla T4 (gpu)" in text and "device counts: [1, 2]" in text
+    assert "dtype: float16" in text and "folds: 2" in text
+    assert f"interconnect for the prediction: {link}" in text and "--cv-folds=2" in text
+    # Every device count ran the same 2-fold cross-validation, in float16 with loss scaling.
+    fold_accuracy = {}
+    for n in (1, 2):
+        for k in (0, 1):
+            run = json.loads((out / f"dev{n}" / f"fold_{k}" / "results.json").read_text())
+            assert run["num_devices"] == n and run["config"]["dtype"] == "float16"
+            assert run["cv_fold"] == k and run["overflow_skipped_steps"] >= 0
+            fold_accuracy[n, k] = run["test"]["accuracy"]
+    # The paired comparison: 2 devices against 1, fold by fold, from the folds' own results.
+    saved = json.loads((out / "scaling_cv.json").read_text())
+    assert [r["devices"] for r in saved["rows"]] == [1, 2] and saved["folds"] == 2
+    (paired,) = [p for p in saved["paired"] if p["metric"] == "test_accuracy"]
+    assert (paired["devices"], paired["baseline"], paired["same_split"]) == (2, 1, True)
+    expected = [fold_accuracy[2, k] - fold_accuracy[1, k] for k in (0, 1)]
+    np.testing.assert_allclose(paired["differences"], expected, atol=1e-12)
+    assert "| devices |" in text  # the CV table was shown
+    # The prediction for this machine, from the 1-device run's first fold: 2 GPUs, PCIe 3,
+    # the gradient of the run's model (float32 parameters, counted here from the model).
+    assert "bcjax.timing.scaling_model predict" in text
+    assert f"--link={link}" in text and "--devices=1,2 " in text
+    assert presets.interconnect(link).note in text  # the machine the prediction is for
+    model = models.create("resnet18", num_classes=3, width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    grad_mb = 4 * sum(p.size for p in jax.tree.leaves(params)) / 1e6
+    assert f"--grad-mb={grad_mb:.3f}" in text
+    assert "| 2 | 2 |" in text  # the 2-GPU row of the predicted table: global batch 4 over 2

@@ -1,4 +1,4 @@
-"""One run per workdir at a time (bcjax.run_lock, taken by bcjax.main).
+"""One run per workdir at a time (bcjax.train.run_lock, taken by bcjax.main and by the loop).
 
 The holders here are real processes, kept alive until the second start has been
 refused, so the refusals are of two processes that overlapped.
@@ -17,14 +17,14 @@ import time
 import numpy as np
 import pytest
 
-from bcjax import run_lock
+from bcjax.train import run_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Holds the workdir's lock as bcjax.main does, says so, and keeps it until stdin closes.
 HOLDER = (
     "import sys\n"
-    "from bcjax import run_lock\n"
+    "from bcjax.train import run_lock\n"
     "with run_lock.hold(sys.argv[1], heartbeat_s=float(sys.argv[2])):\n"
     "    print('held', flush=True)\n"
     "    sys.stdin.readline()\n"
@@ -111,7 +111,7 @@ def test_after_sigkill_of_the_holder_the_next_start_proceeds(tmp_path):
 # Holds two workdirs' locks, nested, as a cross-validation study does.
 NESTED_HOLDER = (
     "import sys\n"
-    "from bcjax import run_lock\n"
+    "from bcjax.train import run_lock\n"
     "with run_lock.hold(sys.argv[1]), run_lock.hold(sys.argv[2]):\n"
     "    print('held', flush=True)\n"
     "    sys.stdin.readline()\n"
@@ -291,3 +291,52 @@ def test_only_process_0_locks_and_its_refusal_ends_every_process(tmp_path, monke
     broadcast["value"] = 1
     with pytest.raises(run_lock.RunLockError, match="process 0 could not lock"):
         main_lock(config, tmp_path)
+
+
+# ------------------------------------------------- the loop's own hold (notebooks)
+
+
+def test_a_reentering_hold_is_the_outer_one_on_its_thread_only(tmp_path):
+    with run_lock.hold(tmp_path) as outer:
+        token = lock_record(tmp_path)["token"]
+        with run_lock.hold(tmp_path, reenter=True) as inner:
+            assert inner is outer
+        # The inner block left the outer's lock in place.
+        assert lock_record(tmp_path)["token"] == token and outer.holds()
+        with pytest.raises(run_lock.WorkdirLockedError):  # without reenter: refused as before
+            with run_lock.hold(tmp_path):
+                pass
+        refused = []
+
+        def other_thread():
+            try:
+                with run_lock.hold(tmp_path, reenter=True):
+                    refused.append(False)
+            except run_lock.WorkdirLockedError:
+                refused.append(True)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert refused == [True]  # another thread of this process is another run
+        assert lock_record(tmp_path)["token"] == token
+    assert not (tmp_path / run_lock.LOCK_NAME).exists()
+
+
+def test_train_and_evaluate_from_python_is_refused_while_another_run_holds_the_workdir(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny import tiny_config
+
+    from bcjax.train import loop
+
+    holder = start_holder(tmp_path)
+    try:
+        with pytest.raises(run_lock.WorkdirLockedError) as refused:
+            loop.train_and_evaluate(tiny_config(tmp_path / "no-data"), tmp_path)
+        assert holder.poll() is None  # the holder lived through the refusal: they overlapped
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert f"PID {holder.pid} on host {socket.gethostname()}" in str(refused.value)
+    # Refused before set-up touched the workdir.
+    assert not [p.name for p in tmp_path.iterdir() if p.name != run_lock.LOCK_NAME]

@@ -254,6 +254,79 @@ def test_parameter_server_across_hosts_pays_the_network():
     assert sixteen["exposed_s"] - eight["exposed_s"] == pytest.approx(network, rel=1e-9)
 
 
+def test_nccl1_ring_in_device_order_leaves_nvlink_past_four_gpus():
+    # NCCL 1.x chains GPUs 0..n-1: on DGX-1's hybrid cube-mesh up to 4 GPUs (one fully
+    # linked quad) stay on NVLink at 18 GB/s; 8 GPUs cross between the quads over PCIe at
+    # NCCL 1.x's 8 GB/s. A PCIe box runs at 8 GB/s whatever the count.
+    mesh = presets.PRESETS["nvlink1-hybrid-cube-mesh"]
+    assert [presets.nccl1_link(mesh, n).bus_bandwidth for n in (2, 4, 5, 8)] == [
+        18e9,
+        18e9,
+        8e9,
+        8e9,
+    ]
+    assert presets.nccl1_link(presets.PRESETS["pcie3"], 2).bus_bandwidth == 8e9
+    base = {
+        "table_id": "1",
+        "framework": "TensorFlow 1.x (tf_cnn_benchmarks)",
+        "model": "VGG16",
+        "gpu": "Tesla P100 (NVIDIA DGX-1)",
+        "batch_per_gpu": "64",
+        "precision": "FP32",
+        "interconnect": "nvlink1-hybrid-cube-mesh",
+        "data_source": "synthetic",
+        "notes": "variable_update: VGG16 replicated (with NCCL)",
+    }
+    rows = [{**base, "gpus": str(n), "images_per_s": str(150 * n)} for n in (1, 4, 8)]
+    _, four, eight = published.prepare(rows)
+    assert four["scheme"].kind == eight["scheme"].kind == "per_tensor"
+    assert (four["link"].bus_bandwidth, eight["link"].bus_bandwidth) == (18e9, 8e9)
+    # per-tensor calls after the backward: VGG16's 138M fp32 gradients at 2 (n-1)/n / busbw
+    ring = 2 * 7 / 8 * 138_357_544 * 4 / 8e9
+    assert ring < eight["exposed_s"] < ring + 1e-3  # plus one latency per tensor
+
+
+def test_host_contention_scales_with_the_hosts_cores_a_gpu():
+    # The fitted contention is a DGX-1's (40 cores, 8 GPUs: 5 a GPU). For images decoded on
+    # the host's CPUs a DGX A100 (128 cores) loses 5/16 of it, a host_cores column of 64 on
+    # an unknown 8-GPU host 5/8; synthetic input, and a host nobody documents, are unscaled.
+    def eight_gpu_case(gpu, data, **extra):
+        base = {
+            "table_id": "1",
+            "framework": "PyTorch",
+            "model": "ResNet-50",
+            "gpu": gpu,
+            "batch_per_gpu": "256",
+            "precision": "AMP",
+            "params": "25557032",
+            "interconnect": "nvlink3-nvswitch",
+            "data_source": data,
+            **extra,
+        }
+        rows = [{**base, "gpus": "1", "images_per_s": "1000"}]
+        rows.append({**base, "gpus": "8", "images_per_s": "7000"})
+        return published.prepare(rows)[1]
+
+    assert presets.host_cores_per_gpu("V100-SXM2-16GB (DGX-1)")[0] == 5
+    assert presets.host_cores_per_gpu("V100 (DGX Station)")[0] == 5  # 20 cores, 4 GPUs
+    assert presets.host_cores_per_gpu("V100-SXM3-32GB (DGX-2)")[0] == 3
+    assert presets.host_cores_per_gpu("GeForce RTX 3090") == (None, "")
+    dgx1 = eight_gpu_case("V100-SXM2-16GB (DGX-1)", "real, PyTorch loader")
+    a100 = eight_gpu_case("A100-SXM4-80GB (DGX A100)", "real, PyTorch loader")
+    synthetic = eight_gpu_case("A100-SXM4-80GB (DGX A100)", "synthetic")
+    unknown = eight_gpu_case("A100-SXM4-80GB", "real, PyTorch loader")
+    column = eight_gpu_case("A100-SXM4-80GB", "real, PyTorch loader", host_cores="64")
+    assert dgx1["cores_per_gpu"] == 5 and a100["cores_per_gpu"] == 16
+    shares = [c["share"] for c in (dgx1, a100, synthetic, unknown, column)]
+    assert shares == pytest.approx([1.0, 5 / 16, 1.0, 1.0, 5 / 8])
+    params = dataclasses.replace(
+        SHIPPED, contention=(), pooled_contention=((("cpu", "reduced"), 0.1),)
+    )
+    dgx1_loss = published.predict_case(dgx1, params)["contention_s"] / dgx1["compute_s"]
+    a100_loss = published.predict_case(a100, params)["contention_s"] / a100["compute_s"]
+    assert (dgx1_loss, a100_loss) == pytest.approx((0.1, 0.1 * 5 / 16))
+
+
 def test_documented_profiles_match_the_zoo_and_the_tables():
     for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
         assert profiles.total_params(profiles.documented(name)) == published.zoo_params(name)

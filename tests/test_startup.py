@@ -80,3 +80,63 @@ def test_library_imports_stay_light(module):
     if module == "bcjax.models":
         heavy += ("optax", "tensorboardX", "bcjax.data", "bcjax.train")
     assert _present(loaded, heavy) == []
+
+
+# Loaded by the runs that use them, not by importing the training loop: the checks at the
+# config boundary (bcjax.main), the code that makes a new split (a resumed run reads its
+# manifest), each model family (a run builds one), the reports run after training.
+NOT_IN_THE_LOOP = (
+    "bcjax.config_check",
+    "bcjax.data.splits",
+    "bcjax.models.layers",
+    "bcjax.models.mobilenet",
+    "bcjax.models.resnet",
+    "bcjax.eval.clinical_outputs",
+    "bcjax.clinical",
+    "bcjax.timing.breakdown",
+)
+
+
+def test_the_loop_imports_what_every_run_uses_only():
+    loaded = loaded_after_import("bcjax.train.loop")
+    assert {"bcjax.train.loop", "bcjax.train.run_lock", "bcjax.data.manifest"} <= loaded
+    assert _present(loaded, NOT_IN_THE_LOOP) == []
+
+
+def test_a_model_family_is_imported_when_first_used():
+    code = (
+        "import sys\n"
+        "import bcjax.models\n"
+        "family = lambda: sorted(m for m in sys.modules if m in "
+        "('bcjax.models.resnet', 'bcjax.models.mobilenet'))\n"
+        "print(family())\n"
+        "bcjax.models.create('mobilenet_v2', num_classes=2)\n"
+        "print(family())\n"
+        "from bcjax.models import ResNet18\n"
+        "print(family(), ResNet18 is sys.modules['bcjax.models.resnet'].ResNet18)\n"
+        "print(sorted(set(bcjax.models.__all__) - set(dir(bcjax.models))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.splitlines()
+    assert out == [
+        "[]",
+        "['bcjax.models.mobilenet']",
+        "['bcjax.models.mobilenet', 'bcjax.models.resnet'] True",
+        "[]",  # every exported name is listed by dir()
+    ]
+
+
+def test_reading_png_files_never_loads_the_dicom_reader(tmp_path):
+    code = (
+        "import sys\n"
+        "from bcjax.data import pipeline, readers, synthetic\n"
+        f"root = synthetic.generate({str(tmp_path)!r}, num=12, seed=0, min_size=40, max_size=48)\n"
+        "labelled = readers.read('busi', root)\n"
+        "arrays = pipeline.load_arrays(labelled.examples, 16)\n"
+        "print(len(arrays.labels), 'bcjax.data.dicom' in sys.modules, 'pydicom' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split()
+    assert out == ["12", "False", "False"]

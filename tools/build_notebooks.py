@@ -328,12 +328,16 @@ def scaling():
             '                           env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, check=True)\n'
             "    return int(child.stdout.split()[-1]) / 1e6\n\n"
             'one_dir = out / "dev1" / ("fold_0" if cv_folds else "")  # the 1-device run (its first fold)\n'
-            'if not (one_dir / "results.json").is_file():\n'
+            'one = scaling.row_from_run(scaling.read_run(one_dir)) if (one_dir / "results.json").is_file() else None\n'
+            "# On one device a step is all compute; the breakdown's figure is preferred when it ran.\n"
+            'compute_ms = one and (one["compute_ms"] or one["step_ms"])\n'
+            "if one is None:\n"
             '    print("No 1-device run: nothing to predict from.")\n'
+            "elif not compute_ms:\n"
+            "    # The loop times the steps after an epoch's first few: a run this short timed none.\n"
+            '    print("The 1-device run timed no step (too few steps per epoch); more images or "\n'
+            '          "epochs, or a smaller batch, give the prediction its compute time.")\n'
             "else:\n"
-            "    one = scaling.row_from_run(scaling.read_run(one_dir))\n"
-            "    # On one device a step is all compute; the breakdown's figure is preferred when it ran.\n"
-            '    compute_ms = one["compute_ms"] or one["step_ms"]\n'
             '    predict = [sys.executable, "-m", "bcjax.timing.scaling_model", "predict",\n'
             '               f"--grad-mb={gradient_mb(one_dir):.3f}",\n'
             "               f\"--per-image-ms={compute_ms / one['per_device_batch']:.4f}\",\n"

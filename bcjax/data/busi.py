@@ -171,7 +171,12 @@ def synthetic_info(root) -> dict | None:
 
 
 def _dicom(path):
-    """bcjax.data.dicom when ``path`` is a DICOM file, else None (imported on use: pydicom)."""
+    """bcjax.data.dicom when ``path`` is a DICOM file, else None (imported on use: pydicom).
+
+    A PNG, JPEG, ... (IMAGE_SUFFIXES) is never one (dicom.is_dicom says the same), and is
+    told apart here, so that runs on such files never load the DICOM reader."""
+    if pathlib.Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        return None
     from bcjax.data import dicom
 
     return dicom if dicom.is_dicom(path) else None

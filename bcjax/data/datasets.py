@@ -20,9 +20,9 @@ import logging
 import pathlib
 
 from bcjax import files
-from bcjax.config_check import ConfigError
-from bcjax.data import busi, pipeline, readers, splits
-from bcjax.specs import DataSpec
+from bcjax.data import busi, pipeline, readers
+from bcjax.data import manifest as manifest_lib
+from bcjax.specs import ConfigError, DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class RunData:
     # {"dataset": "busi"|"synthetic"|"folder"|"csv", "path": str, "warning": str|None,
     #  and for the synthetic set "synthetic_set": its cache key}
     source: dict
+    # The test part's Examples (file and mask paths) in the order of `test`: the clinical
+    # report reads the lesion masks from them (bcjax.eval.clinical_outputs).
+    test_examples: tuple[busi.Example, ...]
     class_names: tuple[str, ...] = (
         busi.CLASSES
     )  # label k is class_names[k]; the count is its length
@@ -240,7 +243,7 @@ def prepare(
         manifest_path if manifest_path and pathlib.Path(manifest_path).exists() else ""
     )
     if given:
-        manifest = splits.load_manifest(given)
+        manifest = manifest_lib.load_manifest(given)
         missing = sorted(
             set(manifest["train"] + manifest["val"] + manifest["test"]) - {e.name for e in examples}
         )
@@ -263,6 +266,8 @@ def prepare(
                 "config.cv.fold is -1 (all folds): run bcjax.cv.run_cross_validation, "
                 "which trains one fold at a time."
             )
+        from bcjax.data import splits  # making a split: not needed to resume one
+
         # The test part depends only on split_seed and split_fractions[2], so
         # every fold is scored on the same held-out images.
         # One decode per image for both the duplicate hashes and the arrays.
@@ -280,6 +285,8 @@ def prepare(
             class_names=class_names,
         )
     else:
+        from bcjax.data import splits  # making a split: not needed to resume one
+
         # One decode per image for both the duplicate hashes and the arrays.
         everything, hashes = pipeline.load_arrays_and_phashes(
             examples, data.image_size, cache_dir=cache
@@ -297,6 +304,7 @@ def prepare(
     }
     record_labelled(manifest["meta"], labelled)
     parts = {name: everything.select(manifest[name]) for name in ("train", "val", "test")}
+    test_examples = tuple(manifest_lib.select(examples, manifest["test"]))
     log.info(
         "Data: %s at %s; classes %s; train %d, val %d, test %d images at %d px.",
         source["dataset"],
@@ -308,5 +316,10 @@ def prepare(
         data.image_size,
     )
     return RunData(
-        manifest=manifest, source=source, class_names=class_names, positive_class=positive, **parts
+        manifest=manifest,
+        source=source,
+        test_examples=test_examples,
+        class_names=class_names,
+        positive_class=positive,
+        **parts,
     )

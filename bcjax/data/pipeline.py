@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from bcjax import files
-from bcjax.data import busi, splits
+from bcjax.data import busi
 from bcjax.data.busi import BusiError, Example, to_uint8_rgb
 
 CACHE_VERSION = 1
@@ -72,12 +72,14 @@ def decode_resize(path, image_size: int) -> np.ndarray:
     Resizing before the channel expansion keeps grayscale files at 1/3 of the
     work; reducing_gap lets PIL shrink by an integer factor first (same look, faster).
     """
-    return _decode_resize(path, image_size, with_phash=False)[0]
+    return _decode_resize(path, image_size, splits=None)[0]
 
 
-def _decode_resize(path, image_size: int, *, with_phash: bool) -> tuple[np.ndarray, int | None]:
-    """decode_resize's array and, with_phash, splits.phash_file's hash from the same decode."""
+def _decode_resize(path, image_size: int, *, splits) -> tuple[np.ndarray, int | None]:
+    """decode_resize's array and, given the module bcjax.data.splits (a split is being made),
+    splits.phash_file's hash from the same decode; None without it."""
     phash = None
+    with_phash = splits is not None
     if busi._dicom(path) is not None:  # a DICOM frame, cropped (bcjax.data.dicom)
         rgb = busi.read_image(path)
         if with_phash:
@@ -124,7 +126,7 @@ def load_arrays(
     cache_dir: keep the result as an .npz keyed by the file list (names, labels,
     sizes, mtimes) and image size; a later run loads it instead of decoding.
     """
-    return _load_arrays(examples, image_size, cache_dir, workers, with_phashes=False)
+    return _load_arrays(examples, image_size, cache_dir, workers, splits=None)
 
 
 def load_arrays_and_phashes(
@@ -138,14 +140,16 @@ def load_arrays_and_phashes(
     with ``ArraySet.select``. Both results equal the separate calls', and both
     caches in ``cache_dir`` are read and written as by those calls.
     """
+    from bcjax.data import splits  # only a run that makes a split needs the hashes
+
     examples = list(examples)
-    arrays = _load_arrays(examples, image_size, cache_dir, workers, with_phashes=True)
+    arrays = _load_arrays(examples, image_size, cache_dir, workers, splits=splits)
     # Finds every hash decoded above (or in its own cache), and writes its cache.
     return arrays, splits.phashes(examples, workers=workers, cache_dir=cache_dir)
 
 
-def _load_arrays(examples, image_size, cache_dir, workers, *, with_phashes: bool) -> ArraySet:
-    """load_arrays; with_phashes, each decode also hands its image's hash to splits."""
+def _load_arrays(examples, image_size, cache_dir, workers, *, splits) -> ArraySet:
+    """load_arrays; given bcjax.data.splits, each decode also hands its image's hash to it."""
     examples = list(examples)
     names = [ex.name for ex in examples]
     labels = np.array([ex.label for ex in examples], np.int32)
@@ -172,8 +176,8 @@ def _load_arrays(examples, image_size, cache_dir, workers, *, with_phashes: bool
 
     def fill(i):
         path = examples[i].image_path
-        images[i], phash = _decode_resize(path, image_size, with_phash=with_phashes)
-        if with_phashes:
+        images[i], phash = _decode_resize(path, image_size, splits=splits)
+        if splits is not None:
             splits.remember_phash(path, phash)
 
     workers = workers or min(16, os.cpu_count() or 1)

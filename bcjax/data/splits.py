@@ -1,4 +1,4 @@
-"""Duplicate- and patient-aware, stratified splits, saved as manifests.
+"""Duplicate- and patient-aware, stratified splits (saved as manifests: bcjax.data.manifest).
 
 BUSI has no official split and holds many exact and near-duplicate images,
 some filed under two classes (Pawłowska et al. 2023). Images are grouped by a
@@ -23,17 +23,16 @@ from PIL import Image
 
 from bcjax import files
 from bcjax.data import busi
-from bcjax.data.busi import CLASSES, BusiError, Example
+from bcjax.data.busi import BusiError, Example
 
-SPLITS = ("train", "val", "test")
+# What a split is written as: bcjax.data.manifest (also how a run reads it back).
+from bcjax.data.manifest import BUSI_CLASSES, MANIFEST_VERSION, SPLITS
+
 # Bits of 64. On 780 synthetic images the closest unrelated pair is 10 bits apart
 # (0.01% of pairs <= 14), while re-encoding, resizing and brightness changes stay
 # within 2 and a 3-5% crop within 8: err on the side of grouping, since a missed
 # duplicate leaks test images into training and a false group costs little.
 DEFAULT_HASH_THRESHOLD = 8
-MANIFEST_VERSION = 1
-# Manifests written before classes came from the data hold no class names: they are BUSI's.
-BUSI_CLASSES = CLASSES
 
 _HASH_CACHE: dict[
     tuple, int
@@ -396,44 +395,3 @@ def kfold_split(
         counts=_counts(split, examples, meta["class_names"]),
     )
     return {**split, "meta": meta}
-
-
-# ----------------------------------------------------------------------------- manifests
-
-
-def save_manifest(manifest: dict, path) -> pathlib.Path:
-    """Writes the split as JSON (atomically); load_manifest + select reproduce it."""
-    return files.write_json(manifest, path)
-
-
-def load_manifest(path) -> dict:
-    path = pathlib.Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise BusiError(f"split manifest does not exist: {path}") from e
-    except json.JSONDecodeError as e:
-        raise BusiError(f"split manifest is not valid JSON: {path} ({e})") from e
-    missing = [p for p in SPLITS if p not in manifest]
-    if missing:
-        raise BusiError(f"split manifest {path} lacks {', '.join(missing)}")
-    return manifest
-
-
-def manifest_class_names(manifest: dict) -> tuple[str, ...]:
-    """The class names a manifest's labels index; BUSI's three for manifests
-    written before they were recorded (old workdirs still resume)."""
-    return tuple(manifest.get("meta", {}).get("class_names") or BUSI_CLASSES)
-
-
-def select(examples: Sequence[Example], names: Sequence[str]) -> list[Example]:
-    """The examples named, in the order named; BusiError listing names not in ``examples``."""
-    by_name = {ex.name: ex for ex in examples}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        shown = ", ".join(repr(n) for n in missing[:5])
-        raise BusiError(
-            f"{len(missing)} name(s) from the manifest are not in the data set: {shown}"
-            + (" ..." if len(missing) > 5 else "")
-        )
-    return [by_name[n] for n in names]

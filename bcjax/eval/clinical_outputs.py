@@ -20,9 +20,8 @@ from bcjax import clinical, files, report, stats
 from bcjax.clinical import bootstrap
 from bcjax.clinical import plots as clinical_plots
 from bcjax.clinical.probes import shortcut_flags
-from bcjax.data import datasets, pipeline
+from bcjax.data import pipeline
 from bcjax.data.busi import Example
-from bcjax.specs import DataSpec
 from bcjax.step import gradcam
 
 SECTIONS = ("calibration", "operating_points", "bootstrap", "grounding", "probes")
@@ -35,13 +34,6 @@ COARSE_NOTE = (
     "these scores cannot say whether the model looks at the lesion (needs >= {least}x{least}; "
     "ResNet at 128 px gives 4x4, at 224 px 7x7)"
 )
-
-
-def test_examples(spec: DataSpec, data: datasets.RunData) -> list[Example]:
-    """The test part's Examples (with their mask paths), in the order of data.test;
-    spec: the run's data spec (bcjax.specs)."""
-    by_name = {e.name: e for e in datasets.read_source(spec, data.source).examples}
-    return [by_name[name] for name in data.test.names]
 
 
 def load_masks(examples: Sequence[Example], image_size: int) -> np.ndarray:
@@ -80,7 +72,7 @@ def clinical_sections(
     model, variables: the run's model in float32 (bf16 rounding shows in the maps)
       and its variables, for Grad-CAM; fetched to the host first, so replicated or
       sharded arrays both work and every process may call this.
-    test_examples: the Examples of test_images, same order (`test_examples(...)`).
+    test_examples: the Examples of test_images, same order (a run's `RunData.test_examples`).
     test_images: uint8 [N, S, S, 3] as the pipeline decoded them.
     val_probs, val_labels, test_probs, test_labels: the eval step's raw predictions.
     out_dir: where the PNGs and curves.json go; None writes nothing (other processes).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -106,7 +106,8 @@ class ClinicalReport:
     (bcjax.eval.clinical_outputs): the sections results.json carries, and their PNGs.
 
     model: a float32 model of the run's network; predictions: Test's; test_examples:
-    () -> the test part's Examples (mask paths), read only when run; out_dir: where
+    the test part's Examples (mask paths) in the order of `test`, as the run read its
+    data (bcjax.data.datasets.RunData), so the report reads no source again; out_dir: where
     the PNGs go (None on every process but the main one). Every process runs it: the
     probes go through the (collective) eval step.
     """
@@ -114,7 +115,7 @@ class ClinicalReport:
     score: Scorer
     model: Any
     test: pipeline.ArraySet
-    test_examples: Callable[[], list]
+    test_examples: Sequence[Any]
     predictions: dict
     out_dir: Any
     seed: int
@@ -132,7 +133,7 @@ class ClinicalReport:
         sections = clinical_outputs.clinical_sections(
             model=self.model,
             variables=state.variables,
-            test_examples=self.test_examples(),
+            test_examples=self.test_examples,
             test_images=self.test.images,
             val_probs=val["probs"],
             val_labels=val["labels"],

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bcjax.data import augment, busi, dicom, pipeline, splits
+from bcjax.data import augment, busi, dicom, pipeline
+from bcjax.data import manifest as manifest_lib
 from bcjax.predict.overlays import display_image, format_table, save_overlay, title, unique_names
 from bcjax.step import gradcam
 from bcjax.step.gradcam import normalise_maps  # noqa: F401  (part of this module's API)
@@ -271,7 +272,7 @@ def run_class_names(workdir) -> tuple[str, ...]:
         return tuple(results["class_names"])
     manifest = workdir / "manifest.json"
     if manifest.is_file():
-        return splits.manifest_class_names(json.loads(manifest.read_text()))
+        return manifest_lib.manifest_class_names(json.loads(manifest.read_text()))
     return tuple(results["test"]["class_names"])
 
 

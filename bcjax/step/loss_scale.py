@@ -25,6 +25,12 @@ Contract with the training loop (``bcjax.step.steps.train_step_local``):
 - The loop sums ``metrics.get("overflow", 0)`` per epoch (TensorBoard, epoch
   record, ``overflow_skipped_steps`` in results.json), apart from the
   non-finite steps.
+- A skipped step advances ``state.step`` (the RNG of augmentation and
+  dropout, the loop's step count) but not the optimizer state: momentum and
+  optax's schedule count stay where they were, so the learning-rate schedule
+  runs one step behind per skipped step (as ``optax.apply_if_finite`` does).
+  PyTorch differs here: GradScaler skips ``optimizer.step()``, but the
+  user's ``scheduler.step()`` still advances the learning rate.
 - The scale and the good-step counter are arrays of the train state
   (``bcjax.step.state.ScaledTrainState``), so they are checkpointed and
   resumed; float32 and bfloat16 states have no such field and keep the

@@ -14,6 +14,7 @@ Only process 0 writes files; every process runs the same steps.
     outputs         predictions, plots, timing.json and, last, results.json (outputs.py)
 
 A finished run (every epoch trained, or stopped early) skips training: `re_evaluate`.
+The whole run holds its workdir's lock (bcjax.train.run_lock, process 0), whoever calls it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bcjax.eval import metrics as metrics_lib
 from bcjax.parallel import strategies
 from bcjax.timing import chrono as chrono_lib
 from bcjax.train import console as console_lib
-from bcjax.train import outputs
+from bcjax.train import outputs, run_lock
 from bcjax.train.periodic import itstime
 from bcjax.train.run_setup import Progress, RunContext, set_up
 from bcjax.train.workdir import WorkdirError
@@ -87,7 +88,16 @@ def train_and_evaluate(config, workdir, *, on_epoch_end: OnEpochEnd | None = Non
     returns True the run stops as a kill would: the checkpoint writes are
     awaited, Interrupted is raised, and no summary is written (tests use it to
     interrupt and resume).
+
+    One run per workdir: process 0 holds the workdir's lock for the whole run
+    (bcjax.train.run_lock; `WorkdirLockedError` names the live run that has it).
+    bcjax.main took it already, before its imports; a notebook's call takes it here.
     """
+    with run_lock.hold_on_process_0([workdir], reenter=True):
+        return _train_and_evaluate(config, workdir, on_epoch_end)
+
+
+def _train_and_evaluate(config, workdir, on_epoch_end: OnEpochEnd | None) -> dict:
     chrono = chrono_lib.Chrono(startup_s=chrono_lib.claim_startup_s())
     with chrono.phase("setup"):
         ctx, state, progress = set_up(config, workdir, chrono)
@@ -326,12 +336,16 @@ class _FiniteChecks:
 def _epoch_record(ctx, progress: Progress, epoch: int, step: int, train_metrics, checks) -> dict:
     # float16: "overflow" averages to the fraction of the epoch's steps that overflowed.
     overflowed = round((train_metrics.get("overflow") or 0.0) * train_metrics.get("steps", 0))
+    overflow_total = progress.total("overflow_skipped_steps") + overflowed
+    # The rate the optimiser uses: a skipped step (NaN/Inf under nan_policy "skip", a float16
+    # overflow) keeps its whole state, the schedule's count with it, while `step` advances.
+    applied = step - checks.skipped - overflow_total
     return {
         "epoch": epoch,
-        "lr": float(ctx.schedule(step)),
+        "lr": float(ctx.schedule(applied)),
         "train": train_metrics,
         "skipped_steps": checks.skipped,
-        "overflow_skipped_steps": progress.total("overflow_skipped_steps") + overflowed,
+        "overflow_skipped_steps": overflow_total,
     }
 
 
@@ -415,17 +429,12 @@ def evaluate_best(ctx: RunContext, state, *, eval_step=None, final_state: bool =
 
 
 def clinical_report_of(ctx: RunContext, score, predictions: dict) -> evaluators.ClinicalReport:
-    def test_examples():  # the test part's masks, read only when the report runs
-        from bcjax.eval import clinical_outputs
-
-        return clinical_outputs.test_examples(ctx.specs.data, ctx.data)
-
     return evaluators.ClinicalReport(
         score=score,
         # The trained network in float32: the report's gradients and probes need no bf16.
         model=ctx.model.clone(dtype=jnp.float32),
         test=ctx.data.test,
-        test_examples=test_examples,
+        test_examples=ctx.data.test_examples,  # as read at set-up: no second read of the source
         predictions=predictions,
         out_dir=ctx.workdir if ctx.is_main else None,
         seed=ctx.specs.run.seed,

@@ -20,8 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from bcjax import config_check, specs
-from bcjax.data import datasets, pipeline, splits
+from bcjax import specs
+from bcjax.data import datasets, pipeline
+from bcjax.data import manifest as manifest_lib
 from bcjax.models import family
 from bcjax.parallel import chips, strategies
 from bcjax.parallel import mesh as mesh_lib
@@ -76,7 +77,7 @@ def load_pretrained(spec: specs.ModelSpec, state, num_classes: int):
             spec.name, spec.pretrained, num_classes, state.variables
         )
     except (ValueError, ImportError) as e:  # weights of another model; a .pth without torch
-        raise config_check.ConfigError(f"config.pretrained={spec.pretrained!r}: {e}") from e
+        raise specs.ConfigError(f"config.pretrained={spec.pretrained!r}: {e}") from e
     log.info(
         "Fine-tuning from the torchvision weights in %s (new %d-class head).",
         spec.pretrained,
@@ -186,7 +187,7 @@ def set_up(config, workdir, chrono: chrono_lib.Chrono):
     mesh = mesh_lib.make_mesh(run.num_devices or None)
     steps_per_epoch = pipeline.steps_per_epoch(len(data.train.labels), run.global_batch_size)
     if steps_per_epoch < 1:
-        raise config_check.ConfigError(
+        raise specs.ConfigError(
             f"The training split has {len(data.train.labels)} images, fewer than one global "
             f"batch of {run.global_batch_size}; lower config.global_batch_size."
         )
@@ -226,7 +227,7 @@ def set_up(config, workdir, chrono: chrono_lib.Chrono):
         metadata=checkpoint.run_metadata(run_specs, class_names=data.class_names),
     )  # refuses another run's workdir
     if is_main:
-        splits.save_manifest(data.manifest, workdir / "manifest.json")
+        manifest_lib.save_manifest(data.manifest, workdir / "manifest.json")
     state, progress = _resume_or_start(run_specs, ckpt, state, train_iter, num_classes)
     first_step = int(state.step)
     if first_step:

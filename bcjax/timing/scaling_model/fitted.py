@@ -11,7 +11,9 @@ new row can have:
 - ``contention``: fraction of a step's compute a full host loses while all its GPUs train,
   by (framework family, input kind, precision class); ``pooled_contention`` by (input kind,
   precision class) over all frameworks, used for a family the fit has not seen; range
-  0 ... 0.2 (``fitting.MAX_CONTENTION``);
+  0 ... 0.2 (``fitting.MAX_CONTENTION``); for CPU-decoded input, the loss of a host with
+  ``presets.REFERENCE_CORES_PER_GPU`` physical cores a GPU (a DGX-1), scaled for other
+  documented hosts by their cores a GPU;
 - ``residual_quantiles``: the 10th and 90th percentiles of the out-of-sample errors
   (predicted - published) of all fittable rows, leaving each source document out and
   leaving each GPU generation out, pooled: one pair for every row. Splitting them by scheme

@@ -34,8 +34,9 @@ NODE_CV_GRID = np.round(np.arange(0.0, 0.1001, 0.005), 4)
 # of efficiency) over the pooled value, else the family uses the pooled one: a value fitted
 # to shave noise off a few rows would otherwise travel to every new row of that family.
 MIN_GROUP_GAIN = 0.01
-# Plausible range of a host-contention fraction: a full host losing up to a fifth of its
-# compute to CPU contention (PyTorch's AMP rows lose 13-16% at 8 GPUs on two host types);
+# Plausible range of a host-contention fraction: a full host (at the reference 5 cores a
+# GPU for CPU-decoded input) losing up to a fifth of its compute to CPU contention
+# (PyTorch's AMP rows lose 13-16% at 8 GPUs on two host types);
 # a larger loss in a group is not contention and is left unexplained rather than carried to
 # every new row of that family (stated prior, not fitted).
 MAX_CONTENTION = 0.2

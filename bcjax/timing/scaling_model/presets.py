@@ -195,16 +195,34 @@ NCCL1_SOURCE = {
     "nvlink": "NCCL 1.x, one ring over one NVLink: NCCL's SM60 18 GB/s per link (topo.h)",
 }
 NCCL1_GENERATIONS = ("kepler", "maxwell", "pascal")
+# NCCL 1.x (the open-source library TensorFlow 1.x built into tf.contrib.nccl) chains its
+# one ring in the order of the devices it is given: the search for rings over the NVLink
+# topology came with NCCL 2 (and NVIDIA's NVLink-optimised NCCL 1 build only shipped inside
+# the DGX containers, NVIDIA/nccl issue #76). DGX-1's hybrid cube-mesh joins GPUs 0-3 and
+# 4-7 as two fully NVLinked quads with cross links 0-4, 1-5, 2-6 and 3-7 only (NVIDIA DGX-1
+# system architecture white paper), the quads under different CPU sockets: a ring of up to
+# 4 GPUs in device order stays on NVLink, one of 5-8 has hops (3->4, 7->0) without a link,
+# which go over PCIe between the sockets' PCIe trees, and the ring runs at NCCL 1.x's PCIe
+# figure.
+NCCL1_NVLINK_RING_GPUS = 4
 
 
-def nccl1_link(link: Interconnect) -> Interconnect:
-    """The same fabric at 2017 NCCL 1.x's bandwidth (PCIe or NVLink by its hop latency)."""
+def nccl1_link(link: Interconnect, n: int = 2) -> Interconnect:
+    """The same fabric at 2017 NCCL 1.x's bandwidth for a ring of ``n`` GPUs in device order:
+    NVLink (by its hop latency) up to ``NCCL1_NVLINK_RING_GPUS`` GPUs, PCIe past them."""
     kind = "nvlink" if link.hop_latency == NCCL_HOP_LATENCY["nvlink"] else "pci"
+    note = NCCL1_SOURCE[kind]
+    if kind == "nvlink" and n > NCCL1_NVLINK_RING_GPUS:
+        kind = "pci"
+        note = (
+            f"NCCL 1.x ring in device order over {n} GPUs of a hybrid cube-mesh: hops without "
+            f"NVLink between the two quads, at PCIe speed ({NCCL1_SOURCE['pci']})"
+        )
     return dataclasses.replace(
         link,
         name=f"{link.name} (NCCL 1.x)",
         bus_bandwidth=min(link.bus_bandwidth, NCCL1_BUS_BANDWIDTH[kind]),
-        note=NCCL1_SOURCE[kind],
+        note=note,
     )
 
 
@@ -394,6 +412,45 @@ BACKWARD_FRACTION = 2 / 3
 GRADIENT_BYTES_PER_PARAM = 4
 # Tables that do not print a per-GPU batch: DeepLearningExamples prints 64-512 elsewhere.
 ASSUMED_BATCH_PER_GPU = 128
+
+
+# --------------------------------------------------------------- host CPUs
+
+# Host contention (fitted, ``fitted.json``) is the share of compute a full host loses while
+# its CPUs decode every GPU's images: the same per-GPU loader work spread over fewer cores
+# per GPU costs proportionally more. The fitted fractions are for a host of
+# REFERENCE_CORES_PER_GPU physical cores a GPU (DGX-1: 2x 20-core Xeon E5-2698 v4, 8 GPUs);
+# a row on another documented host scales its loss by reference / its cores a GPU, and a
+# row on an unknown host is taken as the reference (stated assumption). Physical cores (not
+# hyperthreads) and GPUs of documented hosts, from the vendors' datasheets and instance
+# tables, matched on the ``gpu`` text:
+REFERENCE_CORES_PER_GPU = 5.0
+HOST_CORES = (
+    (r"dgx[- ]?1\b", 40, 8, "DGX-1: 2x Xeon E5-2698 v4 (20 cores each), 8 GPUs"),
+    (r"dgx[- ]?2", 48, 16, "DGX-2: 2x Xeon Platinum 8168 (24 cores each), 16 GPUs"),
+    (r"dgx[- ]?a100", 128, 8, "DGX A100: 2x AMD EPYC 7742 (64 cores each), 8 GPUs"),
+    (r"dgx[- ]?h100", 112, 8, "DGX H100: 2x Xeon Platinum 8480C (56 cores each), 8 GPUs"),
+    (r"dgx[- ]?station", 20, 4, "DGX Station: 1x Xeon E5-2698 v4 (20 cores), 4 GPUs"),
+    (r"p2\.8xlarge", 16, 8, "AWS p2.8xlarge: 32 vCPUs = 16 cores, 8 K80 GPUs"),
+    (r"n1-standard-32", 16, 8, "GCE n1-standard-32: 32 vCPUs = 16 cores, 8 GPUs"),
+)
+
+
+def host_cores_per_gpu(gpu_text: str) -> tuple[float | None, str]:
+    """(physical host cores a GPU of the documented host a ``gpu`` column names, source);
+    (None, '') for a host not in ``HOST_CORES``."""
+    low = (gpu_text or "").lower()
+    for pattern, cores, gpus, source in HOST_CORES:
+        if re.search(pattern, low):
+            return cores / gpus, source
+    return None, ""
+
+
+def core_factor(cores_per_gpu: float | None) -> float:
+    """How much more (or less) host contention a row's host has than the reference host."""
+    if not cores_per_gpu or cores_per_gpu <= 0:
+        return 1.0
+    return REFERENCE_CORES_PER_GPU / cores_per_gpu
 
 
 # --------------------------------------------------------------- row properties

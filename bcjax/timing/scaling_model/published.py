@@ -146,7 +146,9 @@ def _prepare_case(case: dict, first_gpu_row: dict, largest: dict, bus_bandwidth)
     if gpus == 1:
         case["reason"] = "1-GPU row: the series' measured input"
         return
-    case.update(_inputs(r, bus_bandwidth, case["assumptions"], largest.get(case["table_id"], 0)))
+    case.update(
+        _inputs(r, bus_bandwidth, case["assumptions"], largest.get(case["table_id"], 0), int(gpus))
+    )
     if case.get("reason"):
         return
     case.update(_communication(case))
@@ -189,7 +191,9 @@ def _params_and_profile(r: dict, assumptions: list) -> tuple[int | None, tuple |
     return int(params), profile
 
 
-def _link(r: dict, generation: str, bus_bandwidth, assumptions: list, largest: int = 0):
+def _link(
+    r: dict, generation: str, bus_bandwidth, assumptions: list, largest: int = 0, gpus: int = 2
+):
     text = r.get("interconnect", "")
     link, note = presets.infer_interconnect(text, generation)
     if note:
@@ -205,7 +209,7 @@ def _link(r: dict, generation: str, bus_bandwidth, assumptions: list, largest: i
     if measured:
         return presets.with_bus_bandwidth(link, measured)
     if generation in presets.NCCL1_GENERATIONS:
-        link = presets.nccl1_link(link)
+        link = presets.nccl1_link(link, gpus)
         assumptions.append(f"{generation}: {link.note}")
     per_host = _number(r.get("gpus_per_host", "") or r.get("gpus_per_node", ""))
     if per_host:
@@ -217,7 +221,9 @@ def _link(r: dict, generation: str, bus_bandwidth, assumptions: list, largest: i
     return link
 
 
-def _inputs(r: dict, bus_bandwidth: float | None, assumptions: list, largest: int = 0) -> dict:
+def _inputs(
+    r: dict, bus_bandwidth: float | None, assumptions: list, largest: int = 0, gpus: int = 2
+) -> dict:
     params, profile = _params_and_profile(r, assumptions)
     if params is None:
         return {
@@ -235,10 +241,12 @@ def _inputs(r: dict, bus_bandwidth: float | None, assumptions: list, largest: in
     if scheme.name == "unknown":
         assumptions.append(scheme.source)
     family = presets.framework_family(r.get("framework", ""))
+    link = _link(r, generation, bus_bandwidth, assumptions, largest, gpus)
     return {
         "params": params,
         "profile": profile,
-        "link": _link(r, generation, bus_bandwidth, assumptions, largest),
+        "link": link,
+        "cores_per_gpu": _cores_per_gpu(r, link, assumptions),
         "batch": batch,
         "scheme": scheme,
         "scheme_why": why,
@@ -247,6 +255,21 @@ def _inputs(r: dict, bus_bandwidth: float | None, assumptions: list, largest: in
         "precision": presets.precision_class(r.get("precision", "")),
         "generation": generation,
     }
+
+
+def _cores_per_gpu(r: dict, link, assumptions: list) -> float | None:
+    """Physical host cores a GPU: a ``host_cores`` column over the host's GPUs (the link's,
+    from ``gpus_per_host`` when given), else a documented host named in the ``gpu`` column
+    (``presets.HOST_CORES``); None when unknown."""
+    cores = _number(r.get("host_cores", ""))
+    if cores:
+        per_gpu, source = cores / link.gpus_per_node, "host_cores column"
+    else:
+        per_gpu, source = presets.host_cores_per_gpu(r.get("gpu", ""))
+    if not per_gpu:
+        return None
+    assumptions.append(f"{per_gpu:g} host cores a GPU ({source})")
+    return per_gpu
 
 
 def _exposed(case: dict, n: int, compute_s: float) -> float:
@@ -285,7 +308,9 @@ def _exposed(case: dict, n: int, compute_s: float) -> float:
 
 def _communication(case: dict) -> dict:
     """The parameter-free part of a case's step: compute, exposed communication, and the
-    factors the fitted terms multiply (E[max] of GPUs and hosts, the host share)."""
+    factors the fitted terms multiply (E[max] of GPUs and hosts, the host share: the share
+    of the host's GPUs in use, and for images decoded on the host's CPUs, the reference
+    host's cores a GPU over this host's, ``presets.core_factor``)."""
     n, link = case["gpus"], case["link"]
     step_1 = case["batch"] / case["images_per_s_1"]
     compute = step_1
@@ -301,7 +326,8 @@ def _communication(case: dict) -> dict:
         "exposed_s": _exposed(case, n, compute),
         "e_gpus": expected_max_normal(n),
         "e_nodes": expected_max_normal(nodes),
-        "share": host_share(n, link.gpus_per_node),
+        "share": host_share(n, link.gpus_per_node)
+        * (presets.core_factor(case["cores_per_gpu"]) if case["input"] == "cpu" else 1.0),
         "nodes": nodes,
     }
 

@@ -1,7 +1,12 @@
 """One run per workdir at a time: a lock file in the workdir, held while a run lives.
 
     with run_lock.hold(workdir):
-        loop.train_and_evaluate(config, workdir)
+        ...
+
+``bcjax.train.loop.train_and_evaluate`` holds it (on process 0) for every run,
+whoever calls it; ``bcjax.main`` takes it earlier, before the training stack
+is imported, so a second run is refused in seconds; the loop's hold
+(``reenter=True``) is then main's, not a second lock.
 
 A second run on the same workdir is refused at once (``WorkdirLockedError``,
 naming the holder's host, PID and start time), instead of both writing into
@@ -57,6 +62,11 @@ STALE_AFTER_S = 300.0
 # A takeover guard older than this was left by a process killed while taking
 # over (which takes milliseconds); it is removed.
 GUARD_STALE_S = 60.0
+
+
+# This process's locks, by lock file: (the lock, the thread that holds it).
+_HELD: dict[pathlib.Path, tuple[RunLock, int]] = {}
+_HELD_GUARD = threading.Lock()
 
 
 class RunLockError(RuntimeError):
@@ -337,11 +347,56 @@ def _released_on_termination(lock: RunLock) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hold(workdir, *, heartbeat_s: float = HEARTBEAT_S) -> Iterator[RunLock]:
-    """Holds the workdir's lock for the block; refuses (WorkdirLockedError) if a live run has it."""
-    lock = RunLock(workdir, heartbeat_s=heartbeat_s).acquire()
+def hold(workdir, *, heartbeat_s: float = HEARTBEAT_S, reenter: bool = False) -> Iterator[RunLock]:
+    """Holds the workdir's lock for the block; refuses (WorkdirLockedError) if a live run has it.
+
+    reenter: inside a hold of the same workdir on the same thread (bcjax.main's,
+    around the loop's), use that lock and leave it to the outer block. Without it,
+    and from any other thread, this process's own lock refuses as another's would."""
+    lock = RunLock(workdir, heartbeat_s=heartbeat_s)
+    thread = threading.get_ident()
+    with _HELD_GUARD:
+        outer = _HELD.get(lock.path)
+    if reenter and outer is not None and outer[1] == thread:
+        yield outer[0]
+        return
+    lock.acquire()
+    with _HELD_GUARD:
+        _HELD[lock.path] = (lock, thread)
     try:
         with _released_on_termination(lock):
             yield lock
     finally:
+        with _HELD_GUARD:
+            _HELD.pop(lock.path, None)
         lock.release()
+
+
+@contextlib.contextmanager
+def hold_on_process_0(folders, *, reenter: bool = False) -> Iterator[None]:
+    """Process 0 holds every folder's lock for the block (``hold``, in order, with ``reenter``).
+
+    The other processes of a multi-process run learn whether it got them, so a
+    refused run ends on every process at once (RunLockError everywhere)."""
+    import jax  # started by the caller already (bcjax.runtime or the loop)
+
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if jax.process_index() == 0:
+            try:
+                for folder in folders:
+                    stack.enter_context(hold(folder, reenter=reenter))
+            except RunLockError as e:
+                refusal = e
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+            if int(refused) and refusal is None:
+                refusal = RunLockError(
+                    f"process 0 could not lock {', '.join(map(str, folders))} (its log says why)."
+                )
+        if refusal is not None:
+            raise refusal
+        yield
