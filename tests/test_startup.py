@@ -84,8 +84,11 @@ def test_library_imports_stay_light(module):
 
 # Loaded by the runs that use them, not by importing the training loop: the checks at the
 # config boundary (bcjax.main), the code that makes a new split (a resumed run reads its
-# manifest), each model family (a run builds one), the reports run after training.
+# manifest), each model family (a run builds one), the reports run after training, float16's
+# loss scaling and the pmap strategy (runs that ask for them).
 NOT_IN_THE_LOOP = (
+    "bcjax.step.loss_scale",
+    "bcjax.parallel.pmap",
     "bcjax.config_check",
     "bcjax.data.splits",
     "bcjax.models.layers",

@@ -101,6 +101,11 @@ class LossScale:
         """
         return loss_finite & ~grads_finite & (self.scale > self.min_scale)
 
+    def unscale(self, grads):
+        """The gradients of the unscaled loss, in float32."""
+        inverse = 1.0 / self.scale
+        return jax.tree.map(lambda g: g.astype(jnp.float32) * inverse, grads)
+
 
 def create(
     init_scale: float = INIT_SCALE,
@@ -126,15 +131,3 @@ def create(
         growth_interval=int(growth_interval),
         min_scale=float(min_scale),
     )
-
-
-def needs_scaling(compute_dtype) -> bool:
-    """Dynamic loss scaling is for float16 compute only: bfloat16 has float32's
-    exponent range, so its gradients neither flush nor overflow earlier."""
-    return compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.float16
-
-
-def unscale(grads, loss_scale: LossScale):
-    """The gradients of the unscaled loss, in float32."""
-    inverse = 1.0 / loss_scale.scale
-    return jax.tree.map(lambda g: g.astype(jnp.float32) * inverse, grads)

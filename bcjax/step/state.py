@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -13,7 +13,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcjax.step import loss_scale as loss_scale_lib
+if TYPE_CHECKING:  # float16 runs alone import it (see default_loss_scale)
+    from bcjax.step.loss_scale import LossScale
 
 AUTO = "auto"
 
@@ -50,12 +51,26 @@ class ScaledTrainState(TrainState):
     workdirs resume unchanged.
     """
 
-    loss_scale: loss_scale_lib.LossScale
+    loss_scale: LossScale
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding of the state: a full copy on every device of the mesh."""
     return NamedSharding(mesh, P())
+
+
+def default_loss_scale(compute_dtype) -> LossScale | None:
+    """PyTorch's default dynamic loss scale for float16 compute, else None.
+
+    Scaling is for float16 only: bfloat16 has float32's exponent range, so its
+    gradients neither flush nor overflow earlier. ``bcjax.step.loss_scale`` is
+    imported here, so float32 and bfloat16 runs never load it.
+    """
+    if compute_dtype is None or jnp.dtype(compute_dtype) != jnp.float16:
+        return None
+    from bcjax.step import loss_scale as loss_scale_lib
+
+    return loss_scale_lib.create()
 
 
 def create_train_state(
@@ -66,7 +81,7 @@ def create_train_state(
     mesh: Mesh,
     *,
     channels: int = 3,
-    loss_scale: loss_scale_lib.LossScale | str | None = AUTO,
+    loss_scale: LossScale | str | None = AUTO,
 ) -> TrainState:
     """Initialise ``model`` and ``tx`` directly into replicated arrays on ``mesh``.
 
@@ -90,10 +105,7 @@ def create_train_state(
     if isinstance(loss_scale, str):
         if loss_scale != AUTO:
             raise ValueError(f"loss_scale must be 'auto', a LossScale or None; got {loss_scale!r}.")
-        compute_dtype = getattr(model, "dtype", None)
-        loss_scale = (
-            loss_scale_lib.create() if loss_scale_lib.needs_scaling(compute_dtype) else None
-        )
+        loss_scale = default_loss_scale(getattr(model, "dtype", None))
 
     def init(rng):
         params_rng, dropout_rng = jax.random.split(rng)

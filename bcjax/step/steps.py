@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from bcjax.step import loss_scale as loss_scale_lib
 from bcjax.step.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -196,7 +195,7 @@ def train_step_local(
     if loss_scale is not None:
         # Unscaled after the reduction: every device then sees the same sums,
         # so all take the same skip/scale decision.
-        grads = loss_scale_lib.unscale(grads, loss_scale)
+        grads = loss_scale.unscale(grads)
     if sync_batch_stats and axis_name is not None:
         batch_stats = lax.pmean(batch_stats, axis_name)
 

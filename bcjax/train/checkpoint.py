@@ -328,40 +328,6 @@ class CheckpointManager:
         self.close()
 
 
-def read_params(directory, step: int | None = None) -> Any:
-    """The params of a checkpoint as host numpy arrays, without a target
-    (for tests and inspection); ``step`` None: the latest."""
-    manager = ocp.CheckpointManager(
-        pathlib.Path(directory).expanduser().resolve(),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {directory}.")
-        meta = manager.item_metadata(step)["state"]
-        # numpy leaves: restored as host arrays, whatever devices wrote them.
-        abstract = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta["params"])
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": abstract},
-                    restore_args={
-                        "params": jax.tree.map(
-                            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract
-                        )
-                    },
-                    partial_restore=True,
-                )
-            ),
-        )
-        return restored["state"]["params"]
-    finally:
-        manager.close()
-
-
 def read_variables(directory, step: int | None = None) -> dict:
     """``{"params", "batch_stats"}`` of a checkpoint as host numpy arrays, what
     ``model.apply`` needs for inference, without a target or a mesh; ``step``
@@ -409,3 +375,9 @@ def read_variables(directory, step: int | None = None) -> dict:
         return variables
     finally:
         manager.close()
+
+
+def read_params(directory, step: int | None = None) -> Any:
+    """The params of a checkpoint as host numpy arrays, without a target
+    (for tests and inspection); ``step`` None: the latest."""
+    return read_variables(directory, step)["params"]
