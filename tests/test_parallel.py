@@ -17,6 +17,7 @@ from _mp_worker import (
     run_cached,
 )
 
+from bcjax.parallel import mesh as mesh_lib
 from bcjax.parallel import strategies
 from bcjax.parallel.mesh import make_mesh, request_cpu_devices
 from bcjax.step import optim
@@ -114,9 +115,9 @@ def test_batch_not_divisible_is_a_clear_error(strategy):
     batch = make_batches(1, global_batch=12)[0]
     with pytest.raises(ValueError, match="12 is not divisible by the number of devices 8"):
         steps.shard_batch(batch)
-    assert strategies.per_device_batch(16, 8) == 2
+    assert mesh_lib.per_device_batch(16, 8) == 2
     with pytest.raises(ValueError, match="multiple of 8"):
-        strategies.per_device_batch(20, 8)
+        mesh_lib.per_device_batch(20, 8)
 
 
 def _reference_loss(logits, labels, eps, class_weights):

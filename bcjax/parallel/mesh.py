@@ -56,6 +56,17 @@ def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | No
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
+def per_device_batch(global_batch_size: int, num_devices: int) -> int:
+    """Examples per device; ValueError when the batch does not split evenly."""
+    if global_batch_size % num_devices:
+        raise ValueError(
+            f"Global batch size {global_batch_size} is not divisible by the number of "
+            f"devices {num_devices}; use a multiple of {num_devices} (e.g. "
+            f"{max(num_devices, global_batch_size // num_devices * num_devices)})."
+        )
+    return global_batch_size // num_devices
+
+
 def request_cpu_devices(n: int) -> None:
     """Ask for ``n`` host (CPU) devices; must run before JAX initialises backends.
 

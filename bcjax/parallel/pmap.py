@@ -6,15 +6,12 @@ shard_map and jit runs never read it.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcjax.parallel.mesh import DATA_AXIS
-from bcjax.parallel.strategies import Steps, per_device_batch, replicate_tree
+from bcjax.parallel.mesh import DATA_AXIS, per_device_batch
 
 
 class _PmapStep:
@@ -101,8 +98,9 @@ def _globalize_local(tree, mesh: Mesh):
     return jax.tree.map(place, tree)
 
 
-def build(mesh: Mesh, train_local, eval_local, donate_argnums) -> Steps:
-    """The steps of ``strategy="pmap"`` (see ``strategies.build_steps``)."""
+def build(mesh: Mesh, train_local, eval_local, donate_argnums):
+    """``(train_step, eval_step, shard_batch)`` of ``strategy="pmap"``, which
+    ``strategies.build_steps`` returns as its ``Steps``."""
     devices = list(mesh.devices.flat)
     n_local = sum(d.process_index == jax.process_index() for d in devices)
     stacked = NamedSharding(mesh, P(DATA_AXIS))
@@ -146,11 +144,4 @@ def build(mesh: Mesh, train_local, eval_local, donate_argnums) -> Steps:
             out = multihost_utils.process_allgather(out, tiled=True)
         return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
 
-    return Steps(
-        train_step=_PmapStep(p_train, mesh),
-        eval_step=eval_step,
-        shard_batch=shard_batch,
-        place_state=functools.partial(replicate_tree, mesh=mesh),
-        mesh=mesh,
-        strategy="pmap",
-    )
+    return _PmapStep(p_train, mesh), eval_step, shard_batch

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcjax.parallel.mesh import DATA_AXIS
+from bcjax.parallel.mesh import DATA_AXIS, per_device_batch
 from bcjax.specs import STRATEGIES
 from bcjax.step import steps as step_math
 
@@ -49,17 +49,6 @@ class Steps(NamedTuple):
     place_state: Callable
     mesh: Mesh
     strategy: str
-
-
-def per_device_batch(global_batch_size: int, num_devices: int) -> int:
-    """Examples per device; ValueError when the batch does not split evenly."""
-    if global_batch_size % num_devices:
-        raise ValueError(
-            f"Global batch size {global_batch_size} is not divisible by the number of "
-            f"devices {num_devices}; use a multiple of {num_devices} (e.g. "
-            f"{max(num_devices, global_batch_size // num_devices * num_devices)})."
-        )
-    return global_batch_size // num_devices
 
 
 def _with_bn_axis(model, axis_name: str | None):
@@ -206,7 +195,17 @@ def build_steps(
     if strategy == "pmap":
         from bcjax.parallel import pmap  # only pmap runs need its wrappers
 
-        return pmap.build(mesh, train_local, eval_local, donate_argnums)
+        train_step, eval_step, shard_batch = pmap.build(
+            mesh, train_local, eval_local, donate_argnums
+        )
+        return Steps(
+            train_step=train_step,
+            eval_step=eval_step,
+            shard_batch=shard_batch,
+            place_state=functools.partial(replicate_tree, mesh=mesh),
+            mesh=mesh,
+            strategy=strategy,
+        )
 
     def shard_batch(batch: Mapping[str, np.ndarray]) -> dict:
         return {k: _global_batch_array(v, data_sharding) for k, v in batch.items()}
