@@ -340,3 +340,31 @@ def test_train_and_evaluate_from_python_is_refused_while_another_run_holds_the_w
     assert f"PID {holder.pid} on host {socket.gethostname()}" in str(refused.value)
     # Refused before set-up touched the workdir.
     assert not [p.name for p in tmp_path.iterdir() if p.name != run_lock.LOCK_NAME]
+
+
+def test_a_whole_study_from_python_holds_the_study_workdir(tmp_path):
+    # cv.run_cross_validation locks the study's workdir itself, as bcjax.main does, so a
+    # notebook's second whole study on it is refused; a one-fold job is not (it locks its fold).
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny import tiny_config
+
+    from bcjax import cv
+    from bcjax.data import BusiError
+
+    config = tiny_config(tmp_path / "no-data")
+    config.cv.folds, config.cv.fold = 3, -1
+    holder = start_holder(tmp_path)
+    try:
+        with pytest.raises(run_lock.WorkdirLockedError) as refused:
+            cv.run_cross_validation(config, tmp_path)
+        assert holder.poll() is None  # the holder lived through the refusal: they overlapped
+        # Refused before anything was read or written: no plan, no fold folder.
+        assert [p.name for p in tmp_path.iterdir()] == [run_lock.LOCK_NAME]
+        # A one-fold job gets past the study's lock, to the data (which is missing here).
+        config.cv.fold = 1
+        with pytest.raises(BusiError, match="no BUSI data was found"):
+            cv.run_cross_validation(config, tmp_path)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert f"PID {holder.pid} on host {socket.gethostname()}" in str(refused.value)

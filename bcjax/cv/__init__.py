@@ -98,11 +98,7 @@ def run_cross_validation(
     them) and need a workdir all processes see; only process 0 writes the
     report, the others return None.
     """
-    import jax
-
-    from bcjax.data import datasets
-    from bcjax.train import loop
-    from bcjax.train.workdir import check_workdir, move_old_run_aside
+    from bcjax.train import run_lock
 
     run_specs = specs.from_config(config)  # the config's one reading; folds get configs
     folds, only_fold = run_specs.data.cv_folds, run_specs.data.cv_fold
@@ -114,8 +110,23 @@ def run_cross_validation(
             "config.split_manifest and config.cv.folds >= 2 exclude each other: the folds "
             "are cut from config.split_seed; clear one of them."
         )
-    is_main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).expanduser().resolve()
+    # A whole study holds its workdir, as under bcjax.main (which took it already: re-entered
+    # here), so a second whole study is refused; a one-fold job locks only its fold (the loop
+    # does), beside the other folds' jobs.
+    with run_lock.hold_on_process_0([workdir] if only_fold < 0 else [], reenter=True):
+        return _cross_validate(config, workdir, run_specs, on_fold_end)
+
+
+def _cross_validate(config, workdir: pathlib.Path, run_specs, on_fold_end) -> dict | None:
+    import jax
+
+    from bcjax.data import datasets
+    from bcjax.train import loop
+    from bcjax.train.workdir import check_workdir, move_old_run_aside
+
+    folds, only_fold = run_specs.data.cv_folds, run_specs.data.cv_fold
+    is_main = jax.process_index() == 0
     check_workdir(workdir)
     # Resolved once for all folds (the synthetic set is generated here once).
     source = datasets.resolve_source(run_specs.data, workdir)
