@@ -475,17 +475,19 @@ def test_validate_names_missing_columns(tmp_path, capsys):
     assert "missing column(s)" in err and "images_per_s" in err
 
 
-def _rows_from_model(cv, contention):
+def _rows_from_model(cv, contention, board=0.0):
     """Published-like rows the model itself produced: DALI rows with only the straggler
-    term, CPU-loader rows with host contention too."""
+    term, CPU-loader rows with host contention too, and a K80 (dual-GPU board) series with
+    the board loss."""
     rows = []
-    for i, loader in enumerate(["real, DALI (GPU)", "real, DALI (GPU)", "real, tf.data (CPU)"]):
+    loaders = ["real, DALI (GPU)", "real, DALI (GPU)", "real, tf.data (CPU)", "real, DALI (GPU)"]
+    for i, loader in enumerate(loaders):
         base = {
             "table_id": str(i),
             "source_path": f"doc{i}@0",
-            "framework": "MXNet" if i < 2 else "TensorFlow 1 (Horovod)",
+            "framework": "MXNet" if i != 2 else "TensorFlow 1 (Horovod)",
             "model": "ResNet-50",
-            "gpu": "A100 (DGX A100)",
+            "gpu": "Tesla K80 (AWS p2.8xlarge)" if i == 3 else "A100 (DGX A100)",
             "batch_per_gpu": str(64 * (i + 1)),
             "precision": "AMP",
             "params": "25557032",
@@ -500,7 +502,8 @@ def _rows_from_model(cv, contention):
         if c["reason"]:
             continue
         f = contention if c["input"] == "cpu" else 0.0
-        step = c["compute_s"] * (1 + cv * c["e_gpus"] + f * c["share"]) + c["exposed_s"]
+        loss = cv * c["e_gpus"] + f * c["share"] + board * c["board"]
+        step = c["compute_s"] * (1 + loss) + c["exposed_s"]
         c["row"]["images_per_s"] = str(c["gpus"] * c["batch"] / step)
     return rows
 
@@ -510,6 +513,35 @@ def test_fit_recovers_parameters_it_generated():
     assert params.sync_cv == pytest.approx(0.02)
     assert dict(params.pooled_contention)[("cpu", "reduced")] == pytest.approx(0.06, abs=1e-3)
     assert dict(params.pooled_contention)[("gpu", "reduced")] == 0.0
+    assert params.board_loss == 0.0
+    # with a dual-GPU board's loss in its K80 series, the fit finds that too
+    params = fitting.fit(published.prepare(_rows_from_model(0.02, 0.06, board=0.03)))
+    assert (params.sync_cv, params.board_loss) == pytest.approx((0.02, 0.03))
+    assert dict(params.pooled_contention)[("cpu", "reduced")] == pytest.approx(0.06, abs=1e-3)
+
+
+def test_dual_gpu_board_loss_from_two_gpus_on():
+    # A K80 board holds two GPUs: its 1-GPU row ran with the board's other GPU idle, so from
+    # 2 GPUs on each step loses board_loss x compute; a single-GPU board (K40) never does.
+    assert presets.dual_gpu_board("Tesla K80 (GCE n1-standard-32-k80x8)")
+    assert presets.dual_gpu_board("Tesla M60") and presets.dual_gpu_board("GeForce GTX 690")
+    assert not presets.dual_gpu_board("Tesla K40m") and not presets.dual_gpu_board("V100")
+    assert presets.MAX_BOARD_LOSS == pytest.approx(1 - 562 / 875)
+    base = {"table_id": "1", "framework": "MXNet", "model": "ResNet-50", "batch_per_gpu": "64"}
+    base |= {"params": "25557032", "interconnect": "pcie3", "data_source": "synthetic"}
+    rows = [
+        {**base, "table_id": gpu, "gpu": gpu, "gpus": str(n), "images_per_s": str(50 * n)}
+        for gpu in ("Tesla K80", "Tesla K40m")
+        for n in (1, 2, 8)
+    ]
+    params = dataclasses.replace(SHIPPED, board_loss=0.05)
+    cases = [c for c in published.prepare(rows) if not c["reason"]]
+    for c in cases:
+        p = published.predict_case(c, params)
+        without = published.predict_case(c, dataclasses.replace(params, board_loss=0.0))
+        expected = 0.05 * c["compute_s"] if c["row"]["gpu"] == "Tesla K80" else 0.0
+        assert p["board_s"] == pytest.approx(expected)
+        assert p["step_s"] == pytest.approx(without["step_s"] + expected)
 
 
 @pytest.fixture(scope="module")
@@ -525,6 +557,7 @@ def test_shipped_fit_reproduces_from_the_shared_tables(shared_cases):
     assert params.node_sync_cv == SHIPPED.node_sync_cv
     assert params.contention == SHIPPED.contention
     assert params.pooled_contention == SHIPPED.pooled_contention
+    assert params.board_loss == SHIPPED.board_loss
     assert params.rows == SHIPPED.rows
 
 
@@ -556,27 +589,45 @@ def test_out_of_sample_figures_and_coverage_recomputed(shared_cases):
         shared_cases, by_source["predictions"], by_generation["predictions"]
     )
     assert shipped == SHIPPED.residual_quantiles
-    ((key, (q10, q90, count)),) = shipped
+    key, (q10, q90, count) = shipped[0]
     assert key == "all" and count == 2 * by_source["rows"] and q10 < 0 < q90
+    groups = {validate_module.group_label(c) for c in fitting.fittable(shared_cases)}
+    assert {k for k, _ in shipped[1:]} <= groups
+    assert all(n >= fitting.MIN_GROUP_ERRORS for _, (_, _, n) in shipped[1:])
 
 
 def test_intervals_pool_both_ways_of_leaving_out():
-    # Ten rows, each predicted twice out of sample (a source left out, a generation left
-    # out): the interval quantiles are those of all twenty errors, and a row's interval is
-    # [prediction - q90, prediction - q10], clipped to [0, 1.02].
-    scheme = presets.SCHEMES["ddp"]
-    cases = [{"reason": "", "published_efficiency": 0.9, "scheme": scheme} for _ in range(10)]
-    by_source = {id(c): {"efficiency": 0.9 + 0.01 * i} for i, c in enumerate(cases)}
-    by_generation = {id(c): {"efficiency": 0.8 + 0.02 * i} for i, c in enumerate(cases)}
-    errors = [0.01 * i for i in range(10)] + [-0.1 + 0.02 * i for i in range(10)]
-    ((key, (q10, q90, count)),) = fitting.residual_quantiles(cases, by_source, by_generation)
-    assert key == "all" and count == 20
-    assert q10 == pytest.approx(np.quantile(errors, 0.1), abs=1e-4)
-    assert q90 == pytest.approx(np.quantile(errors, 0.9), abs=1e-4)
-    quantiles = ((key, (q10, q90, count)),)
-    assert fitting.interval(0.95, quantiles, "fusion") == pytest.approx((0.95 - q90, 0.95 - q10))
-    assert fitting.interval(1.0, quantiles, "ddp")[1] == 1.02
-    assert SHIPPED.interval("bucketed")[2] == "all"  # one pool for every scheme
+    # Ten PyTorch DDP rows and five MXNet rows, each predicted twice out of sample (a source
+    # left out, a generation left out). All rows' quantiles are those of all thirty errors;
+    # DDP's twenty errors give it its own, and a DDP row's interval is the wider of the two:
+    # [prediction - q90, prediction - q10], clipped to [0, 1.02]. MXNet's ten errors are too
+    # few: its rows take all rows'.
+    def rows(family, scheme, n):
+        case = {"reason": "", "published_efficiency": 0.9, "family": family}
+        return [{**case, "scheme": presets.SCHEMES[scheme]} for _ in range(n)]
+
+    ddp, mxnet = rows("pytorch", "ddp", 10), rows("mxnet", "mxnet", 5)
+    by_source = {id(c): {"efficiency": 0.9 + 0.01 * i} for i, c in enumerate(ddp)}
+    by_generation = {id(c): {"efficiency": 0.8 + 0.02 * i} for i, c in enumerate(ddp)}
+    by_source |= {id(c): {"efficiency": 0.95} for c in mxnet}
+    by_generation |= {id(c): {"efficiency": 0.97} for c in mxnet}
+    ddp_errors = [0.01 * i for i in range(10)] + [-0.1 + 0.02 * i for i in range(10)]
+    all_errors = ddp_errors + [0.05] * 5 + [0.07] * 5
+    quantiles = fitting.residual_quantiles(ddp + mxnet, by_source, by_generation)
+    assert [(k, n) for k, (_, _, n) in quantiles] == [("all", 30), ("pytorch / ddp", 20)]
+    for (_, (q10, q90, _)), errors in zip(quantiles, (all_errors, ddp_errors)):
+        assert q10 == pytest.approx(np.quantile(errors, 0.1), abs=1e-4)
+        assert q90 == pytest.approx(np.quantile(errors, 0.9), abs=1e-4)
+    q10 = min(np.quantile(all_errors, 0.1), np.quantile(ddp_errors, 0.1))
+    q90 = max(np.quantile(all_errors, 0.9), np.quantile(ddp_errors, 0.9))
+    low, high = fitting.interval(0.95, quantiles, "pytorch / ddp")
+    assert (low, high) == pytest.approx((0.95 - q90, 0.95 - q10), abs=1e-4)
+    all_q10, all_q90 = np.quantile(all_errors, [0.1, 0.9])
+    low, high = fitting.interval(0.9, quantiles, "mxnet / mxnet")
+    assert (low, high) == pytest.approx((0.9 - all_q90, 0.9 - all_q10), abs=1e-4)
+    assert fitting.interval(1.0, quantiles, "pytorch / ddp")[1] == 1.02
+    # BUSI's rows (JAX, XLA combining) are in no published group: all rows' quantiles
+    assert SHIPPED.interval("jax / xla")[2] == "all"
 
 
 def test_no_prediction_above_linear(shared_cases):

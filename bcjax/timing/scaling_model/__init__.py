@@ -3,8 +3,9 @@
 One model (it absorbed ``bcjax.timing.ring_model``): a data-parallel step costs the
 per-device compute, the gradient communication left exposed after the backward pass
 (scheduled layer by layer as the framework issues it: ``profiles``, ``schedule``), a
-synchronisation term (the slowest of N devices, and past one host the slowest host) and the
-host's CPU contention. ``terms`` holds the terms, ``presets`` every constant and its
+synchronisation term (the slowest of N devices, and past one host the slowest host), the
+host's CPU contention and, on a dual-GPU board (K80), the clocks lost once both its GPUs work
+(published rows only). ``terms`` holds the terms, ``presets`` every constant and its
 source, ``fitted`` the fitted numbers, ``published`` and ``validate`` the check against
 published tables
 (``python -m bcjax.timing.scaling_model validate --published CSV --out DIR``).

@@ -14,11 +14,17 @@ new row can have:
   0 ... 0.2 (``fitting.MAX_CONTENTION``); for CPU-decoded input, the loss of a host with
   ``presets.REFERENCE_CORES_PER_GPU`` physical cores a GPU (a DGX-1), scaled for other
   documented hosts by their cores a GPU;
+- ``board_loss``: share of compute each GPU of a dual-GPU board (Tesla K80) loses once
+  both of the board's GPUs work, against one alone; range 0 ... 0.36
+  (``presets.MAX_BOARD_LOSS``);
 - ``residual_quantiles``: the 10th and 90th percentiles of the out-of-sample errors
-  (predicted - published) of all fittable rows, leaving each source document out and
-  leaving each GPU generation out, pooled: one pair for every row. Splitting them by scheme
-  kind or by the loss predicted held for a new document but not for a new generation
-  (BUILD_NOTES, session 6).
+  (predicted - published), leaving each source document out and leaving each GPU
+  generation out, pooled: of all fittable rows ('all'), and of each framework / scheme
+  group with at least ``fitting.MIN_GROUP_ERRORS`` such errors. A row's interval is the
+  wider of its group's and all rows' (never narrower than all rows' say: a group's errors
+  come from few documents). All rows' alone held for a new document or generation overall
+  but not per group (TF2 Horovod 37%, BUILD_NOTES session 7); by scheme kind alone it did
+  not hold for a new generation (session 6).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ class ModelParams:
     sync_cv: float = 0.0
     node_sync_cv: float = 0.0
     contention: tuple = ()  # ((family, input, precision), fraction)
+    board_loss: float = 0.0  # share of compute lost on a dual-GPU board with both GPUs busy
     pooled_contention: tuple = ()  # ((input, precision), fraction)
-    residual_quantiles: tuple = ()  # (scheme kind or 'all', (q10, q90, rows))
+    residual_quantiles: tuple = ()  # ('all' or 'family / scheme', (q10, q90, rows))
     rows: int = 0
     sources: tuple = ()  # the source documents the fit saw
 
@@ -49,19 +56,22 @@ class ModelParams:
         pooled = dict(self.pooled_contention).get((input_kind, precision), 0.0)
         return pooled, f"pooled {input_kind}/{precision}"
 
-    def interval(self, kind: str = "all") -> tuple[float, float, str]:
-        """(q10, q90, group) of the out-of-sample errors: the scheme kind's where a fitted
-        file has one (round 1 shipped them), else all rows' (what ``fit`` now writes)."""
+    def interval(self, group: str = "all") -> tuple[float, float, str]:
+        """(q10, q90, which errors) for a row of ``group`` ('family / scheme'): the wider of
+        the group's quantiles and all rows', or all rows' alone where the fit has no
+        quantiles for that group."""
         table = dict(self.residual_quantiles)
-        for key in (kind, "all"):
-            if key in table:
-                return table[key][0], table[key][1], key
-        return 0.0, 0.0, "none"
+        if "all" not in table:
+            return 0.0, 0.0, "none"
+        q10, q90 = table["all"][:2]
+        if group == "all" or group not in table:
+            return q10, q90, "all"
+        return min(q10, table[group][0]), max(q90, table[group][1]), f"{group} and all"
 
     def count(self) -> int:
         """How many numbers are fitted (the intervals' quantiles included)."""
         return (
-            2
+            3
             + len(self.contention)
             + len(self.pooled_contention)
             + 2 * len(self.residual_quantiles)
@@ -75,6 +85,7 @@ class ModelParams:
             "sync_cv": self.sync_cv,
             "node_sync_cv": self.node_sync_cv,
             "contention": listed(self.contention),
+            "board_loss": self.board_loss,
             "pooled_contention": listed(self.pooled_contention),
             "residual_quantiles": listed((k, list(v)) for k, v in self.residual_quantiles),
             "rows": self.rows,
@@ -89,6 +100,7 @@ class ModelParams:
             sync_cv=d["sync_cv"],
             node_sync_cv=d["node_sync_cv"],
             contention=tuple((tuple(k), v) for k, v in d["contention"]),
+            board_loss=d.get("board_loss", 0.0),
             pooled_contention=tuple((tuple(k), v) for k, v in d["pooled_contention"]),
             residual_quantiles=tuple((k, tuple(v)) for k, v in d["residual_quantiles"]),
             rows=d.get("rows", 0),

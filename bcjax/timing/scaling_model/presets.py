@@ -436,6 +436,26 @@ HOST_CORES = (
 )
 
 
+# --------------------------------------------------------------- dual-GPU boards
+
+# A dual-GPU board carries two GPUs on one card: one board power limit, one heat sink and
+# one on-board PCIe switch for both (Tesla K80: two GK210, 300 W a board, passive cooling,
+# base clock 562 MHz, boost up to 875 MHz, NVIDIA K80 board specification BD-07317 and the
+# "GPU Boost and K80 Autoboost" post). A 1-GPU run has the board's second GPU idle; from 2
+# GPUs on (devices in order fill a board's two GPUs) every board in use runs both, and the
+# GPUs clock lower than one alone did. The share of compute lost is fitted (``fitted.json``,
+# ``board_loss``); its plausible range is 0 to 1 - 562/875 = 0.36, the K80's base over its
+# highest boost clock. Matched on the ``gpu`` text: Tesla K80, K10, M60, GeForce GTX 690,
+# GTX Titan Z (two GPUs a board each, vendor datasheets).
+DUAL_GPU_BOARD = r"\bk80\b|\bk10\b|\bm60\b|gtx ?690\b|titan ?z\b"
+MAX_BOARD_LOSS = 1 - 562 / 875
+
+
+def dual_gpu_board(gpu_text: str) -> bool:
+    """True when the ``gpu`` column names a board that carries two GPUs."""
+    return bool(re.search(DUAL_GPU_BOARD, (gpu_text or "").lower().replace("-", " ")))
+
+
 def host_cores_per_gpu(gpu_text: str) -> tuple[float | None, str]:
     """(physical host cores a GPU of the documented host a ``gpu`` column names, source);
     (None, '') for a host not in ``HOST_CORES``."""

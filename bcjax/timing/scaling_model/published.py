@@ -241,6 +241,8 @@ def _inputs(
     if scheme.name == "unknown":
         assumptions.append(scheme.source)
     family = presets.framework_family(r.get("framework", ""))
+    if presets.dual_gpu_board(r.get("gpu", "")):
+        assumptions.append("two GPUs a board: from 2 GPUs on, both of a board's GPUs work")
     link = _link(r, generation, bus_bandwidth, assumptions, largest, gpus)
     return {
         "params": params,
@@ -254,6 +256,7 @@ def _inputs(
         "input": presets.input_kind(r.get("data_source", "")),
         "precision": presets.precision_class(r.get("precision", "")),
         "generation": generation,
+        "dual_board": presets.dual_gpu_board(r.get("gpu", "")),
     }
 
 
@@ -310,7 +313,8 @@ def _communication(case: dict) -> dict:
     """The parameter-free part of a case's step: compute, exposed communication, and the
     factors the fitted terms multiply (E[max] of GPUs and hosts, the host share: the share
     of the host's GPUs in use, and for images decoded on the host's CPUs, the reference
-    host's cores a GPU over this host's, ``presets.core_factor``)."""
+    host's cores a GPU over this host's, ``presets.core_factor``; and 1 where a dual-GPU
+    board runs both its GPUs, from 2 GPUs on, ``presets.dual_gpu_board``)."""
     n, link = case["gpus"], case["link"]
     step_1 = case["batch"] / case["images_per_s_1"]
     compute = step_1
@@ -329,6 +333,7 @@ def _communication(case: dict) -> dict:
         "share": host_share(n, link.gpus_per_node)
         * (presets.core_factor(case["cores_per_gpu"]) if case["input"] == "cpu" else 1.0),
         "nodes": nodes,
+        "board": 1.0 if case["dual_board"] and n >= 2 else 0.0,
     }
 
 
@@ -342,7 +347,8 @@ def predict_case(case: dict, params: ModelParams = SHIPPED) -> dict | None:
     )
     sync = (params.sync_cv * case["e_gpus"] + params.node_sync_cv * case["e_nodes"]) * c
     host = contention * case["share"] * c
-    step = c + case["exposed_s"] + sync + host
+    board = params.board_loss * case["board"] * c
+    step = c + case["exposed_s"] + sync + host + board
     efficiency = min(1.0, case["step_1_s"] / step)
     losses = {
         "all-reduce" if case["scheme"].kind != "parameter_server" else "parameter-server": (
@@ -350,6 +356,7 @@ def predict_case(case: dict, params: ModelParams = SHIPPED) -> dict | None:
         ),
         "sync": sync,
         "host": host,
+        "board": board,
     }
     limit = "compute" if efficiency >= 0.99 else max(losses, key=losses.get)
     return {
@@ -358,6 +365,7 @@ def predict_case(case: dict, params: ModelParams = SHIPPED) -> dict | None:
         "sync_s": sync,
         "contention_s": host,
         "contention_from": contention_from,
+        "board_s": board,
         "step_s": step,
         "efficiency": efficiency,
         "images_per_s": efficiency * case["gpus"] * case["images_per_s_1"],

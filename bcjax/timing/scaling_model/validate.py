@@ -50,6 +50,7 @@ COLUMNS = (
     "exposed_comm_ms",
     "sync_ms",
     "contention_ms",
+    "board_ms",
     "assumptions",
     "reason",
 )
@@ -64,8 +65,8 @@ def hardware_label(case: dict) -> str:
 
 
 def group_label(case: dict) -> str:
-    """Framework family and communication scheme: the summary's groups."""
-    return f"{case['family']} / {case['scheme'].name}"
+    """Framework family and communication scheme: the summary's groups (and the intervals')."""
+    return fitting.interval_group(case)
 
 
 def _records(cases, params, loso) -> list[dict]:
@@ -83,7 +84,7 @@ def _records(cases, params, loso) -> list[dict]:
             rec["limit"] = f"not predicted: {case['reason']}"
         else:
             low, high = fitting.interval(
-                pred["efficiency"], params.residual_quantiles, case["scheme"].kind
+                pred["efficiency"], params.residual_quantiles, group_label(case)
             )
             rec.update(
                 scheme=case["scheme"].name,
@@ -98,6 +99,7 @@ def _records(cases, params, loso) -> list[dict]:
                 exposed_comm_ms=round(pred["exposed_collective_s"] * 1e3, 3),
                 sync_ms=round(pred["sync_s"] * 1e3, 2),
                 contention_ms=round(pred["contention_s"] * 1e3, 2),
+                board_ms=round(pred["board_s"] * 1e3, 2),
             )
             case["assumptions"].append(f"scheme {case['scheme'].name} ({case['scheme_why']})")
             case["assumptions"].append(f"host contention from {pred['contention_from']}")
@@ -124,7 +126,7 @@ def _nested_intervals(cases, predictions, label, pooled) -> dict[int, tuple[floa
         for c in cases:
             if label(c) == name and id(c) in predictions:
                 out[id(c)] = fitting.interval(
-                    predictions[id(c)]["efficiency"], quantiles, c["scheme"].kind
+                    predictions[id(c)]["efficiency"], quantiles, group_label(c)
                 )
     return out
 
@@ -205,7 +207,8 @@ def summary_markdown(records, cases, params: ModelParams, source: str, loso, har
         f"guess (efficiency 1). Coverage: share of rows whose published efficiency lies in "
         f"their {nominal} interval (nominal {nominal}); an interval is the prediction minus "
         "the 10th and 90th percentiles of out-of-sample errors (leaving sources out and "
-        "leaving GPU generations out, pooled), and the coverage below is nested: a left-out "
+        "leaving GPU generations out, pooled), the wider of those of the row's framework / "
+        "scheme group and those of all rows, and the coverage below is nested: a left-out "
         "row's interval comes from the other rows' errors only. Rows with published "
         f"efficiency above {SUPERLINEAR} are listed below, kept in validation.csv with their "
         "error, and left out of the MAE in the tables (no data-parallel term gives them); "
@@ -213,8 +216,9 @@ def summary_markdown(records, cases, params: ModelParams, source: str, loso, har
         "",
         f"Fitted: {params.count()} numbers (sync_cv, node_sync_cv, "
         f"{len(params.contention) + len(params.pooled_contention)} host-contention fractions, "
-        f"{2 * len(params.residual_quantiles)} interval quantiles) on {params.rows} rows "
-        f"from {len(params.sources)} source documents.",
+        f"the dual-GPU board loss, {2 * len(params.residual_quantiles)} interval quantiles "
+        f"({len(params.residual_quantiles)} groups of errors)) on {params.rows} rows from "
+        f"{len(params.sources)} source documents.",
         "",
         "## Out of sample",
         "",
@@ -224,7 +228,7 @@ def summary_markdown(records, cases, params: ModelParams, source: str, loso, har
         shipped = {id(c): predict_case(c, params) for c in unseen}
         intervals = {
             id(c): fitting.interval(
-                shipped[id(c)]["efficiency"], params.residual_quantiles, c["scheme"].kind
+                shipped[id(c)]["efficiency"], params.residual_quantiles, group_label(c)
             )
             for c in unseen
         }
@@ -292,12 +296,14 @@ def summary_markdown(records, cases, params: ModelParams, source: str, loso, har
     lines += [f"- {n} rows: {reason}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1])]
     lines += [
         "",
-        f"Parameters: sync_cv {params.sync_cv}, node_sync_cv {params.node_sync_cv}; host "
+        f"Parameters: sync_cv {params.sync_cv}, node_sync_cv {params.node_sync_cv}, dual-GPU "
+        f"board loss {params.board_loss}; host "
         "contention (share of compute a full host loses) by family/input/precision: "
         + (", ".join(f"{'/'.join(k)} {v}" for k, v in params.contention) or "none")
         + "; pooled by input/precision: "
         + (", ".join(f"{'/'.join(k)} {v}" for k, v in params.pooled_contention) or "none")
-        + "; interval error quantiles (q10, q90, out-of-sample errors pooled): "
+        + "; interval error quantiles (q10, q90, out-of-sample errors pooled; a row takes "
+        "the wider of its group's and all's): "
         + ", ".join(f"{k} {v}" for k, v in params.residual_quantiles),
     ]
     return "\n".join(lines) + "\n"
