@@ -79,34 +79,44 @@ def _mirror(distance: np.ndarray, length: int) -> np.ndarray:
 def _fill_rows(image: np.ndarray, fill: np.ndarray, source: np.ndarray) -> np.ndarray:
     """Fills each run of `fill` in each row of `image` (in place) with the mirrored
     `source` pixels beside it; returns the pixels filled (runs without source
-    beside them stay)."""
+    beside them stay). Only source pixels are read and only fill pixels written, so
+    every run is filled at once (numpy over all runs, no loop per row)."""
     width = fill.shape[1]
     filled = np.zeros_like(fill)
-    for y in np.flatnonzero(fill.any(axis=1)):
-        edges = np.diff(np.r_[0, fill[y].astype(np.int8), 0])
-        blocked = np.flatnonzero(~source[y])
-        for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
-            # Source pixels just left of the run and just right of it, contiguous.
-            before = blocked[blocked < start]
-            after = blocked[blocked >= stop]
-            left = start - 1 - (before[-1] if len(before) else -1)
-            right = (after[0] if len(after) else width) - stop
-            if left == 0 and right == 0:
-                continue
-            x = np.arange(start, stop)
-            from_left = x - start
-            from_right = stop - 1 - x
-            # Each pixel from the side that needs fewer reflections to reach it.
-            cost_left = from_left / left if left else np.inf
-            cost_right = from_right / right if right else np.inf
-            use_left = cost_left <= cost_right
-            src = np.where(
-                use_left,
-                start - 1 - _mirror(from_left, max(left, 1)),
-                stop + _mirror(from_right, max(right, 1)),
-            )
-            image[y, x] = image[y, src]
-            filled[y, x] = True
+    edges = np.diff(np.pad(fill.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+    row, start = np.nonzero(edges == 1)  # row-major: each row's runs in order
+    stop = np.nonzero(edges == -1)[1]
+    if not len(row):
+        return filled
+    # The source pixels just left of each run and just right of it, contiguous: up to
+    # the last pixel that is not source before the run, the first one after it.
+    x = np.arange(width)
+    blocked = ~source
+    last_blocked = np.maximum.accumulate(np.where(blocked, x, -1), axis=1)
+    next_blocked = np.minimum.accumulate(np.where(blocked, x, width)[:, ::-1], axis=1)[:, ::-1]
+    before = np.where(start > 0, last_blocked[row, np.maximum(start - 1, 0)], -1)
+    after = np.where(stop < width, next_blocked[row, np.minimum(stop, width - 1)], width)
+    left, right = start - 1 - before, after - stop
+    keep = (left > 0) | (right > 0)
+    row, start, stop, left, right = row[keep], start[keep], stop[keep], left[keep], right[keep]
+    # One entry per pixel of the kept runs.
+    run = np.repeat(np.arange(len(row)), stop - start)
+    first = np.cumsum(stop - start) - (stop - start)
+    px = start[run] + np.arange(len(run)) - first[run]
+    from_left = px - start[run]
+    from_right = stop[run] - 1 - px
+    # Each pixel from the side that needs fewer reflections to reach it.
+    lr, rr = left[run], right[run]
+    cost_left = np.where(lr > 0, from_left / np.maximum(lr, 1), np.inf)
+    cost_right = np.where(rr > 0, from_right / np.maximum(rr, 1), np.inf)
+    src = np.where(
+        cost_left <= cost_right,
+        start[run] - 1 - _mirror(from_left, np.maximum(lr, 1)),
+        stop[run] + _mirror(from_right, np.maximum(rr, 1)),
+    )
+    y = row[run]
+    image[y, px] = image[y, src]
+    filled[y, px] = True
     return filled
 
 
@@ -150,13 +160,17 @@ def _draw_by_depth(
     pixels in rows within `band` of their own row (clamped to the source's rows)."""
     out = np.array(image, copy=True)
     ys, xs = np.nonzero(source)  # row-major: ys ascending
-    for y in np.flatnonzero(fill.any(axis=1)):
-        depth = min(max(y, ys[0]), ys[-1])
-        lo = np.searchsorted(ys, depth - band, side="left")
-        hi = np.searchsorted(ys, depth + band, side="right")
-        columns = np.flatnonzero(fill[y])
-        pick = rng.integers(lo, hi, size=len(columns))
-        out[y, columns] = image[ys[pick], xs[pick]]
+    rows = np.flatnonzero(fill.any(axis=1))
+    depth = np.clip(rows, ys[0], ys[-1])
+    lo = np.searchsorted(ys, depth - band, side="left")
+    hi = np.searchsorted(ys, depth + band, side="right")
+    counts = fill.sum(axis=1)[rows]
+    # One draw per row, in row order: the same random stream as drawing row by row.
+    pick = np.concatenate(
+        [rng.integers(a, b, size=k) for a, b, k in zip(lo, hi, counts)] or [np.zeros(0, int)]
+    )
+    fill_y, fill_x = np.nonzero(fill)  # row-major, as the draws
+    out[fill_y, fill_x] = image[ys[pick], xs[pick]]
     return out
 
 

@@ -40,11 +40,14 @@ def load_masks(examples: Sequence[Example], image_size: int) -> np.ndarray:
     """bool [N, S, S]: each example's lesion masks squashed to S x S exactly as the
     pipeline squashes its image (pipeline.decode_resize), so mask and image pixels
     align; several masks are united after thresholding (at 127, as busi.read_mask).
-    All False for an example without a mask (or BUSI's all-black normal ones)."""
+    All False for an example without a mask (or BUSI's all-black normal ones). Decoded
+    once per set of files (pipeline.decode_resize_all's shared cache)."""
     masks = np.zeros((len(examples), image_size, image_size), bool)
-    for i, example in enumerate(examples):
-        for path in example.mask_paths:
-            masks[i] |= pipeline.decode_resize(path, image_size).max(axis=-1) > 127
+    owners = [i for i, example in enumerate(examples) for _ in example.mask_paths]
+    if owners:
+        paths = [path for example in examples for path in example.mask_paths]
+        decoded = pipeline.decode_resize_all(paths, image_size).max(axis=-1) > 127
+        np.logical_or.at(masks, np.asarray(owners), decoded)
     return masks
 
 
