@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_file", "save_npz", "write_json", "write_text"]
+__all__ = ["atomic_dir", "atomic_file", "pid_alive", "save_npz", "write_json", "write_text"]
 
 
 def _new_file_mode() -> int:
@@ -101,3 +101,17 @@ def atomic_dir(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (signal 0 only checks): whether
+    the writer of a leftover file (a lock, a half-written folder) may still be at work."""
+    if os.name != "posix":  # os.kill would end the process on Windows: assume it lives
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

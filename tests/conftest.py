@@ -8,6 +8,9 @@ compiling, not running, is what costs time.
 import os
 import tempfile
 
+import pytest
+from PIL import Image
+
 # Optimisation level 0 only lowers LLVM's effort on the generated CPU code:
 # the tiny test programs compile ~20% faster and run the same operations.
 os.environ["XLA_FLAGS"] = (
@@ -19,3 +22,17 @@ os.environ.setdefault("BCJAX_CACHE_DIR", tempfile.mkdtemp(prefix="bcjax-test-jit
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["BCJAX_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Counts the image files PIL opens (every decode opens its file)."""
+    counted = []
+    real_open = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        counted.append(str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    return counted

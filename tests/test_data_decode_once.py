@@ -29,20 +29,6 @@ def examples(tmp_path_factory):
     return busi.scan(root)
 
 
-@pytest.fixture
-def opens(monkeypatch):
-    """Counts the image files PIL opens (every decode opens its file)."""
-    counted = []
-    real_open = Image.open
-
-    def counting_open(fp, *args, **kwargs):
-        counted.append(str(fp))
-        return real_open(fp, *args, **kwargs)
-
-    monkeypatch.setattr(Image, "open", counting_open)
-    return counted
-
-
 def _clear_hash_memo():
     splits._HASH_CACHE.clear()  # a new process's state: nothing hashed yet
 

@@ -29,20 +29,6 @@ def root(source, tmp_path, monkeypatch):
     return shutil.copytree(source, tmp_path / "busi")
 
 
-@pytest.fixture
-def opens(monkeypatch):
-    """The image files PIL opens (every decode opens its file)."""
-    counted = []
-    real_open = Image.open
-
-    def counting_open(fp, *args, **kwargs):
-        counted.append(str(fp))
-        return real_open(fp, *args, **kwargs)
-
-    monkeypatch.setattr(Image, "open", counting_open)
-    return counted
-
-
 def _fresh_process():
     splits._HASH_CACHE.clear()  # nothing hashed yet, as in a new process
 

@@ -57,7 +57,6 @@ from bcjax.data.synthetic_cache import (
     default_cache_dir,
 )
 from bcjax.data.synthetic_cache import _host as _host
-from bcjax.data.synthetic_cache import _pid_alive as _pid_alive
 from bcjax.data.synthetic_draw import (
     GENERATOR_VERSION,
     MAX_SIZE,

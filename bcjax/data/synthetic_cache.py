@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 
+from bcjax import files
 from bcjax.data import busi
 from bcjax.data.busi import DATASET_DIRNAME, SYNTHETIC_MARKER
 from bcjax.data.synthetic_draw import GENERATOR_VERSION, MAX_SIZE, MIN_SIZE
@@ -52,19 +53,6 @@ _OWNED = re.compile(
 )
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host; signal 0 only checks."""
-    if os.name != "posix":  # os.kill would end the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
 # A generation takes minutes at most; containers may share a host name but not
 # pids, so a folder must also be this old before its dead-looking owner counts.
 STALE_AFTER_S = 3600
@@ -85,7 +73,7 @@ def _remove_stale(out_dir: pathlib.Path, min_age_s: float = STALE_AFTER_S) -> No
     host, now = _host(), time.time()
     for path in out_dir.glob(f".{DATASET_DIRNAME}.*"):
         m = _OWNED.fullmatch(path.name)
-        if not m or m["host"] != host or not path.is_dir() or _pid_alive(int(m["pid"])):
+        if not m or m["host"] != host or not path.is_dir() or files.pid_alive(int(m["pid"])):
             continue
         try:
             if now - path.stat().st_mtime < min_age_s:

@@ -161,8 +161,6 @@ def build_steps(
         nonfinite_guard=nonfinite_guard,
     )
     donate_argnums = (0,) if donate else ()
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P(DATA_AXIS))
     eval_model = _with_bn_axis(model, None)  # eval uses running statistics
     eval_local = functools.partial(step_math.eval_step_local, model=eval_model, normalize=normalize)
 
@@ -198,14 +196,25 @@ def build_steps(
         train_step, eval_step, shard_batch = pmap.build(
             mesh, train_local, eval_local, donate_argnums
         )
-        return Steps(
-            train_step=train_step,
-            eval_step=eval_step,
-            shard_batch=shard_batch,
-            place_state=functools.partial(replicate_tree, mesh=mesh),
-            mesh=mesh,
-            strategy=strategy,
+    else:
+        train_step, eval_step, shard_batch = _build_global(
+            strategy, mesh, train_local, eval_local, donate_argnums, collectives
         )
+    return Steps(
+        train_step=train_step,
+        eval_step=eval_step,
+        shard_batch=shard_batch,
+        place_state=functools.partial(replicate_tree, mesh=mesh),
+        mesh=mesh,
+        strategy=strategy,
+    )
+
+
+def _build_global(strategy, mesh: Mesh, train_local, eval_local, donate_argnums, collectives):
+    """(train_step, eval_step, shard_batch) of "shard_map" and "jit": global arrays, one
+    program over the mesh."""
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P(DATA_AXIS))
 
     def shard_batch(batch: Mapping[str, np.ndarray]) -> dict:
         return {k: _global_batch_array(v, data_sharding) for k, v in batch.items()}
@@ -239,14 +248,7 @@ def build_steps(
             ),
             out_shardings=replicated,
         )
-    return Steps(
-        train_step=train_step,
-        eval_step=eval_step,
-        shard_batch=shard_batch,
-        place_state=functools.partial(replicate_tree, mesh=mesh),
-        mesh=mesh,
-        strategy=strategy,
-    )
+    return train_step, eval_step, shard_batch
 
 
 def _trace_guarded(train_local: Callable, eval_local: Callable, max_traces: int):

@@ -51,6 +51,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from bcjax import files
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".bcjax-run.lock"
@@ -98,18 +100,6 @@ def process_start_ticks(pid: int) -> int | None:
         return int(stat.rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _pid_exists(pid: int) -> bool:
-    if os.name != "posix":  # os.kill would end the process on Windows: assume it lives
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def this_process() -> dict:
@@ -168,7 +158,7 @@ def stale_reason(path: pathlib.Path, holder: dict) -> str | None:
     boot_id = holder.get("boot_id")
     if same_host and (boot_id is None or boot_id == _boot_id()) and holder.get("pid"):
         pid = int(holder["pid"])
-        if not _pid_exists(pid):
+        if not files.pid_alive(pid):
             return f"its process {pid} is gone"
         recorded, now = holder.get("process_start_ticks"), process_start_ticks(pid)
         if recorded is not None and now is not None:
