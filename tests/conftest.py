@@ -2,10 +2,12 @@
 
 A persistent compilation cache shared by the whole session (fresh each run)
 lets tests that build the same tiny step reuse one compile: on CI's 2 cores
-compiling, not running, is what costs time.
+compiling, not running, is what costs time. It is removed when the run ends.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -18,7 +20,12 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("BCJAX_CACHE_DIR", tempfile.mkdtemp(prefix="bcjax-test-jit-cache-"))
+if "BCJAX_CACHE_DIR" not in os.environ:
+    # Made by the first process (pytest-xdist's workers inherit it) and removed
+    # by that process at exit, so a test run leaves no ~40 MB folder behind.
+    _session_cache = tempfile.mkdtemp(prefix="bcjax-test-jit-cache-")
+    os.environ["BCJAX_CACHE_DIR"] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["BCJAX_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
