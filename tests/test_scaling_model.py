@@ -288,12 +288,14 @@ def test_nccl1_ring_in_device_order_leaves_nvlink_past_four_gpus():
 
 def test_host_contention_scales_with_the_hosts_cores_a_gpu():
     # The fitted contention is a DGX-1's (40 cores, 8 GPUs: 5 a GPU). For images decoded on
-    # the host's CPUs a DGX A100 (128 cores) loses 5/16 of it, a host_cores column of 64 on
-    # an unknown 8-GPU host 5/8; synthetic input, and a host nobody documents, are unscaled.
-    def eight_gpu_case(gpu, data, **extra):
+    # the host's CPUs by tf.data (which spreads over the host's cores) a DGX A100 (128 cores)
+    # loses 5/16 of it, a host_cores column of 64 on an unknown 8-GPU host 5/8, a host nobody
+    # documents all of it; PyTorch's DataLoader (a fixed number of workers a GPU) loses the
+    # same on every host; synthetic input (nothing to decode) loses nothing.
+    def eight_gpu_case(gpu, data, framework="TensorFlow 1 (Horovod)", **extra):
         base = {
             "table_id": "1",
-            "framework": "PyTorch",
+            "framework": framework,
             "model": "ResNet-50",
             "gpu": gpu,
             "batch_per_gpu": "256",
@@ -311,20 +313,26 @@ def test_host_contention_scales_with_the_hosts_cores_a_gpu():
     assert presets.host_cores_per_gpu("V100 (DGX Station)")[0] == 5  # 20 cores, 4 GPUs
     assert presets.host_cores_per_gpu("V100-SXM3-32GB (DGX-2)")[0] == 3
     assert presets.host_cores_per_gpu("GeForce RTX 3090") == (None, "")
-    dgx1 = eight_gpu_case("V100-SXM2-16GB (DGX-1)", "real, PyTorch loader")
-    a100 = eight_gpu_case("A100-SXM4-80GB (DGX A100)", "real, PyTorch loader")
+    tf_data = "real, tf.data (CPU)"
+    dgx1 = eight_gpu_case("V100-SXM2-16GB (DGX-1)", tf_data)
+    a100 = eight_gpu_case("A100-SXM4-80GB (DGX A100)", tf_data)
     synthetic = eight_gpu_case("A100-SXM4-80GB (DGX A100)", "synthetic")
-    unknown = eight_gpu_case("A100-SXM4-80GB", "real, PyTorch loader")
-    column = eight_gpu_case("A100-SXM4-80GB", "real, PyTorch loader", host_cores="64")
+    unknown = eight_gpu_case("A100-SXM4-80GB", tf_data)
+    column = eight_gpu_case("A100-SXM4-80GB", tf_data, host_cores="64")
+    torch_a100 = eight_gpu_case("A100-SXM4-80GB (DGX A100)", "real, PyTorch loader", "PyTorch")
     assert dgx1["cores_per_gpu"] == 5 and a100["cores_per_gpu"] == 16
-    shares = [c["share"] for c in (dgx1, a100, synthetic, unknown, column)]
-    assert shares == pytest.approx([1.0, 5 / 16, 1.0, 1.0, 5 / 8])
+    cases = (dgx1, a100, synthetic, unknown, column, torch_a100)
+    assert [c["share"] for c in cases] == pytest.approx([1.0, 5 / 16, 0.0, 1.0, 5 / 8, 1.0])
     params = dataclasses.replace(
-        SHIPPED, contention=(), pooled_contention=((("cpu", "reduced"), 0.1),)
+        SHIPPED,
+        contention=((("pytorch", "cpu", "reduced"), 0.2),),
+        pooled_contention=((("cpu", "reduced"), 0.1), (("synthetic", "reduced"), 0.3)),
     )
-    dgx1_loss = published.predict_case(dgx1, params)["contention_s"] / dgx1["compute_s"]
-    a100_loss = published.predict_case(a100, params)["contention_s"] / a100["compute_s"]
-    assert (dgx1_loss, a100_loss) == pytest.approx((0.1, 0.1 * 5 / 16))
+    losses = [
+        published.predict_case(c, params)["contention_s"] / c["compute_s"]
+        for c in (dgx1, a100, synthetic, torch_a100)
+    ]
+    assert losses == pytest.approx([0.1, 0.1 * 5 / 16, 0.0, 0.2])
 
 
 def test_documented_profiles_match_the_zoo_and_the_tables():
@@ -465,6 +473,73 @@ def test_validate_is_robust_to_unknown_rows(tmp_path):
     assert out[("t", "2")]["params"] == "6000" and "layer_params" in out[("t", "2")]["assumptions"]
     assert "pcie4-nop2p" in out[("t", "2")]["assumptions"]
     assert out[("u", "4")]["limit"].startswith("not predicted: params blank")
+
+
+def test_interconnect_and_params_from_the_model_and_gpu_names():
+    def fabric(gpu):
+        link, _ = presets.interconnect_from_gpu(gpu, presets.gpu_generation(gpu))
+        return link.name if link else None
+
+    # A DGX/HGX system or an SXM module names its NVLink fabric; a PCIe card its era's PCIe.
+    assert fabric("V100-SXM2-16GB (DGX-1)") == "nvlink2-hybrid-cube-mesh"
+    assert fabric("Tesla P100-SXM2") == "nvlink1-hybrid-cube-mesh"
+    assert fabric("V100-SXM3-32GB (DGX-2H)") == "nvlink2-nvswitch"
+    assert fabric("A100-SXM4-40GB") == "nvlink3-nvswitch"
+    assert fabric("H100 SXM5 80GB") == "nvlink4-nvswitch"
+    assert fabric("H100 PCIe") == "pcie5"
+    assert fabric("A100 80GB PCIe") == "pcie4"
+    assert fabric("Tesla T4") == "pcie3"
+    assert fabric("TPU v3") is None  # no GPU generation: the caller falls back to PCIe 3
+    rtx = presets.PRESETS[fabric("GeForce RTX 5090")]
+    assert presets.without_p2p(rtx, "GeForce RTX 5090")[0].name == "pcie5-nop2p"
+    # Published counts for models outside the zoo, the longest documented name first.
+    assert profiles.known_params("BERT-Large Uncased")[0] == 340_000_000
+    assert profiles.known_params("GPT-2 medium")[0] == 345_000_000
+    assert profiles.known_params("gpt2")[0] == 117_000_000
+    assert profiles.known_params("EfficientNet-B4 (v1)")[0] == 19_000_000
+    assert profiles.known_params("efficientnet-widese-b4") is None
+
+
+def test_validate_on_unseen_kinds_of_rows(tmp_path):
+    # Invented figures: a consumer card over PCIe 4, BERT in sequences/s with params blank,
+    # MXNet with params and interconnect blank, JAX on TPU, a model with no params and a
+    # series without a 1-GPU row. Every row gets a prediction or a stated reason, a
+    # prediction is at most linear and sits inside its interval.
+    path = tmp_path / "unseen.csv"
+    path.write_text(
+        "table_id,framework,model,gpu,gpus,batch_per_gpu,precision,images_per_s,params,"
+        "interconnect,data_source\n"
+        "r,PyTorch,ResNet-50,GeForce RTX 3090,1,128,AMP,1000,,PCIe 4.0,real\n"
+        "r,PyTorch,ResNet-50,GeForce RTX 3090,4,128,AMP,3400,,PCIe 4.0,real\n"
+        "b,PyTorch,BERT-large,A100-SXM4-40GB,1,32,AMP,400,,,Wikipedia sequences\n"
+        "b,PyTorch,BERT-large,A100-SXM4-40GB,8,32,AMP,3000,,,Wikipedia sequences\n"
+        "m,MXNet,ResNet-50 v1.5,V100-SXM2-16GB,1,256,AMP,1400,,,\n"
+        "m,MXNet,ResNet-50 v1.5,V100-SXM2-16GB,8,256,AMP,10500,,,\n"
+        "j,JAX,ResNet-50,TPU v3,1,256,BF16,2000,,ICI,synthetic\n"
+        "j,JAX,ResNet-50,TPU v3,8,256,BF16,15000,,ICI,synthetic\n"
+        "n,PyTorch,MyNet,V100,1,64,FP32,500,,NVLink,real\n"
+        "n,PyTorch,MyNet,V100,4,64,FP32,1800,,NVLink,real\n"
+        "x,TensorFlow 2,ResNet-50,A100,8,256,AMP,20000,,NVLink,DALI\n"
+        "x,TensorFlow 2,ResNet-50,A100,16,256,AMP,38000,,NVLink,DALI\n"
+    )
+    assert main(["validate", "--published", str(path), "--out", str(tmp_path / "o")]) == 0
+    with open(tmp_path / "o" / "validation.csv", newline="") as f:
+        out = {(r["table_id"], r["gpus"]): r for r in csv.DictReader(f)}
+    assert len(out) == 12
+    for r in out.values():
+        if r["predicted_efficiency"]:
+            prediction = float(r["predicted_efficiency"])
+            assert prediction <= 1.0
+            assert float(r["interval_low"]) <= prediction <= float(r["interval_high"])
+        else:
+            assert r["limit"].startswith("not predicted: ") and r["reason"]
+    assert "pcie4-nop2p" in out[("r", "4")]["assumptions"]
+    assert out[("b", "8")]["params"] == "340000000"
+    assert "nvlink3-nvswitch from the gpu column" in out[("b", "8")]["assumptions"]
+    assert "nvlink2-hybrid-cube-mesh from the gpu column" in out[("m", "8")]["assumptions"]
+    assert "PCIe 3 (pcie3) assumed" in out[("j", "8")]["assumptions"]
+    assert out[("n", "4")]["reason"].startswith("params blank")
+    assert "no 1-GPU row" in out[("x", "16")]["reason"]
 
 
 def test_validate_names_missing_columns(tmp_path, capsys):

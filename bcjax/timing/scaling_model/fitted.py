@@ -11,9 +11,10 @@ new row can have:
 - ``contention``: fraction of a step's compute a full host loses while all its GPUs train,
   by (framework family, input kind, precision class); ``pooled_contention`` by (input kind,
   precision class) over all frameworks, used for a family the fit has not seen; range
-  0 ... 0.2 (``fitting.MAX_CONTENTION``); for CPU-decoded input, the loss of a host with
+  0 ... 1 (``fitting.MAX_CONTENTION``); none on synthetic input; for CPU-decoded input
+  whose loader spreads over the host's cores, the loss of a host with
   ``presets.REFERENCE_CORES_PER_GPU`` physical cores a GPU (a DGX-1), scaled for other
-  documented hosts by their cores a GPU;
+  documented hosts by their cores a GPU (``presets.contention_factor``);
 - ``board_loss``: share of compute each GPU of a dual-GPU board (Tesla K80) loses once
   both of the board's GPUs work, against one alone; range 0 ... 0.36
   (``presets.MAX_BOARD_LOSS``);

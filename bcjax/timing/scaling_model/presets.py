@@ -130,6 +130,12 @@ PRESETS = {
         note="PCIe 4.0 without P2P, 10 GB/s busbw (2x the NCCL blog's 5 GB/s through shared "
         "memory, stated assumption); one node of 8 assumed",
     ),
+    "pcie5-nop2p": dataclasses.replace(
+        _pcie("pcie5-nop2p", 20 / 12, "5.0"),
+        note="PCIe 5.0 without P2P, 20 GB/s busbw (4x the NCCL blog's 5 GB/s through shared "
+        "memory, stated assumption; 8 GeForce RTX 5090s reached 28 GB/s with tuning, "
+        "NVIDIA/nccl issue #1639); one node of 8 assumed",
+    ),
     "ethernet-100g": Interconnect(
         "ethernet-100g",
         NCCL_NET_GBPS_PER_100GBIT * 1e9,
@@ -473,6 +479,30 @@ def core_factor(cores_per_gpu: float | None) -> float:
     return REFERENCE_CORES_PER_GPU / cores_per_gpu
 
 
+# Whose cores a CPU-decoding input pipeline spreads over. tf.data (AUTOTUNE) and
+# DeepLearningExamples' TensorFlow launchers (scripts/bind.sh: each rank bound to the host's
+# cores / GPUs) use the cores the host has, so fewer cores a GPU cost more (``core_factor``).
+# PyTorch's DataLoader runs a fixed number of worker processes for each training process
+# (``num_workers``; DeepLearningExamples' PyTorch ConvNets main.py: ``--workers`` 5 by
+# default, no CPU affinity by default) whatever the host holds, so the host's core count does
+# not scale its contention. Measured (BUILD_NOTES, sessions 7 and 9): the PyTorch AMP rows
+# lose 13-16% at 8 GPUs on a DGX-1 (5 cores a GPU) and on a DGX A100 (16) alike.
+FIXED_WORKER_LOADERS = ("pytorch",)
+# Synthetic input has no loader and nothing to decode on the host: no host contention.
+SYNTHETIC_HOST_CONTENTION = False
+
+
+def contention_factor(family: str, input_kind: str, cores_per_gpu: float | None) -> float:
+    """A row's host contention against the fitted one (a reference host's): 0 for synthetic
+    input, reference / the host's cores a GPU for CPU-decoded input whose loader spreads over
+    the host's cores, else 1."""
+    if input_kind == "synthetic" and not SYNTHETIC_HOST_CONTENTION:
+        return 0.0
+    if input_kind == "cpu" and family not in FIXED_WORKER_LOADERS:
+        return core_factor(cores_per_gpu)
+    return 1.0
+
+
 # --------------------------------------------------------------- row properties
 
 
@@ -545,6 +575,54 @@ def infer_interconnect(text: str, generation: str) -> tuple[Interconnect | None,
         if name:
             return PRESETS[name], f"interconnect {text!r} read as {name} ({generation})"
     return None, ""
+
+
+# When the interconnect column is blank or unreadable, the ``gpu`` column often still names
+# the fabric: a DGX/HGX system or an SXM module means NVLink, a PCIe card means PCIe. NVIDIA's
+# system datasheets: DGX-1 and HGX-1 join 8 SXM2 GPUs (P100, V100) in the hybrid cube-mesh;
+# DGX-2/HGX-2 join 16 V100 SXM3 through NVSwitch; DGX/HGX A100, H100/H200 and B200 join 8 SXM
+# GPUs through NVSwitch (B200 is only made as an HGX/DGX module). An SXM module is only made
+# for such NVLink baseboards. A ``gpu`` text that says PCIe (or NVL, H200's PCIe card) is a
+# PCIe card whatever else it names. (A DGX Station's 4 V100s are fully NVLinked: one quad of
+# the cube-mesh.) Patterns are tried in order on the lower-cased text; the
+# fabric's preset is then taken by GPU generation where it depends on it.
+GPU_FABRICS = (
+    (r"dgx[- ]?2\b|hgx[- ]?2\b|sxm3", "nvswitch", "DGX-2/HGX-2: 16 V100 SXM3 on NVSwitch"),
+    (r"dgx[- ]?(1\b|station)|hgx[- ]?1\b|sxm2\b", "hybrid-cube-mesh", "DGX-1/HGX-1 or SXM2"),
+    (r"[dh]gx|sxm|\bh200\b|\bg?b[23]00\b", "nvswitch", "a DGX/HGX system or SXM module"),
+)
+PCIE_CARD = r"pci|\bnvl\b"
+# A card on PCIe (the ``gpu`` text says PCIe, or names no NVLink system): the PCIe generation
+# of its GPU generation's era (Kepler to Volta and Turing PCIe 3.0, Ampere and Ada 4.0, Hopper
+# and Blackwell 5.0; the vendors' product briefs), a stated assumption for a card whose form
+# factor the row does not give (until session 9 every such row was taken as PCIe 3).
+PCIE_BY_GENERATION = {"ampere": "pcie4", "ada": "pcie4", "hopper": "pcie5", "blackwell": "pcie5"}
+_NVLINK_BY_GENERATION = {
+    ("hybrid-cube-mesh", "pascal"): "nvlink1-hybrid-cube-mesh",
+    ("hybrid-cube-mesh", "volta"): "nvlink2-hybrid-cube-mesh",
+    ("nvswitch", "volta"): "nvlink2-nvswitch",
+    ("nvswitch", "ampere"): "nvlink3-nvswitch",
+    ("nvswitch", "hopper"): "nvlink4-nvswitch",
+    ("nvswitch", "blackwell"): "nvlink5-nvswitch",
+}
+
+
+def interconnect_from_gpu(gpu_text: str, generation: str) -> tuple[Interconnect | None, str]:
+    """A preset from the ``gpu`` column (a DGX/HGX system, an SXM module or a PCIe card), for
+    rows whose interconnect column gives none; (None, '') for an unknown GPU generation."""
+    low = (gpu_text or "").lower()
+    if not re.search(PCIE_CARD, low):
+        for pattern, fabric, why in GPU_FABRICS:
+            name = _NVLINK_BY_GENERATION.get((fabric, generation))
+            if name and re.search(pattern, low):
+                return PRESETS[name], f"{name} from the gpu column {gpu_text!r} ({why})"
+    if generation == "unknown":
+        return None, ""
+    name = PCIE_BY_GENERATION.get(generation, "pcie3")
+    return PRESETS[name], (
+        f"{name} from the gpu column {gpu_text!r} (a card of the {generation} generation on "
+        f"PCIe: the PCIe generation of its era, stated assumption)"
+    )
 
 
 _CONSUMER = r"geforce|\bgtx\b|\brtx ?[2-5]0[0-9]0|titan"

@@ -27,6 +27,27 @@ KNOWN_PARAMS = {
     "inceptionv3": (23_900_000, "InceptionV3 23.9M parameters (Keras Applications table)"),
     # torchvision 0.29.1's efficientnet_v2_s, counted on CPU-dev (BUILD_NOTES, session 5)
     "efficientnetv2s": (21_458_488, "EfficientNet-v2-S 21,458,488 (torchvision efficientnet_v2_s)"),
+    # Published counts of common models outside the zoo (so that a table that leaves params
+    # blank still gets a prediction; the papers' rounded figures):
+    # EfficientNet, Tan & Le 2019, Table 2.
+    **{
+        f"efficientnetb{i}": (n, f"EfficientNet-B{i} {n / 1e6:g}M parameters (Tan & Le 2019)")
+        for i, n in enumerate(
+            (5_300_000, 7_800_000, 9_200_000, 12_000_000, 19_000_000, 30_000_000)
+            + (43_000_000, 66_000_000)
+        )
+    },
+    # BERT, Devlin et al. 2019, section 3: BASE 110M, LARGE 340M.
+    "bertbase": (110_000_000, "BERT-base 110M parameters (Devlin et al. 2019)"),
+    "bertlarge": (340_000_000, "BERT-large 340M parameters (Devlin et al. 2019)"),
+    # The Transformer, Vaswani et al. 2017, Table 3: base 65M, big 213M.
+    "transformerbase": (65_000_000, "Transformer base 65M parameters (Vaswani et al. 2017)"),
+    "transformerbig": (213_000_000, "Transformer big 213M parameters (Vaswani et al. 2017)"),
+    # GPT-2, Radford et al. 2019, Table 2.
+    "gpt2": (117_000_000, "GPT-2 117M parameters (Radford et al. 2019)"),
+    "gpt2medium": (345_000_000, "GPT-2 medium 345M parameters (Radford et al. 2019)"),
+    "gpt2large": (762_000_000, "GPT-2 large 762M parameters (Radford et al. 2019)"),
+    "gpt2xl": (1_542_000_000, "GPT-2 XL 1542M parameters (Radford et al. 2019)"),
 }
 UNIFORM_LAYERS = 50
 
@@ -152,7 +173,11 @@ def documented(model_name: str, num_classes: int = 1000) -> tuple[Layer, ...] | 
 
 
 def known_params(model_name: str) -> tuple[int, str] | None:
-    return KNOWN_PARAMS.get(_key(re.split(r"[(\[]", model_name or "")[0]))
+    """The documented count of the longest ``KNOWN_PARAMS`` name the model's name starts
+    with ('BERT-Large Uncased' -> BERT-large, 'GPT-2 medium' -> GPT-2 medium); None if none."""
+    key = _key(re.split(r"[(\[]", model_name or "")[0])
+    names = [name for name in KNOWN_PARAMS if key.startswith(name)]
+    return KNOWN_PARAMS[max(names, key=len)] if names else None
 
 
 def total_params(profile) -> int:

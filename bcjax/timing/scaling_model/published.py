@@ -199,8 +199,10 @@ def _link(
     if note:
         assumptions.append(note)
     if link is None:
-        link = presets.PRESETS["pcie3"]
-        assumptions.append(f"unknown interconnect {text!r}: PCIe 3 (pcie3) assumed")
+        link, note = presets.interconnect_from_gpu(r.get("gpu", ""), generation)
+        if link is None:
+            link, note = presets.PRESETS["pcie3"], "PCIe 3 (pcie3) assumed"
+        assumptions.append(f"unknown interconnect {text!r}: {note}")
     link, note = presets.without_p2p(link, r.get("gpu", ""))
     if note:
         assumptions.append(note)
@@ -312,9 +314,10 @@ def _exposed(case: dict, n: int, compute_s: float) -> float:
 def _communication(case: dict) -> dict:
     """The parameter-free part of a case's step: compute, exposed communication, and the
     factors the fitted terms multiply (E[max] of GPUs and hosts, the host share: the share
-    of the host's GPUs in use, and for images decoded on the host's CPUs, the reference
-    host's cores a GPU over this host's, ``presets.core_factor``; and 1 where a dual-GPU
-    board runs both its GPUs, from 2 GPUs on, ``presets.dual_gpu_board``)."""
+    of the host's GPUs in use, times ``presets.contention_factor``: 0 for synthetic input,
+    for images decoded on the host's CPUs by a loader that spreads over them the reference
+    host's cores a GPU over this host's; and 1 where a dual-GPU board runs both its GPUs,
+    from 2 GPUs on, ``presets.dual_gpu_board``)."""
     n, link = case["gpus"], case["link"]
     step_1 = case["batch"] / case["images_per_s_1"]
     compute = step_1
@@ -331,7 +334,7 @@ def _communication(case: dict) -> dict:
         "e_gpus": expected_max_normal(n),
         "e_nodes": expected_max_normal(nodes),
         "share": host_share(n, link.gpus_per_node)
-        * (presets.core_factor(case["cores_per_gpu"]) if case["input"] == "cpu" else 1.0),
+        * presets.contention_factor(case["family"], case["input"], case["cores_per_gpu"]),
         "nodes": nodes,
         "board": 1.0 if case["dual_board"] and n >= 2 else 0.0,
     }

@@ -15,8 +15,9 @@ A step on N devices takes
 - host contention: the GPUs of one host share its CPUs (each training process's launch
   thread against the loader workers), so a step loses a fraction of its compute that grows
   with the GPUs in use on the host: contention * (g - 1) / (G - 1) * t_compute for g of
-  the host's G GPUs (for images decoded on the host's CPUs, published rows also scale it by
-  the reference host's cores a GPU over theirs, ``presets.core_factor``);
+  the host's G GPUs (published rows scale it by ``presets.contention_factor``: none for
+  synthetic input; for images decoded on the host's CPUs by a loader that spreads over them,
+  the reference host's cores a GPU over theirs);
 
 and the throughput is capped by the hosts' input pipeline, ``nodes * input_ceiling`` images/s.
 """
