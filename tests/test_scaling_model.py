@@ -7,6 +7,7 @@ import dataclasses
 import math
 import pathlib
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -333,6 +334,59 @@ def test_host_contention_scales_with_the_hosts_cores_a_gpu():
         for c in (dgx1, a100, synthetic, torch_a100)
     ]
     assert losses == pytest.approx([0.1, 0.1 * 5 / 16, 0.0, 0.2])
+
+
+def test_a_contention_fitted_on_one_model_family_stays_with_that_family(shared_cases):
+    # TensorFlow 2's rows are all EfficientNets: its value cannot tell the framework's loss
+    # from the EfficientNet pipeline's, so it is keyed by the model family and a TF2 ResNet
+    # takes the pooled value; PyTorch's rows span four model families and keep one value.
+    names = {
+        "EfficientNet-B4 (v1)": "efficientnet",
+        "EfficientNet-v2-S": "efficientnet",
+        "ResNet-50 v1.5": "resnet",
+        "ResNeXt101-32x4d": "resnext",
+        "InceptionV3": "inception",
+        "VGG16": "vgg",
+        "BERT-large": "bert",
+        "": "",
+    }
+    assert {name: presets.model_family(name) for name in names} == names
+    tf2 = [c for c in fitting.fittable(shared_cases) if c["family"] == "tensorflow2"]
+    assert len(tf2) == 30 and {c["model_family"] for c in tf2} == {"efficientnet"}
+    own = dict(SHIPPED.contention)
+    assert ("tensorflow2", "cpu", "reduced") not in own
+    efficientnet = own[("tensorflow2", "cpu", "reduced", "efficientnet")]
+    pooled = dict(SHIPPED.pooled_contention)[("cpu", "reduced")]
+    assert efficientnet > pooled > 0 and ("pytorch", "cpu", "reduced") in own
+
+    def tf2_case(model):
+        base = {
+            "table_id": model,
+            "framework": "TensorFlow 2",
+            "model": model,
+            "gpu": "V100-SXM2-16GB (DGX-1)",
+            "batch_per_gpu": "256",
+            "precision": "AMP",
+            "params": "25557032",
+            "interconnect": "nvlink2-hybrid-cube-mesh",
+            "data_source": "real, tf.data (CPU)",
+        }
+        rows = [{**base, "gpus": "1", "images_per_s": "1000"}]
+        return published.prepare(rows + [{**base, "gpus": "8", "images_per_s": "7000"}])[1]
+
+    for model, value, source in (
+        ("EfficientNet-B0", efficientnet, "tensorflow2/cpu/reduced/efficientnet"),
+        ("ResNet-50", pooled, "pooled cpu/reduced"),
+    ):
+        case = tf2_case(model)
+        p = published.predict_case(case, SHIPPED)
+        assert p["contention_from"] == source
+        assert p["contention_s"] == pytest.approx(value * case["share"] * case["compute_s"])
+    # the rule moves the key, not the fit: round 1 (a value from one model family for all
+    # of the family's models) fits the same number
+    with mock.patch.object(fitting, "MIN_MODEL_FAMILIES", 1):
+        round1 = dict(fitting.fit(shared_cases).contention)
+    assert round1[("tensorflow2", "cpu", "reduced")] == efficientnet
 
 
 def test_documented_profiles_match_the_zoo_and_the_tables():

@@ -9,8 +9,11 @@ new row can have:
   searched 0 ... 0.05;
 - ``node_sync_cv``: the same for a whole host, past one host; range 0 ... 0.1;
 - ``contention``: fraction of a step's compute a full host loses while all its GPUs train,
-  by (framework family, input kind, precision class); ``pooled_contention`` by (input kind,
-  precision class) over all frameworks, used for a family the fit has not seen; range
+  by (framework family, input kind, precision class) where the family's rows span at
+  least two model families (``fitting.MIN_MODEL_FAMILIES``), else by (framework family,
+  input kind, precision class, model family), used for that model family only;
+  ``pooled_contention`` by (input kind, precision class) over all frameworks, used for a
+  family (or a model) the fit has not seen; range
   0 ... 1 (``fitting.MAX_CONTENTION``); none on synthetic input; for CPU-decoded input
   whose loader spreads over the host's cores, the loss of a host with
   ``presets.REFERENCE_CORES_PER_GPU`` physical cores a GPU (a DGX-1), scaled for other
@@ -42,18 +45,23 @@ INTERVAL_LEVEL = 0.8  # the intervals' nominal coverage (10th to 90th percentile
 class ModelParams:
     sync_cv: float = 0.0
     node_sync_cv: float = 0.0
-    contention: tuple = ()  # ((family, input, precision), fraction)
+    contention: tuple = ()  # ((family, input, precision[, model family]), fraction)
     board_loss: float = 0.0  # share of compute lost on a dual-GPU board with both GPUs busy
     pooled_contention: tuple = ()  # ((input, precision), fraction)
     residual_quantiles: tuple = ()  # ('all' or 'family / scheme', (q10, q90, rows))
     rows: int = 0
     sources: tuple = ()  # the source documents the fit saw
 
-    def host_contention(self, family: str, input_kind: str, precision: str) -> tuple[float, str]:
-        """(fraction, which fit it came from): the family's own, else the pooled one."""
-        own = dict(self.contention).get((family, input_kind, precision))
-        if own is not None:
-            return own, f"{family}/{input_kind}/{precision}"
+    def host_contention(
+        self, family: str, input_kind: str, precision: str, model_family: str = ""
+    ) -> tuple[float, str]:
+        """(fraction, which fit it came from): the value of the family's rows of this model
+        family (fitted where the family's rows are all of one model family), else the
+        family's own, else the pooled one."""
+        own = dict(self.contention)
+        for key in ((family, input_kind, precision, model_family), (family, input_kind, precision)):
+            if key in own:
+                return own[key], "/".join(key)
         pooled = dict(self.pooled_contention).get((input_kind, precision), 0.0)
         return pooled, f"pooled {input_kind}/{precision}"
 

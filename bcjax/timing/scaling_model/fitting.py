@@ -7,7 +7,9 @@ What is fitted (``fitted.ModelParams``), least absolute error over the fittable 
   0.005), jointly with the contention below (every pair of the grid is tried);
 - ``contention`` per (framework family, input kind, precision class): for each pair of the
   grid, the pooled value per (input kind, precision class) over all families, then a
-  family's own value where it cuts that family's summed error by ``MIN_GROUP_GAIN``. A
+  family's own value where it cuts that family's summed error by ``MIN_GROUP_GAIN`` (keyed
+  by the model family too where the family's rows span fewer than ``MIN_MODEL_FAMILIES``
+  model families: it then holds for that model family only). A
   group's least-absolute-error value is one of the values matching a single row exactly, or
   0 (the error is piecewise monotone between them), so those are the candidates;
 - ``board_loss`` (only when the rows hold a dual-GPU board, ``presets.dual_gpu_board``): on
@@ -41,6 +43,13 @@ NODE_CV_GRID = np.round(np.arange(0.0, 0.1001, 0.005), 4)
 # of efficiency) over the pooled value, else the family uses the pooled one: a value fitted
 # to shave noise off a few rows would otherwise travel to every new row of that family.
 MIN_GROUP_GAIN = 0.01
+# A family's own contention holds for every model of that family only when its rows span
+# this many model families (``presets.model_family``): fitted on one model family (TF2: the
+# EfficientNets alone), the value cannot tell the framework's loss from the model's
+# pipeline's, and TF1's Horovod rows on the same hosts lose far less (ablation.md, session 9
+# round 2). Below it, the value is kept for that model family only; other models of the
+# family take the pooled value.
+MIN_MODEL_FAMILIES = 2
 # Plausible range of a host-contention fraction: up to 1, a full host (at the reference 5
 # cores a GPU for CPU-decoded input) halving each GPU's throughput, a host whose CPUs cannot
 # keep up with the GPUs' input (TensorFlow 2's EfficientNet rows on a DGX-1 lose 25-42% at 8
@@ -97,15 +106,22 @@ def _best_f(denominator, share, ratio, published, upper=None) -> tuple[float, fl
 
 
 def _groups(cases) -> tuple[list, list]:
-    """(key, row mask) of the pooled (input, precision) groups and of the family groups."""
+    """(key, row mask) of the pooled (input, precision) groups and of the family groups; a
+    family group whose rows span fewer than ``MIN_MODEL_FAMILIES`` model families is keyed
+    by its model family too (its own value would hold only for that model family)."""
 
     def masks(keys):
         return [(key, np.array([k == key for k in keys])) for key in sorted(set(keys))]
 
-    return (
-        masks([(x["input"], x["precision"]) for x in cases]),
-        masks([(x["family"], x["input"], x["precision"]) for x in cases]),
-    )
+    families = [(x["family"], x["input"], x["precision"]) for x in cases]
+    spanned: dict = {}
+    for key, x in zip(families, cases):
+        spanned.setdefault(key, set()).add(x.get("model_family", ""))
+    keys = [
+        key if len(spanned[key]) >= MIN_MODEL_FAMILIES else (*key, x.get("model_family", ""))
+        for key, x in zip(families, cases)
+    ]
+    return masks([(x["input"], x["precision"]) for x in cases]), masks(keys)
 
 
 def _fit_contention(a, groups, cv, node_cv, board_loss=0.0):
@@ -120,7 +136,7 @@ def _fit_contention(a, groups, cv, node_cv, board_loss=0.0):
         )
     for key, idx in family_groups:
         args = (denominator[idx], a["share"][idx], a["ratio"][idx], a["published"][idx])
-        f_pooled = pooled[key[1:]]
+        f_pooled = pooled[key[1:3]]
         eff = np.minimum(1.0, args[2] / (args[0] + f_pooled * args[1]))
         error_pooled = float(np.abs(eff - args[3]).sum())
         f, error = _best_f(*args)

@@ -362,6 +362,18 @@ def framework_family(text: str) -> str:
     return "unknown"
 
 
+def model_family(model_text: str) -> str:
+    """A model's family: the first run of letters of its name, lower case, without a
+    version letter before digits ('EfficientNet-B4 (v1)' and 'EfficientNet-v2-S' ->
+    'efficientnet', 'ResNet-50 v1.5' -> 'resnet', 'ResNeXt101-32x4d' -> 'resnext',
+    'InceptionV3' -> 'inception', 'VGG16' -> 'vgg', 'BERT-large' -> 'bert'); '' for a blank
+    name. Sizes and versions of one design share a family (a crude reading:
+    'SE-ResNeXt' reads 'se', a family of its own)."""
+    # a version letter before the digits is not the family's ('InceptionV3', 'MobileNetV2')
+    found = re.search(r"[a-z]+?(?=v?\d|[^a-z]|$)", (model_text or "").lower())
+    return found.group(0) if found else ""
+
+
 def _model_key(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", (text or "").lower())
 

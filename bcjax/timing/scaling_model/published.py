@@ -255,6 +255,7 @@ def _inputs(
         "scheme": scheme,
         "scheme_why": why,
         "family": family,
+        "model_family": presets.model_family(r.get("model", "")),
         "input": presets.input_kind(r.get("data_source", "")),
         "precision": presets.precision_class(r.get("precision", "")),
         "generation": generation,
@@ -346,7 +347,7 @@ def predict_case(case: dict, params: ModelParams = SHIPPED) -> dict | None:
         return None
     c = case["compute_s"]
     contention, contention_from = params.host_contention(
-        case["family"], case["input"], case["precision"]
+        case["family"], case["input"], case["precision"], case.get("model_family", "")
     )
     sync = (params.sync_cv * case["e_gpus"] + params.node_sync_cv * case["e_nodes"]) * c
     host = contention * case["share"] * c

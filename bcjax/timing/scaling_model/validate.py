@@ -298,7 +298,8 @@ def summary_markdown(records, cases, params: ModelParams, source: str, loso, har
         "",
         f"Parameters: sync_cv {params.sync_cv}, node_sync_cv {params.node_sync_cv}, dual-GPU "
         f"board loss {params.board_loss}; host "
-        "contention (share of compute a full host loses) by family/input/precision: "
+        "contention (share of compute a full host loses) by family/input/precision (and "
+        "model family, for a family whose rows are all of one): "
         + (", ".join(f"{'/'.join(k)} {v}" for k, v in params.contention) or "none")
         + "; pooled by input/precision: "
         + (", ".join(f"{'/'.join(k)} {v}" for k, v in params.pooled_contention) or "none")
