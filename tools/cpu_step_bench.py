@@ -54,7 +54,12 @@ def parse_args(argv=None):
         default=4.0,
         help="seconds each variant runs per round (at least one step)",
     )
-    p.add_argument("--variants", default="fixed,unfixed,torch")
+    p.add_argument(
+        "--variants",
+        default="fixed,unfixed,torch",
+        help="fixed, unfixed, torch; a bcjax variant with '+aug' appended (fixed+aug) "
+        "augments as a run does, so one sitting times the step with and without",
+    )
     p.add_argument(
         "--torch-python",
         default=os.environ.get("BCJAX_TORCH_PYTHON"),
@@ -184,15 +189,18 @@ def summarize(case: str, times: dict, runners: dict, load: tuple) -> dict:
                 out[f"{k}_over_torch"] = med[k] / med["torch"]
     if "fixed" in med and "unfixed" in med:
         out["speedup_fixed_vs_unfixed"] = med["unfixed"] / med["fixed"]
+    for k in ("fixed", "unfixed"):
+        if k in med and f"{k}+aug" in med:
+            out[f"{k}_aug_over_no_aug"] = med[f"{k}+aug"] / med[k]
     return out
 
 
 def markdown(rows: list) -> str:
     head = (
         "| case | bcjax fixed ms | bcjax unfixed ms | PyTorch ms | fixed / PyTorch "
-        "| unfixed / PyTorch | unfixed / fixed | compile fixed / unfixed s |"
+        "| unfixed / PyTorch | unfixed / fixed | compile fixed / unfixed s | fixed+aug ms |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     f = lambda v, fmt="{:.0f}": "–" if v is None else fmt.format(v)  # noqa: E731
     for r in rows:
         med = lambda k, r=r: r.get(k, {}).get("median_ms")  # noqa: E731
@@ -202,7 +210,8 @@ def markdown(rows: list) -> str:
             f"| {f(r.get('fixed_over_torch'), '{:.2f}')} "
             f"| {f(r.get('unfixed_over_torch'), '{:.2f}')} "
             f"| {f(r.get('speedup_fixed_vs_unfixed'), '{:.2f}')} "
-            f"| {f(comp('fixed'), '{:.1f}')} / {f(comp('unfixed'), '{:.1f}')} |"
+            f"| {f(comp('fixed'), '{:.1f}')} / {f(comp('unfixed'), '{:.1f}')} "
+            f"| {f(med('fixed+aug'), '{:.1f}')} |"
         )
     return "\n".join(lines)
 
@@ -236,8 +245,14 @@ def main(argv=None):
                     args.torch_python, name, width, size, args.batch, args.threads
                 )
             else:
+                base = v.removesuffix("+aug")
                 runners[v] = BcjaxStep(
-                    name, width, size, args.batch, cpu_conv=v == "fixed", augment=args.augment
+                    name,
+                    width,
+                    size,
+                    args.batch,
+                    cpu_conv=base == "fixed",
+                    augment=args.augment or v.endswith("+aug"),
                 )
         try:
             times = time_case(runners, args.rounds, args.round_s)

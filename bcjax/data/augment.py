@@ -45,8 +45,13 @@ def normalize(images_uint8) -> jax.Array:
     return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
 
 
-def _bilinear(image, ys, xs):
-    """image [H, W, C] sampled at float pixel coordinates; zero outside the image.
+# On CPU the batch is augmented in chunks of this many examples (see augment_batch).
+CPU_CHUNK = 16
+
+
+def _taps(image, ys, xs):
+    """The four taps of every sample of image [H, W, C] at float pixel coordinates
+    ys, xs: (rows uint8 [..., 4C], inside bool [..., 1], wy, wx float32 [..., 1]).
 
     One gather: the image, padded by one zero pixel on every side, becomes a
     table whose row (i, j) holds padded pixels (i, j), (i, j+1), (i+1, j) and
@@ -68,6 +73,12 @@ def _bilinear(image, ys, xs):
     inside = ((y0 >= -1) & (y0 < h) & (x0 >= -1) & (x0 < w))[..., None]
     idx = (jnp.clip(y0, -1, h - 1) + 1) * (w + 1) + jnp.clip(x0, -1, w - 1) + 1
     rows = jnp.take(table, idx.reshape(-1), axis=0).reshape(idx.shape + (4 * c,))
+    return rows, inside, wy, wx
+
+
+def _blend(rows, inside, wy, wx):
+    """The bilinear blend of the taps from `_taps` (zero for samples outside the image)."""
+    c = rows.shape[-1] // 4
     rows = jnp.where(inside, rows.astype(jnp.float32), 0.0)
     v00, v01, v10, v11 = (rows[..., k * c : (k + 1) * c] for k in range(4))
     top = v00 * (1 - wx) + v01 * wx
@@ -75,9 +86,15 @@ def _bilinear(image, ys, xs):
     return top * (1 - wy) + bottom * wy
 
 
-def augment_one(image_uint8, key, cfg=None) -> jax.Array:
-    """One example: uint8 [H, W, C] -> float32 [H, W, C] in [0, 1] (before normalisation)."""
-    s = settings(cfg)
+def _bilinear(image, ys, xs):
+    """image [H, W, C] sampled at float pixel coordinates; zero outside the image."""
+    return _blend(*_taps(image, ys, xs))
+
+
+def _draw(image_uint8, key, s: dict):
+    """One example's random crop, flip and rotation as input coordinates of every output
+    pixel (ys, xs [H, W]), and its brightness and contrast as a map ``x * scale + offset``
+    of the resampled values (scale, offset: float32 scalars)."""
     h, w = image_uint8.shape[:2]
     # All random numbers from one draw: one threefry call instead of eight keeps
     # the compiled step small and quick to compile.
@@ -117,23 +134,73 @@ def augment_one(image_uint8, key, cfg=None) -> jax.Array:
         scale, offset = factor / 255.0, (1.0 - factor) * pivot
     if s["brightness"]:
         offset = offset + between(7, -s["brightness"], s["brightness"])
-    return jnp.clip(_bilinear(image_uint8, ys, xs) * scale + offset, 0.0, 1.0)
+    return ys, xs, jnp.asarray(scale, jnp.float32), jnp.asarray(offset, jnp.float32)
 
 
-def augment_batch(images_uint8, keys, cfg=None) -> jax.Array:
+def _intensity(resampled, scale, offset):
+    return jnp.clip(resampled * scale + offset, 0.0, 1.0)
+
+
+def augment_one(image_uint8, key, cfg=None) -> jax.Array:
+    """One example: uint8 [H, W, C] -> float32 [H, W, C] in [0, 1] (before normalisation)."""
+    ys, xs, scale, offset = _draw(image_uint8, key, settings(cfg))
+    return _intensity(_bilinear(image_uint8, ys, xs), scale, offset)
+
+
+def _normalized(x):
+    return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+
+
+def _augment_vectorised(images_uint8, keys, s: dict) -> jax.Array:
+    """augment_batch as one vmap of augment_one: what accelerators run."""
+    return _normalized(jax.vmap(lambda im, k: augment_one(im, k, s))(images_uint8, keys))
+
+
+def _augment_in_chunks(images_uint8, keys, s: dict) -> jax.Array:
+    """augment_batch on CPU: the same draws and formulas, gathered and blended in chunks
+    of CPU_CHUNK examples (lax.map), so that XLA:CPU writes the gathered taps and the
+    augmented batch once each. In one vmap it fused the blend into both consumers of
+    the batch in the train step (the stem convolution and its kernel gradient's
+    transposed input), so the blend ran twice; a jax.lax.optimization_barrier does not
+    stop that (XLA removes it before fusion). Equal to the vectorised form up to the
+    rounding of the sampling coordinates (fused differently); the quickstart's step
+    ran about 4% faster (BUILD_NOTES, #23 session 9). Each coordinate is also
+    computed once here: in one vmap XLA:CPU computed it in two fusions, rounded
+    differently, and a sample within rounding of a whole pixel could blend the wrong
+    pair of rows (one pixel in 128 images in a test).
+    """
+    ys, xs, scale, offset = jax.vmap(lambda im, k: _draw(im, k, s))(images_uint8, keys)
+    taps = jax.lax.map(lambda a: _taps(*a), (images_uint8, ys, xs), batch_size=CPU_CHUNK)
+
+    def finish(a):
+        *example_taps, example_scale, example_offset = a
+        return _normalized(_intensity(_blend(*example_taps), example_scale, example_offset))
+
+    return jax.lax.map(finish, (*taps, scale, offset), batch_size=CPU_CHUNK)
+
+
+def augment_batch(images_uint8, keys, cfg=None, *, in_chunks: bool | None = None) -> jax.Array:
     """uint8 [B, H, W, C] + keys [B] -> normalised float32 [B, H, W, C].
 
     cfg fields: see `settings`. With enabled=False this is normalize(images).
+    in_chunks: True for the CPU form (`_augment_in_chunks`), False for one vmap
+    (what accelerators run); None picks by the platform the program is lowered
+    for, tracing both (bcjax.parallel.strategies passes its mesh's choice). The
+    draws per example key are the same either way.
     """
     s = settings(cfg)
     if not s["enabled"]:
         return normalize(images_uint8)
-    x = jax.vmap(lambda im, k: augment_one(im, k, s))(jnp.asarray(images_uint8), keys)
-    # XLA:CPU fuses the resampling's blend into both consumers of the batch in
-    # the train step (the stem convolution and its kernel gradient's transposed
-    # input), so the blend runs twice. A jax.lax.optimization_barrier here does
-    # not stop that: the compiled CPU step is the same with it (jax 0.10.2).
-    return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+    images_uint8 = jnp.asarray(images_uint8)
+    if in_chunks is None:
+        return jax.lax.platform_dependent(
+            images_uint8,
+            keys,
+            cpu=lambda im, k: _augment_in_chunks(im, k, s),
+            default=lambda im, k: _augment_vectorised(im, k, s),
+        )
+    form = _augment_in_chunks if in_chunks else _augment_vectorised
+    return form(images_uint8, keys, s)
 
 
 def example_keys(rng, indices) -> jax.Array:

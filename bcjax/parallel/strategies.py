@@ -60,14 +60,15 @@ def _with_bn_axis(model, axis_name: str | None):
     return model.clone(bn_axis_name=axis_name)
 
 
-def _default_preprocess(augment_cfg):
+def _default_preprocess(augment_cfg, on_cpu: bool):
     # Imported here: the package must not need the data stack at import time.
     from bcjax.data import augment
 
     if augment_cfg is None:
         return lambda images, keys: augment.normalize(images), augment.normalize
     return (
-        lambda images, keys: augment.augment_batch(images, keys, augment_cfg),
+        # CPU meshes augment in chunks (see augment.augment_batch), others in one vmap.
+        lambda images, keys: augment.augment_batch(images, keys, augment_cfg, in_chunks=on_cpu),
         augment.normalize,
     )
 
@@ -149,8 +150,9 @@ def build_steps(
             "(it is one logical array), so per-device BatchNorm (bn_sync=False) cannot "
             "be expressed; use strategy='shard_map' or 'pmap' for per-device statistics."
         )
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
     if preprocess is None or normalize is None:
-        default_pre, default_norm = _default_preprocess(augment_cfg)
+        default_pre, default_norm = _default_preprocess(augment_cfg, on_cpu)
         preprocess = preprocess or default_pre
         normalize = normalize or default_norm
 
@@ -159,6 +161,8 @@ def build_steps(
         class_weights=None if class_weights is None else tuple(class_weights),
         grad_norm=grad_norm,
         nonfinite_guard=nonfinite_guard,
+        # The guard's CPU form (a lax.cond around the update); accelerators keep the select.
+        skip_in_cond=on_cpu,
     )
     donate_argnums = (0,) if donate else ()
     eval_model = _with_bn_axis(model, None)  # eval uses running statistics

@@ -117,6 +117,22 @@ def _scaled(compute_loss: Callable, scale: jax.Array) -> Callable:
     return scaled
 
 
+def apply_if(applied: jax.Array, update: Callable, old, *, in_cond: bool):
+    """``update()`` when ``applied`` (a scalar bool), else ``old`` (a tree of its structure).
+
+    ``in_cond``: the update runs inside a ``lax.cond`` (the CPU form) instead of
+    being computed and then selected elementwise against ``old``. On XLA:CPU the
+    select made the compiled step copy the donated state once more (about 1-2% of
+    the quickstart's step), and its fusions rounded the stored momentum of the
+    BatchNorm scales differently from the step without the guard; with the cond
+    the quickstart's SGD step is the unguarded one bit for bit. XLA:GPU's
+    conditional reads its predicate on the host, so accelerators keep the select.
+    """
+    if in_cond:
+        return lax.cond(applied, update, lambda: old)
+    return jax.tree.map(lambda n, o: jnp.where(applied, n, o), update(), old)
+
+
 def train_step_local(
     state: TrainState,
     batch: Batch,
@@ -131,6 +147,7 @@ def train_step_local(
     class_weights: Sequence[float] | None = None,
     grad_norm: bool = True,
     nonfinite_guard: bool = True,
+    skip_in_cond: bool = False,
 ):
     """One optimisation step on this device's slice of the global batch.
 
@@ -151,6 +168,10 @@ def train_step_local(
         and the NaN/Inf check with its keep-the-old-state selects (reported
         as finite). Only ``bcjax.timing.ablation`` switches them off, to time
         what they cost; a training run always has both.
+      skip_in_cond: how the guard keeps a skipped step out of the state (see
+        ``apply_if``); ``bcjax.parallel.strategies`` sets it for CPU meshes only.
+        Either way a skipped step leaves params, BatchNorm statistics and the
+        optimizer state (its step count too) as they were.
 
     A ``ScaledTrainState`` (float16 compute) gets dynamic loss scaling
     (``bcjax.step.loss_scale``): the loss is scaled before the backward pass,
@@ -199,8 +220,9 @@ def train_step_local(
     if sync_batch_stats and axis_name is not None:
         batch_stats = lax.pmean(batch_stats, axis_name)
 
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    def update():
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), batch_stats, opt_state
 
     counted = jnp.ones_like(weights) if valid is None else valid.astype(jnp.float32)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) * counted)
@@ -217,9 +239,12 @@ def train_step_local(
         applied = jnp.isfinite(grad_sq) & loss_finite
         # A skipped step never reaches the state: params, optimizer and BatchNorm
         # statistics stay those of the last good step (the loop then stops or skips).
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
-        params, batch_stats = keep(params, state.params), keep(batch_stats, state.batch_stats)
-        opt_state = keep(opt_state, state.opt_state)
+        params, batch_stats, opt_state = apply_if(
+            applied,
+            update,
+            (state.params, state.batch_stats, state.opt_state),
+            in_cond=skip_in_cond,
+        )
         finite = applied
         if loss_scale is not None:
             # An overflow of the scaled float16 gradients is expected: skipped
@@ -227,6 +252,7 @@ def train_step_local(
             overflow = loss_scale.is_overflow(loss_finite, jnp.isfinite(grad_sq))
             finite = applied | overflow
     else:
+        params, batch_stats, opt_state = update()
         finite = jnp.asarray(True)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
