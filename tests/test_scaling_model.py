@@ -431,6 +431,13 @@ def test_row_properties_from_free_text():
 # ------------------------------------------------------------------ published rows
 
 
+def _validated(csv_path, out_dir):
+    """`validate` run on csv_path; validation.csv's rows by (table_id, gpus)."""
+    assert main(["validate", "--published", str(csv_path), "--out", str(out_dir)]) == 0
+    with open(pathlib.Path(out_dir) / "validation.csv", newline="") as f:
+        return {(r["table_id"], r["gpus"]): r for r in csv.DictReader(f)}
+
+
 def _fixture_efficiencies():
     """throughput(N) / (N throughput(1)) straight from the fixture, per (table, gpus)."""
     with open(FIXTURE, newline="") as f:
@@ -519,9 +526,7 @@ def test_validate_is_robust_to_unknown_rows(tmp_path):
         "u,PyTorch,mystery,RTX 3090,1,64,FP32,1000,,pcie4,synthetic,\n"
         "u,PyTorch,mystery,RTX 3090,4,64,FP32,3500,,pcie4,synthetic,\n"
     )
-    assert main(["validate", "--published", str(path), "--out", str(tmp_path / "o")]) == 0
-    with open(tmp_path / "o" / "validation.csv", newline="") as f:
-        out = {(r["table_id"], r["gpus"]): r for r in csv.DictReader(f)}
+    out = _validated(path, tmp_path / "o")
     assert 0 < float(out[("s", "2")]["predicted_efficiency"]) <= 1.0
     assert "unknown interconnect" in out[("s", "2")]["assumptions"]
     assert out[("t", "2")]["params"] == "6000" and "layer_params" in out[("t", "2")]["assumptions"]
@@ -576,9 +581,7 @@ def test_validate_on_unseen_kinds_of_rows(tmp_path):
         "x,TensorFlow 2,ResNet-50,A100,8,256,AMP,20000,,NVLink,DALI\n"
         "x,TensorFlow 2,ResNet-50,A100,16,256,AMP,38000,,NVLink,DALI\n"
     )
-    assert main(["validate", "--published", str(path), "--out", str(tmp_path / "o")]) == 0
-    with open(tmp_path / "o" / "validation.csv", newline="") as f:
-        out = {(r["table_id"], r["gpus"]): r for r in csv.DictReader(f)}
+    out = _validated(path, tmp_path / "o")
     assert len(out) == 12
     for r in out.values():
         if r["predicted_efficiency"]:
