@@ -4,6 +4,11 @@ and the test images whose heat maps fall least on the lesion.
 Built with `matplotlib.figure.Figure` and the Agg canvas (as bcjax.eval.plots):
 no pyplot, no global backend, nothing left registered. Each function draws
 from a report section (plain dicts, as in results.json) and returns the path.
+
+Margins are fixed (in inches, what constrained layout chose for these figures,
+with room for longer tick labels): with a layout engine, `savefig` draws every
+figure twice, once to lay it out and once to render it, which was about a third
+of the run's time spent on these figures (BUILD_NOTES, #23 session 10).
 """
 
 from __future__ import annotations
@@ -34,6 +39,18 @@ FILE_NAMES = {
 }
 
 
+def _margins(fig: Figure, left: float, bottom: float, right: float, top: float, **space):
+    """Subplot margins given in inches from each edge of the figure."""
+    width, height = fig.get_size_inches()
+    return dict(
+        left=left / width,
+        bottom=bottom / height,
+        right=1 - right / width,
+        top=1 - top / height,
+        **space,
+    )
+
+
 def _save(fig: Figure, path) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,8 +78,14 @@ def plot_reliability(calibration: Mapping[str, Any], path) -> pathlib.Path:
     """Accuracy per confidence bin, before and after temperature scaling, over the
     diagonal of perfect calibration; below, how many test images each bin holds."""
     before, after = calibration["test"]["before"], calibration["test"]["after"]
-    fig = Figure(figsize=(6, 6.5), dpi=100, layout="constrained")
-    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    fig = Figure(figsize=(6, 6.5), dpi=100)
+    top, bottom = fig.subplots(
+        2,
+        1,
+        height_ratios=(3, 1),
+        sharex=True,
+        gridspec_kw=_margins(fig, 0.7, 0.48, 0.15, 0.26, hspace=0.06),
+    )
     top.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfectly calibrated")
     _bars(top, before["reliability"], "tab:red", f"raw (ECE {before['ece']:.3f})", 0.0)
     _bars(
@@ -106,8 +129,8 @@ def _curve_figure(
     score: str,
     title: str,
 ):
-    fig = Figure(figsize=(6, 5.5), dpi=100, layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(6, 5.5), dpi=100)
+    ax = fig.subplots(gridspec_kw=_margins(fig, 0.6, 0.48, 0.1, 0.26))
     for name, c in curves.items():
         if c[score] is None:
             continue
@@ -188,8 +211,10 @@ def plot_least_grounded(
     worst = grounding_section["least_grounded"]
     columns = 4
     rows = max(1, -(-len(worst) // columns))
-    fig = Figure(figsize=(3 * columns, 3.3 * rows), dpi=100, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns)).reshape(-1)
+    fig = Figure(figsize=(3 * columns, 3.3 * rows), dpi=100)
+    # Above each row its two-line titles (0.41 in), above all the figure's title.
+    space = _margins(fig, 0.12, 0.04, 0.12, 0.68, wspace=0.084, hspace=0.148)
+    axes = np.atleast_1d(fig.subplots(rows, columns, gridspec_kw=space)).reshape(-1)
     radius = grounding_section["tolerance_px"]
     for ax in axes:
         ax.set_axis_off()
@@ -214,7 +239,10 @@ def plot_least_grounded(
             f", point {entry['pointing']:.0%}",
             fontsize=8,
         )
-    fig.suptitle("test images whose Grad-CAM falls least on the lesion")
+    fig.suptitle(
+        "test images whose Grad-CAM falls least on the lesion",
+        y=1 - 0.06 / fig.get_size_inches()[1],  # its top 0.06 in below the figure's
+    )
     return _save(fig, path)
 
 

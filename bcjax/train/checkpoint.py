@@ -10,7 +10,13 @@ newest checkpoint, the one a restart needs, can be deleted.)
 
 Saving is asynchronous: ``save`` returns once the arrays are copied off the
 devices (the state may then be donated to the next step) and the files are
-written in the background; ``wait_until_finished`` blocks until they are.
+written in the background; ``wait_until_finished`` blocks until they are. On a
+CPU run of one process the copy is one host copy of the whole state, and
+Orbax's own save call (its Python work per array, ≈ 25–80 ms for ResNet-18's
+166 arrays) runs on a background thread too, off the training loop's path;
+every other method first waits for that call (BUILD_NOTES, #23 session 10).
+That host copy of the best checkpoint so far is kept, and ``restore`` of that
+step places it on the devices instead of reading the files back.
 
 Restoring takes a target state (or abstract state) whose leaves carry the
 CURRENT shardings, so a checkpoint written on 8 devices restores onto 1 or 4.
@@ -21,6 +27,8 @@ each array once and the JSON items from process 0 only.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import functools
 import json
 import logging
 import pathlib
@@ -145,6 +153,14 @@ def _drop_torn_root_metadata(directory: pathlib.Path) -> None:
     path.unlink()
 
 
+def saves_from_host_copy(platform: str, process_count: int, async_save: bool) -> bool:
+    """Whether ``save`` copies the state to the host and hands Orbax's save call to a
+    background thread: CPU runs of one process only. Accelerators keep Orbax's own
+    device-to-host transfer; several processes keep their save calls in step with
+    each other (Orbax synchronises them)."""
+    return async_save and platform == "cpu" and process_count == 1
+
+
 def committed_steps(directory) -> list[int]:
     """The steps of the finished checkpoints in ``directory`` (none while one is being written)."""
     directory = pathlib.Path(directory)
@@ -175,7 +191,8 @@ class CheckpointManager:
       best_mode: "max" or "min"; default as early stopping decides (``minimised``).
       metadata: JSON-able dict (``run_metadata(config)``); written once at the
         directory root and compared (``check_identity``) with what is there.
-      async_save: write in a background thread.
+      async_save: write in a background thread (on a CPU run of one process, the
+        save call's own work too: ``saves_from_host_copy``).
     Raises CheckpointMismatchError when the directory holds another model.
     """
 
@@ -202,6 +219,7 @@ class CheckpointManager:
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
         self.directory = pathlib.Path(directory).expanduser().resolve()
         self.best_metric = best_metric
+        self.best_mode = best_mode
         if metadata is not None:
             _drop_torn_root_metadata(self.directory)
         policies = [pp.LatestN(n=keep_latest)]
@@ -229,25 +247,44 @@ class CheckpointManager:
             item_names=("state", "data_iter", "extra"),
             metadata=_json_safe(dict(metadata)) if metadata is not None else None,
         )
+        self._saver = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bcjax-checkpoint")
+            if saves_from_host_copy(jax.default_backend(), jax.process_count(), async_save)
+            else None
+        )
+        self._pending: concurrent.futures.Future | None = None
+        # (step, metric, host state, iterator payload, extra) of the best save so far.
+        self._best_copy: tuple | None = None
         if metadata is not None:
             check_identity(self.metadata(), metadata)
+
+    def _finish_save_call(self) -> None:
+        """Waits for the save call running on the background thread (its files may
+        still be being written by Orbax); raises what it raised."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     # -- queries ------------------------------------------------------------------
     def metadata(self) -> dict | None:
         """The run metadata at the directory root (None when absent)."""
+        self._finish_save_call()
         root = self._manager.metadata()
         custom = getattr(root, "custom_metadata", None)
         return dict(custom) if custom else None
 
     def all_steps(self) -> list[int]:
+        self._finish_save_call()
         return list(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self._finish_save_call()
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
         """Step with the best saved metric; the latest when none has one
         (e.g. an empty validation split or NaN metrics)."""
+        self._finish_save_call()
         best = self._manager.best_step()
         return self.latest_step() if best is None else best
 
@@ -269,28 +306,75 @@ class CheckpointManager:
         is kept only while among the latest. ``data_iter_state``: what the
         iterator's ``get_state()`` returns (dict or bytes); process 0's is
         stored, which assumes every process's iterator is at the same global
-        position (true for ``bcjax.data.pipeline``). Returns whether saved.
+        position (true for ``bcjax.data.pipeline``). Returns whether saved (on the
+        background thread: whether the save was started; an error it meets is raised
+        by the next call of this manager).
         """
         value = _metric_value(metrics, self.best_metric)
+        if self._saver is not None:
+            # As Orbax's own save call does: the checkpoints before this one are committed
+            # first, so at most one is ever in flight (a kill loses no more than that one).
+            self.wait_until_finished()
+            if not force and not self._manager.should_save(int(step)):
+                return False
+            state = jax.device_get(state)  # one copy; the device arrays may be donated now
+        iter_payload = _encode_iter_state(data_iter_state)
+        extra_payload = _json_safe(dict(extra or {}))
+        if self._saver is not None and self._improves(value):
+            self._best_copy = (int(step), value, state, iter_payload, extra_payload)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data_iter=ocp.args.JsonSave(_encode_iter_state(data_iter_state)),
-            extra=ocp.args.JsonSave(_json_safe(dict(extra or {}))),
+            data_iter=ocp.args.JsonSave(iter_payload),
+            extra=ocp.args.JsonSave(extra_payload),
         )
-        return self._manager.save(
+        save = functools.partial(
+            self._manager.save,
             int(step),
             args=args,
             force=force,
             metrics=None if value is None else {self.best_metric: value},
         )
+        if self._saver is None:
+            return save()
+        self._pending = self._saver.submit(save)
+        return True
+
+    def _improves(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        if self._best_copy is None:
+            return True
+        best = self._best_copy[1]  # a tie: Orbax's best step is the later one
+        return value <= best if self.best_mode == "min" else value >= best
+
+    def _placed_best_copy(self, step: int, target) -> tuple[Any, Any, dict] | None:
+        """``restore``'s answer from the host copy kept at ``save``, when it is of
+        ``step`` and has the target's structure, shapes and dtypes; else None."""
+        if self._best_copy is None or self._best_copy[0] != step:
+            return None
+        _, _, host_state, iter_payload, extra_payload = self._best_copy
+        abstract = _abstract(target)
+        if jax.tree.structure(host_state) != jax.tree.structure(abstract) or any(
+            (h.shape, h.dtype) != (a.shape, a.dtype)
+            for h, a in zip(jax.tree.leaves(host_state), jax.tree.leaves(abstract))
+        ):
+            return None
+        state = jax.device_put(host_state, jax.tree.map(lambda a: a.sharding, abstract))
+        return state, _decode_iter_state(iter_payload), dict(extra_payload)
 
     def restore(self, step: int, target) -> tuple[Any, Any, dict]:
         """``(state, data_iter_state, extra)`` of ``step``, placed like ``target``.
 
         ``target``: a state on the current mesh (e.g. a fresh
-        ``create_train_state``), or its abstract version with shardings.
+        ``create_train_state``), or its abstract version with shardings. The best
+        checkpoint this manager saved comes from its host copy (the same arrays);
+        any other is read from the files.
         """
-        self._manager.wait_until_finished()  # a pending write of the same step
+        self._finish_save_call()
+        held = self._placed_best_copy(int(step), target)
+        if held is not None:
+            return held
+        self.wait_until_finished()  # a pending write of the same step
         restored = self._manager.restore(
             int(step),
             args=ocp.args.Composite(
@@ -316,10 +400,16 @@ class CheckpointManager:
         return None if step is None else self.restore(step, target)
 
     def wait_until_finished(self) -> None:
+        self._finish_save_call()
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._finish_save_call()
+        finally:
+            if self._saver is not None:
+                self._saver.shutdown()
+            self._manager.close()
 
     def __enter__(self):
         return self
