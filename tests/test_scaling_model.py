@@ -228,6 +228,27 @@ def test_parameter_server_push_and_pull():
     assert schedule.pull_stall(TOY, 2.0, toy_cost, 4) == pytest.approx(0.9)
 
 
+def test_parameter_server_schedule_as_tf1_runs_it(monkeypatch):
+    # tf_cnn_benchmarks' parameter server: the pushes wait for the whole backward (TF 1.x's
+    # GPU-to-CPU copy waits for the compute stream), then go one after another; the pulls
+    # overlap the forward. A 6 s step: 4 s backward, 2 s forward. From 2 GPUs on a GPU gets
+    # the link's per-GPU share, 10 kB/s here (toy_cost): pushes 1.2 + 0.8 + 0.4 = 2.4 s past
+    # the backward, plus the 0.9 s pull stall above.
+    monkeypatch.setattr(presets, "PS_BYTES_PER_S_PER_GPU", 1e4)
+    case = {
+        "scheme": presets.SCHEMES["parameter-server"],
+        "link": presets.PRESETS["pcie3"],
+        "profile": TOY,
+    }
+    assert published._exposed(case, 2, 6.0) == pytest.approx(2.4 + 0.9)
+    # One GPU has the link to itself (20 kB/s): pushes 1.2 s; pulls a at 0.2 s (needed at
+    # 0), b at 0.6 (0.5), c at 1.2 (1.5): a 0.2 s stall.
+    assert published._exposed(case, 1, 6.0) == pytest.approx(1.2 + 0.2)
+    # Sessions 6-9 overlapped the pushes with the backward: 0.4 s + 0.9 s.
+    monkeypatch.setattr(presets, "PS_PUSH_OVERLAPS", True)
+    assert published._exposed(case, 2, 6.0) == pytest.approx(0.4 + 0.9)
+
+
 def test_parameter_server_across_hosts_pays_the_network():
     # 2 hosts: each NIC carries 2 (H - 1) / H = 1 times the gradient bytes per direction at
     # 10 Gb/s; 4 hosts 1.5 times; one host nothing.

@@ -248,6 +248,20 @@ PS_NETWORK_BYTES_PER_S = 1.25e9
 # follow one another after the backward pass, not overlapped with it (stated assumption,
 # the same barrier as TF1 `replicated`; the overlapped alternative is in ablation.md).
 PS_NETWORK_OVERLAPS = False
+# On each GPU's own PCIe link, the push (gradients to the CPU's memory) is not overlapped with
+# the backward pass either: TF 1.x's GPU-to-CPU copy makes its device-to-host stream wait for
+# everything queued on the GPU's compute stream so far, not for the gradient's producer alone
+# (tensorflow/core/common_runtime/gpu/gpu_util.cc, GPUUtil::CopyGPUTensorToCPU: "Wait for the
+# sender's main stream to make sure the data are available", ThenWaitFor(send_stream)). How
+# much that is depends on how far the executor's threads have queued the backward ahead of the
+# GPU when the copy is issued, anything from the producer to the rest of the backward; taken as
+# all of it (stated assumption, the bound, as session 9 read NcclManager's
+# ThenWaitFor(tensor_stream) for `replicated`). The pull, queued at the step's start while the
+# compute stream is idle, overlaps the forward layer by layer (``schedule.pull_stall``).
+# Chosen among three schedules after seeing the tf_cnn_benchmarks rows (ablation.md, session
+# 10): both overlapped (sessions 6-9) leave the K80 rows' loss to the shared straggler term;
+# both not overlapped over-charge the P100 rows by ~5 points; this one over-charges them by 1-3.
+PS_PUSH_OVERLAPS = False
 
 
 def ps_network_seconds(gradient_bytes: float, hosts: int) -> float:
@@ -327,7 +341,9 @@ SCHEMES = {
         "parameter_server",
         0.0,
         "tf_cnn_benchmarks --variable_update=parameter_server (also replicated without NCCL and "
-        "distributed_replicated): each GPU pushes gradients and pulls variables over PCIe",
+        "distributed_replicated): each GPU pushes gradients and pulls variables over PCIe; "
+        "the pushes after the backward (TF 1.x's GPU-to-CPU copy waits for the compute "
+        "stream), the pulls overlapped with the forward",
     ),
     "unknown": Scheme(
         "unknown",

@@ -305,8 +305,11 @@ def _exposed(case: dict, n: int, compute_s: float) -> float:
 
         between_hosts = presets.ps_network_seconds(sum(b for _, b in grads), nodes)
     forward = compute_s - backward
+    # the pushes start when the backward ends (``presets.PS_PUSH_OVERLAPS``), one after
+    # another on the GPU's link; the pulls overlap the next forward, input layer first
+    pushes = grads if presets.PS_PUSH_OVERLAPS else [(backward, b) for _, b in grads]
     return (
-        schedule.finish_after(grads, cost, backward)
+        schedule.finish_after(pushes, cost, backward)
         + schedule.pull_stall(profile, forward, cost, bpp)
         + between_hosts
     )
