@@ -51,6 +51,8 @@ def test_the_save_call_runs_on_a_thread_from_a_host_copy_and_every_query_sees_it
             # The queries wait for the save call, so they see it.
             assert ckpt.latest_step() == step
         assert ckpt.all_steps() == [6, 9] and ckpt.best_step() == 6
+        ckpt.wait_until_finished()  # the loop's wait before results.json: all on disk
+        assert sorted(checkpoint.committed_steps(tmp_path)) == [6, 9]
         restored, iter_state, _ = ckpt.restore(9, state)
     assert [c["thread"].startswith("bcjax-checkpoint") for c in calls] == [True] * 3
     assert all(c["leaf_types"] == {np.ndarray} for c in calls)

@@ -111,8 +111,22 @@ def plot_learning_curves(
     """
     table = history_table(history, ("loss", "accuracy", "balanced_accuracy", "macro_f1"))
     epochs = table["epoch"]
-    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    # Fixed margins (inches, as constrained layout chose them, with some room to spare):
+    # with a layout engine savefig draws the figure twice (BUILD_NOTES, #23 session 10).
+    width, height = 10.0, 4.0
+    top = 0.32 if title else 0.1  # the title's line
+    fig = Figure(figsize=(width, height), dpi=100)
+    ax_loss, ax_acc = fig.subplots(
+        1,
+        2,
+        gridspec_kw=dict(
+            left=0.6 / width,
+            right=1 - 0.1 / width,
+            bottom=0.5 / height,
+            top=1 - top / height,
+            wspace=0.14,
+        ),
+    )
     styles = {"train": dict(color="tab:blue"), "val": dict(color="tab:orange")}
     for split in _SPLITS:
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
