@@ -312,9 +312,10 @@ def test_host_contention_scales_with_the_hosts_cores_a_gpu():
     # The fitted contention is a DGX-1's (40 cores, 8 GPUs: 5 a GPU). For images decoded on
     # the host's CPUs by tf.data (which spreads over the host's cores) a DGX A100 (128 cores)
     # loses 5/16 of it, a host_cores column of 64 on an unknown 8-GPU host 5/8, a host nobody
-    # documents all of it; PyTorch's DataLoader (a fixed number of workers a GPU) loses the
-    # same on every host; synthetic input (nothing to decode) loses nothing.
-    def eight_gpu_case(gpu, data, framework="TensorFlow 1 (Horovod)", **extra):
+    # documents all of it; PyTorch's DataLoader and DeepLearningExamples' TF1 Horovod scripts
+    # (a fixed number of workers or threads a GPU) lose the same on every host, while TF1's
+    # tf_cnn_benchmarks (one process for all GPUs) scales; synthetic input loses nothing.
+    def eight_gpu_case(gpu, data, framework="TensorFlow 2", **extra):
         base = {
             "table_id": "1",
             "framework": framework,
@@ -342,9 +343,16 @@ def test_host_contention_scales_with_the_hosts_cores_a_gpu():
     unknown = eight_gpu_case("A100-SXM4-80GB", tf_data)
     column = eight_gpu_case("A100-SXM4-80GB", tf_data, host_cores="64")
     torch_a100 = eight_gpu_case("A100-SXM4-80GB (DGX A100)", "real, PyTorch loader", "PyTorch")
+    tf1_a100 = eight_gpu_case("A100-SXM4-80GB (DGX A100)", tf_data, "TensorFlow 1 (Horovod)")
+    tf_cnn = eight_gpu_case(
+        "A100-SXM4-80GB (DGX A100)", tf_data, "TensorFlow 1.x (tf_cnn_benchmarks)"
+    )
     assert dgx1["cores_per_gpu"] == 5 and a100["cores_per_gpu"] == 16
-    cases = (dgx1, a100, synthetic, unknown, column, torch_a100)
-    assert [c["share"] for c in cases] == pytest.approx([1.0, 5 / 16, 0.0, 1.0, 5 / 8, 1.0])
+    assert tf1_a100["family"] == tf_cnn["family"] == "tensorflow1"
+    assert (tf1_a100["scheme"].name, tf_cnn["scheme"].name) == ("horovod", "parameter-server")
+    cases = (dgx1, a100, synthetic, unknown, column, torch_a100, tf1_a100, tf_cnn)
+    shares = [1.0, 5 / 16, 0.0, 1.0, 5 / 8, 1.0, 1.0, 5 / 16]
+    assert [c["share"] for c in cases] == pytest.approx(shares)
     params = dataclasses.replace(
         SHIPPED,
         contention=((("pytorch", "cpu", "reduced"), 0.2),),

@@ -507,26 +507,38 @@ def core_factor(cores_per_gpu: float | None) -> float:
     return REFERENCE_CORES_PER_GPU / cores_per_gpu
 
 
-# Whose cores a CPU-decoding input pipeline spreads over. tf.data (AUTOTUNE) and
-# DeepLearningExamples' TensorFlow launchers (scripts/bind.sh: each rank bound to the host's
-# cores / GPUs) use the cores the host has, so fewer cores a GPU cost more (``core_factor``).
-# PyTorch's DataLoader runs a fixed number of worker processes for each training process
-# (``num_workers``; DeepLearningExamples' PyTorch ConvNets main.py: ``--workers`` 5 by
-# default, no CPU affinity by default) whatever the host holds, so the host's core count does
-# not scale its contention. Measured (BUILD_NOTES, sessions 7 and 9): the PyTorch AMP rows
-# lose 13-16% at 8 GPUs on a DGX-1 (5 cores a GPU) and on a DGX A100 (16) alike.
-FIXED_WORKER_LOADERS = ("pytorch",)
+# Whose cores a CPU-decoding input pipeline spreads over. tf.data with AUTOTUNE, TensorFlow
+# 2's scripts and tf_cnn_benchmarks (one process for every GPU) are taken to use the cores the
+# host has, so fewer cores a GPU cost more (``core_factor``; stated assumption, sessions 7-9,
+# not checked in their code). Two pipelines run a fixed number of loader workers or threads
+# for each training process (one process a GPU) whatever the host holds, so the host's core
+# count does not scale their contention:
+# - PyTorch's DataLoader (``num_workers``; DeepLearningExamples' PyTorch ConvNets main.py:
+#   ``--workers`` 5 by default, no CPU affinity by default). Measured (BUILD_NOTES, sessions
+#   7 and 9): its AMP rows lose 13-16% at 8 GPUs on a DGX-1 (5 cores a GPU) and a DGX A100
+#   (16) alike;
+# - DeepLearningExamples' TensorFlow 1 ConvNets with Horovod (runtime/runner.py:
+#   ``num_preprocessing_threads = 10 if not use_dali else 4``, the tf.data map's
+#   ``num_parallel_calls``, and one intra-op thread a process). Scaled by the cores until
+#   session 9, a TF1 value fitted on DGX A100 rows alone over-charged V100 rows by 12-21 points
+#   leaving Volta out (BUILD_NOTES, session 10).
+# Pairs (framework family, scheme name); '' for every scheme of the family.
+FIXED_WORKER_LOADERS = (("pytorch", ""), ("tensorflow1", "horovod"))
 # Synthetic input has no loader and nothing to decode on the host: no host contention.
 SYNTHETIC_HOST_CONTENTION = False
 
 
-def contention_factor(family: str, input_kind: str, cores_per_gpu: float | None) -> float:
+def contention_factor(
+    family: str, input_kind: str, cores_per_gpu: float | None, scheme: str = ""
+) -> float:
     """A row's host contention against the fitted one (a reference host's): 0 for synthetic
     input, reference / the host's cores a GPU for CPU-decoded input whose loader spreads over
-    the host's cores, else 1."""
+    the host's cores, else 1 (a fixed-worker loader, ``FIXED_WORKER_LOADERS``, or input the
+    host does not decode)."""
     if input_kind == "synthetic" and not SYNTHETIC_HOST_CONTENTION:
         return 0.0
-    if input_kind == "cpu" and family not in FIXED_WORKER_LOADERS:
+    fixed = (family, "") in FIXED_WORKER_LOADERS or (family, scheme) in FIXED_WORKER_LOADERS
+    if input_kind == "cpu" and not fixed:
         return core_factor(cores_per_gpu)
     return 1.0
 

@@ -338,7 +338,9 @@ def _communication(case: dict) -> dict:
         "e_gpus": expected_max_normal(n),
         "e_nodes": expected_max_normal(nodes),
         "share": host_share(n, link.gpus_per_node)
-        * presets.contention_factor(case["family"], case["input"], case["cores_per_gpu"]),
+        * presets.contention_factor(
+            case["family"], case["input"], case["cores_per_gpu"], case["scheme"].name
+        ),
         "nodes": nodes,
         "board": 1.0 if case["dual_board"] and n >= 2 else 0.0,
     }
