@@ -249,6 +249,127 @@ def test_parameter_server_schedule_as_tf1_runs_it(monkeypatch):
     assert published._exposed(case, 2, 6.0) == pytest.approx(0.4 + 0.9)
 
 
+def test_parameter_server_on_gpus_without_p2p_goes_through_the_host():
+    # tf_cnn_benchmarks' default keeps the variables on the GPUs; GeForce cards cannot copy
+    # to each other over the bus, so every copy is staged through host memory, shared by all
+    # GPUs: each tensor's N - 1 pushes (and pulls) take (N - 1) x bytes / the link's figure,
+    # here 10 kB/s. Toy model, 6 s step (4 s backward, 2 s forward), gradients c 12 kB,
+    # b 8 kB, a 4 kB. 2 GPUs: pushes 1.2 + 0.8 + 0.4 = 2.4 s after the backward; pulls a at
+    # 0.4 s (needed at 0), b at 1.2 (0.5), c at 2.4 (1.5): a 0.9 s stall.
+    slow = dataclasses.replace(presets.PRESETS["pcie4-nop2p"], bus_bandwidth=1e4)
+    case = {
+        "scheme": presets.SCHEMES["parameter-server"],
+        "link": slow,
+        "profile": TOY,
+        "ps_device": "gpu",
+    }
+    assert published._exposed(case, 2, 6.0) == pytest.approx(2.4 + 0.9)
+    # 4 GPUs: three times the bytes through the host: pushes 7.2 s; pulls a 1.2 (0), b 3.6
+    # (0.5), c 7.2 (1.5): a 5.7 s stall. One GPU holds every variable: nothing moves.
+    assert published._exposed(case, 4, 6.0) == pytest.approx(7.2 + 5.7)
+    assert published._exposed(case, 1, 6.0) == 0.0
+    # The same parameter server on the CPU keeps the per-GPU link exchange.
+    on_cpu = {**case, "ps_device": "cpu"}
+    assert published._exposed(on_cpu, 4, 6.0) == pytest.approx(published._exposed(on_cpu, 2, 6.0))
+    # Where the variables are, from the notes or tf_cnn_benchmarks' own default.
+    tf_cnn = "TensorFlow 1.x (tf_cnn_benchmarks)"
+    assert presets.ps_device(tf_cnn, "parameter_server (local_parameter_device cpu)")[0] == "cpu"
+    notes = (
+        "variable_update: InceptionV3 parameter_server(cpu); AlexNet/VGG16 parameter_server(gpu)"
+    )
+    assert presets.ps_device(tf_cnn, notes, "VGG16")[0] == "gpu"
+    assert presets.ps_device(tf_cnn, notes, "InceptionV3")[0] == "cpu"
+    assert presets.ps_device(tf_cnn, "")[0] == "gpu"
+    # A GeForce row of tf_cnn_benchmarks' defaults is staged (its 1-GPU step is all compute);
+    # a Tesla row with its variables on the GPUs keeps the per-GPU exchange (P2P).
+    base = {
+        "table_id": "g",
+        "framework": tf_cnn,
+        "model": "ResNet-50",
+        "batch_per_gpu": "64",
+        "precision": "FP16",
+        "data_source": "synthetic",
+    }
+    geforce = [
+        {**base, "gpu": "GeForce RTX 3090", "gpus": str(n), "images_per_s": str(1000 * n)}
+        for n in (1, 4)
+    ]
+    tesla = [
+        {**base, "table_id": "t", "gpu": "Tesla V100 PCIe", "gpus": str(n), "images_per_s": "1"}
+        for n in (1, 4)
+    ]
+    _, g4, _, t4 = published.prepare(geforce + tesla)
+    assert g4["ps_device"] == t4["ps_device"] == "gpu"
+    assert published._host_staged(g4) and not published._host_staged(t4)
+    assert g4["compute_s"] == g4["step_1_s"] and t4["compute_s"] < t4["step_1_s"]
+
+
+def test_nvlink_on_a_pcie_card_is_a_bridge_not_a_switch():
+    # NVLink bridges join two PCIe cards; an "NVLink" text on a GeForce card is not an
+    # NVSwitch fabric: the card's PCIe preset (no P2P for GeForce). SXM modules keep NVLink.
+    base = {"table_id": "r", "framework": "PyTorch", "model": "ResNet-50", "batch_per_gpu": "64"}
+    rows = [
+        {**base, "gpu": "GeForce RTX 3090", "interconnect": "NVLink bridge", "gpus": str(n)}
+        for n in (1, 8)
+    ] + [
+        {**base, "table_id": "s", "gpu": "A100-SXM4-80GB", "interconnect": "NVLink", "gpus": str(n)}
+        for n in (1, 8)
+    ]
+    rows = [{**r, "images_per_s": str(100 * int(r["gpus"]))} for r in rows]
+    _, bridged, _, sxm = published.prepare(rows)
+    assert bridged["link"].name == "pcie4-nop2p"
+    assert sxm["link"].name == "nvlink3-nvswitch"
+    assert not presets.nvlink_bridge("nvlink3-nvswitch", "GeForce RTX 3090")
+
+
+def test_tokens_per_second_with_a_batch_of_sequences_is_not_a_step(tmp_path):
+    # Efficiency is a ratio within a series in any unit, but batch / throughput is a step
+    # time only in one unit: tokens/s with a batch of sequences gets a reason, unless a
+    # sequence length converts the batch; a batch stated in tokens is used as it is.
+    path = tmp_path / "tokens.csv"
+    head = "table_id,framework,model,gpu,gpus,batch_per_gpu,precision,tokens_per_s,params,notes"
+    path.write_text(
+        head + ",seq_len\n"
+        "s,PyTorch,BERT-large,A100-SXM4-80GB,1,32,AMP,80000,,,\n"
+        "s,PyTorch,BERT-large,A100-SXM4-80GB,8,32,AMP,600000,,,\n"
+        "l,PyTorch,BERT-large,A100-SXM4-80GB,1,32,AMP,80000,,,512\n"
+        "l,PyTorch,BERT-large,A100-SXM4-80GB,8,32,AMP,600000,,,512\n"
+        "k,PyTorch,BERT-large,A100-SXM4-80GB,1,16384,AMP,80000,,batch_per_gpu in tokens,\n"
+        "k,PyTorch,BERT-large,A100-SXM4-80GB,8,16384,AMP,600000,,batch_per_gpu in tokens,\n"
+    )
+    out = _validated(path, tmp_path / "o")
+    assert out[("s", "8")]["reason"].startswith("throughput in tokens/s while batch_per_gpu")
+    assert out[("s", "8")]["published_efficiency"]  # the ratio is still reported
+    for series in ("l", "k"):
+        row = out[(series, "8")]
+        assert not row["reason"] and float(row["predicted_efficiency"]) <= 1.0
+    # 32 sequences of 512 tokens is the same step as a batch of 16384 tokens
+    assert out[("l", "8")]["compute_ms"] == out[("k", "8")]["compute_ms"]
+    assert float(out[("l", "8")]["compute_ms"]) == pytest.approx(16384 / 80000 * 1e3, rel=1e-3)
+
+
+def test_external_tables_parse_and_get_a_prediction_or_a_reason(tmp_path):
+    # The third-party tables transcribed for the blind check (results/scaling_validation/
+    # external) have exactly the shared columns, and every row gets a prediction at most
+    # linear inside its interval, or a stated reason (no figure of theirs is asserted).
+    external = RESULTS / "external" / "external_scaling.csv"
+    with open(external, newline="") as f, open(PUBLISHED, newline="") as g:
+        assert next(csv.reader(f)) == next(csv.reader(g))
+    out = _validated(external, tmp_path / "o")
+    assert len(out) == sum(1 for _ in open(external)) - 1
+    predicted = 0
+    for r in out.values():
+        assert int(r["table_id"]) >= 900
+        if r["predicted_efficiency"]:
+            predicted += 1
+            prediction = float(r["predicted_efficiency"])
+            assert prediction <= 1.0
+            assert float(r["interval_low"]) <= prediction <= float(r["interval_high"])
+        else:
+            assert r["limit"].startswith("not predicted: ") and r["reason"]
+    assert predicted > 0
+
+
 def test_parameter_server_across_hosts_pays_the_network():
     # 2 hosts: each NIC carries 2 (H - 1) / H = 1 times the gradient bytes per direction at
     # 10 Gb/s; 4 hosts 1.5 times; one host nothing.

@@ -125,10 +125,16 @@ PRESETS = {
         note="PCIe 3.0 without P2P, 5 GB/s busbw through host shared memory (NVIDIA NCCL 2.3 "
         "blog); one node of 8 assumed",
     ),
+    # Users' p2pBandwidthLatencyTest runs with P2P disabled (copies staged through host memory)
+    # on PCIe 4.0 GeForce hosts span the 10 GB/s: 6.3 GB/s one way between 2 RTX 4090s
+    # (tinygrad/open-gpu-kernel-modules #44), 6.1-8.6 GB/s both ways on an 8x RTX 3090 server
+    # (NVIDIA/nccl #1127), 25.8 GB/s both ways on 3 RTX 4090s (tinygrad/open-gpu-kernel-modules
+    # #6): the host decides; the value stays the stated one.
     "pcie4-nop2p": dataclasses.replace(
         _pcie("pcie4-nop2p", 10 / 12, "4.0"),
         note="PCIe 4.0 without P2P, 10 GB/s busbw (2x the NCCL blog's 5 GB/s through shared "
-        "memory, stated assumption); one node of 8 assumed",
+        "memory, stated assumption; users' staged-copy tests on GeForce hosts 6-26 GB/s); one "
+        "node of 8 assumed",
     ),
     "pcie5-nop2p": dataclasses.replace(
         _pcie("pcie5-nop2p", 20 / 12, "5.0"),
@@ -262,6 +268,16 @@ PS_NETWORK_OVERLAPS = False
 # 10): both overlapped (sessions 6-9) leave the K80 rows' loss to the shared straggler term;
 # both not overlapped over-charge the P100 rows by ~5 points; this one over-charges them by 1-3.
 PS_PUSH_OVERLAPS = False
+# Variables on the GPUs (tf_cnn_benchmarks' default ``--local_parameter_device=gpu``) and no
+# PCIe peer-to-peer between them (GeForce cards: ``without_p2p``): a GPU-to-GPU copy cannot go
+# over the bus directly, so TF stages it through host memory, and every GPU's copies share the
+# host's one path. Each tensor's N-1 pushes (and N-1 pulls) then take
+# (N-1) x bytes / the link's no-P2P bandwidth (the ``*-nop2p`` presets' figure through host
+# memory), one after another, with the same order as above (pushes after the backward, pulls
+# against the forward); at 1 GPU nothing moves. Stated assumption (session 11), from the
+# blind check on consumer GPUs: with P2P (server GPUs) a GPU parameter server keeps the
+# per-GPU link exchange above (the shared tables' K80 rows; not distinguished).
+PS_HOST_STAGED_WITHOUT_P2P = True
 
 
 def ps_network_seconds(gradient_bytes: float, hosts: int) -> float:
@@ -437,6 +453,25 @@ def scheme_for(framework_text: str, notes: str = "", model: str = "") -> tuple[S
     }
     name = by_family.get(family, "unknown")
     return SCHEMES[name], f"{family} default"
+
+
+def ps_device(framework_text: str, notes: str = "", model: str = "") -> tuple[str, str]:
+    """('cpu' | 'gpu', why): where a tf_cnn_benchmarks parameter server keeps the variables.
+    The notes' ``local_parameter_device`` or the model's clause ('parameter_server(gpu)')
+    when they say; else tf_cnn_benchmarks' own default, ``--local_parameter_device=gpu``
+    (benchmark_cnn.py), which spreads the variables over the GPUs by size
+    (``ParamServerDeviceSetter``)."""
+    low = (notes or "").lower()
+    stated = re.search(r"local_parameter_device\W{0,3}(cpu|gpu)", low)
+    if stated:
+        return stated.group(1), f"notes: local_parameter_device {stated.group(1)}"
+    clause = _variable_update(notes, model) or ""
+    named = re.search(r"\b(cpu|gpu)\b", clause)
+    if named:
+        return named.group(1), f"notes: {clause.strip()}"
+    if "tf_cnn_benchmarks" in f"{framework_text} {notes}".lower():
+        return "gpu", "tf_cnn_benchmarks' default --local_parameter_device=gpu (not stated)"
+    return "cpu", "a parameter server on the host CPU (assumed)"
 
 
 # Backward ≈ 2x forward in FLOPs, so two thirds of a step's compute is backward: the
@@ -666,6 +701,34 @@ def interconnect_from_gpu(gpu_text: str, generation: str) -> tuple[Interconnect 
 
 
 _CONSUMER = r"geforce|\bgtx\b|\brtx ?[2-5]0[0-9]0|titan"
+
+# An NVLink *bridge* joins two PCIe cards (GeForce RTX 2080 Ti / 3090, Quadro RTX, RTX A6000,
+# A100 PCIe: 2-way bridges only, NVIDIA's product pages), so past two GPUs the ring crosses PCIe
+# between the pairs whatever the bridge does; an "NVLink" text on such a card is not an
+# NVSwitch fabric. Even at two GPUs the bridge is not modelled: the only published bridged rows
+# (Lambda's TensorFlow benchmark, 2-8 RTX 2080 Ti and Quadro RTX 8000, `results/
+# scaling_validation/external/`) scale as the same file's unbridged ones (2x RTX 2080 Ti 9,177
+# vs 9,224 images/s). The card's PCIe preset is taken (without P2P for GeForce), stated.
+
+
+def nvlink_bridge(interconnect_text: str, gpu_text: str) -> bool:
+    """An interconnect that says NVLink (not NVSwitch, not a preset name) on a known PCIe card:
+    a GPU generation read from the ``gpu`` text, no DGX/HGX system and no SXM module there, so
+    a 2-way bridge."""
+    low, gpu = (interconnect_text or "").strip().lower(), (gpu_text or "").lower()
+    if low in INTERCONNECTS or "nvlink" not in low or "switch" in low:
+        return False
+    if gpu_generation(gpu_text) == "unknown":
+        return False
+    return not any(re.search(pattern, gpu) for pattern, _, _ in GPU_FABRICS)
+
+
+def bridged_link(generation: str) -> tuple[Interconnect, str]:
+    """The PCIe preset of a bridged card's era (the bridge is not modelled, see above)."""
+    name = PCIE_BY_GENERATION.get(generation, "pcie3")
+    return PRESETS[name], (
+        f"NVLink on a PCIe card: a 2-way bridge, not modelled; PCIe of its era ({name})"
+    )
 
 
 def without_p2p(link: Interconnect, gpu_text: str) -> tuple[Interconnect, str]:

@@ -7,7 +7,9 @@ and is never replaced by another series'. Each other row is predicted from it an
 properties any row can have: framework and its communication scheme, precision, GPU
 generation, interconnect, GPUs per host, input kind (synthetic, decoded on the GPU, or on
 the CPU), the per-GPU batch and the model's per-layer parameters. Throughput may be in any
-unit (images/s, sequences/s) as long as ``batch_per_gpu`` counts the same items.
+unit (images/s, sequences/s) as long as ``batch_per_gpu`` counts the same items; a throughput
+in tokens/s with a batch of sequences is converted with a sequence-length column, else that
+row gets a reason (``_batch_in_throughput_units``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ from bcjax.timing.scaling_model.terms import (
 )
 
 REQUIRED_COLUMNS = ("table_id", "gpus")
-THROUGHPUT_COLUMNS = ("images_per_s", "throughput", "sequences_per_s", "samples_per_s")
+THROUGHPUT_COLUMNS = (
+    "images_per_s",
+    "throughput",
+    "sequences_per_s",
+    "samples_per_s",
+    "tokens_per_s",
+)
+# A throughput in tokens/s (a column so named, a ``throughput_unit`` column or the notes say
+# so) with ``batch_per_gpu`` in sequences gives no step time (batch / throughput mixes units).
+_TOKENS_PER_S = re.compile(r"tok(?:en)?s?\s*/\s*s(?:ec)?\b|tokens?\s+per\s+s(?:ec(?:ond)?)?\b")
+_BATCH_IN_TOKENS = re.compile(r"batch[_ a-z]*?\s+(?:in|of|counts?)\s+tokens")
+SEQUENCE_LENGTH_COLUMNS = ("tokens_per_sequence", "seq_len", "sequence_length")
 # A published efficiency this far above linear cannot come from data parallelism.
 SUPERLINEAR = 1.02
 
@@ -52,9 +65,10 @@ def read_published(*paths) -> list[dict]:
                 # short lines leave None, long ones a None key: both read as blank / dropped
                 clean = {k: v or "" for k, v in row.items() if k is not None}
                 if not clean.get("images_per_s"):
-                    clean["images_per_s"] = next(
-                        (clean[c] for c in THROUGHPUT_COLUMNS if clean.get(c)), ""
-                    )
+                    column = next((c for c in THROUGHPUT_COLUMNS if clean.get(c)), "")
+                    clean["images_per_s"] = clean.get(column, "")
+                    if column == "tokens_per_s" and not clean.get("throughput_unit"):
+                        clean["throughput_unit"] = "tokens/s"
                 rows.append(clean)
     return rows
 
@@ -195,7 +209,10 @@ def _link(
     r: dict, generation: str, bus_bandwidth, assumptions: list, largest: int = 0, gpus: int = 2
 ):
     text = r.get("interconnect", "")
-    link, note = presets.infer_interconnect(text, generation)
+    if presets.nvlink_bridge(text, r.get("gpu", "")):
+        link, note = presets.bridged_link(generation)
+    else:
+        link, note = presets.infer_interconnect(text, generation)
     if note:
         assumptions.append(note)
     if link is None:
@@ -226,6 +243,13 @@ def _link(
 def _inputs(
     r: dict, bus_bandwidth: float | None, assumptions: list, largest: int = 0, gpus: int = 2
 ) -> dict:
+    batch = _number(r.get("batch_per_gpu", ""))
+    if batch is None or batch <= 0:
+        batch = presets.ASSUMED_BATCH_PER_GPU
+        assumptions.append(f"batch_per_gpu blank: {batch} assumed")
+    batch, unit_reason = _batch_in_throughput_units(r, batch, assumptions)
+    if unit_reason:
+        return {"reason": unit_reason}
     params, profile = _params_and_profile(r, assumptions)
     if params is None:
         return {
@@ -235,13 +259,15 @@ def _inputs(
     generation = presets.gpu_generation(r.get("gpu", ""))
     if generation == "unknown":
         assumptions.append(f"GPU generation of {r.get('gpu', '')!r} not recognised")
-    batch = _number(r.get("batch_per_gpu", ""))
-    if batch is None or batch <= 0:
-        batch = presets.ASSUMED_BATCH_PER_GPU
-        assumptions.append(f"batch_per_gpu blank: {batch} assumed")
     scheme, why = presets.scheme_for(r.get("framework", ""), r.get("notes", ""), r.get("model"))
     if scheme.name == "unknown":
         assumptions.append(scheme.source)
+    ps_device = "cpu"
+    if scheme.kind == "parameter_server":
+        ps_device, where = presets.ps_device(
+            r.get("framework", ""), r.get("notes", ""), r.get("model", "")
+        )
+        assumptions.append(f"parameter server on the {ps_device.upper()}s ({where})")
     family = presets.framework_family(r.get("framework", ""))
     if presets.dual_gpu_board(r.get("gpu", "")):
         assumptions.append("two GPUs a board: from 2 GPUs on, both of a board's GPUs work")
@@ -254,6 +280,7 @@ def _inputs(
         "batch": batch,
         "scheme": scheme,
         "scheme_why": why,
+        "ps_device": ps_device,
         "family": family,
         "model_family": presets.model_family(r.get("model", "")),
         "input": presets.input_kind(r.get("data_source", "")),
@@ -261,6 +288,29 @@ def _inputs(
         "generation": generation,
         "dual_board": presets.dual_gpu_board(r.get("gpu", "")),
     }
+
+
+def _batch_in_throughput_units(r: dict, batch: float, assumptions: list):
+    """(batch, reason): the per-GPU batch in the throughput's unit. Efficiency is a ratio
+    within a series whatever the unit, but the step time (batch / throughput) needs one unit:
+    a tokens/s throughput with a batch of sequences is converted with a sequence-length column
+    (``SEQUENCE_LENGTH_COLUMNS``), else the row gets a reason instead of a meaningless step."""
+    said = f"{r.get('throughput_unit', '')} {r.get('notes', '')}".lower()
+    if not _TOKENS_PER_S.search(said):
+        return batch, ""
+    if _BATCH_IN_TOKENS.search(f"{r.get('batch_unit', '')} {said}") or re.search(
+        r"tok", r.get("batch_unit", "").lower()
+    ):
+        assumptions.append("throughput in tokens/s and batch_per_gpu in tokens")
+        return batch, ""
+    length = next((_number(r.get(c, "")) for c in SEQUENCE_LENGTH_COLUMNS if r.get(c)), None)
+    if length and length > 0:
+        assumptions.append(f"throughput in tokens/s: batch_per_gpu x {length:g} tokens a sequence")
+        return batch * length, ""
+    return batch, (
+        "throughput in tokens/s while batch_per_gpu counts sequences: no step time (give "
+        f"{' or '.join(SEQUENCE_LENGTH_COLUMNS)}, or throughput and batch in one unit)"
+    )
 
 
 def _cores_per_gpu(r: dict, link, assumptions: list) -> float | None:
@@ -288,9 +338,26 @@ def _exposed(case: dict, n: int, compute_s: float) -> float:
         if n == 1:
             return 0.0
         return schedule.exposed_time(grads, scheme, allreduce_cost(n, link), backward)
+    nodes = host_count(n, link.gpus_per_node)
+    if _host_staged(case):
+        # variables spread over GPUs that cannot reach each other: every copy goes through
+        # host memory, shared by all the GPUs (``presets.PS_HOST_STAGED_WITHOUT_P2P``)
+        if n == 1:
+            return 0.0
+        forward = compute_s - backward
+        between_hosts = presets.ps_network_seconds(sum(b for _, b in grads), nodes)
+
+        def staged(nbytes):
+            return (n - 1) * nbytes / link.bus_bandwidth
+
+        pushes = [(backward, b) for _, b in grads]
+        return (
+            schedule.finish_after(pushes, staged, backward)
+            + schedule.pull_stall(profile, forward, staged, bpp)
+            + between_hosts
+        )
     # one GPU has its PCIe link to itself; from two on, two GPUs share one upstream link
     per_gpu = presets.PS_BYTES_PER_S_PER_GPU * (2 if n == 1 else 1)
-    nodes = host_count(n, link.gpus_per_node)
     net = 0.0 if nodes == 1 else (nodes - 1) / nodes / presets.PS_NETWORK_BYTES_PER_S
     if presets.PS_NETWORK_OVERLAPS:
 
@@ -312,6 +379,15 @@ def _exposed(case: dict, n: int, compute_s: float) -> float:
         schedule.finish_after(pushes, cost, backward)
         + schedule.pull_stall(profile, forward, cost, bpp)
         + between_hosts
+    )
+
+
+def _host_staged(case: dict) -> bool:
+    """A parameter server on GPUs without PCIe peer-to-peer: copies staged through the host."""
+    return (
+        presets.PS_HOST_STAGED_WITHOUT_P2P
+        and case.get("ps_device") == "gpu"
+        and "nop2p" in case["link"].name
     )
 
 

@@ -131,12 +131,12 @@ def _nested_intervals(cases, predictions, label, pooled) -> dict[int, tuple[floa
     return out
 
 
-def _table(title, cases, predictions, intervals) -> list[str]:
+def _table(title, cases, predictions, intervals, label=group_label) -> list[str]:
     groups = defaultdict(list)
     for c in fitting.fittable(cases):
         if id(c) in predictions:
             groups["all rows"].append(c)
-            groups[group_label(c)].append(c)
+            groups[label(c)].append(c)
     if not groups:
         return [f"**{title}**: no row.", ""]
     lines = [
@@ -232,12 +232,18 @@ def summary_markdown(records, cases, params: ModelParams, source: str, loso, har
             )
             for c in unseen
         }
-        lines += _table(
-            "Rows whose source the shipped fit never saw (shipped parameters and intervals)",
-            unseen,
-            shipped,
-            intervals,
-        )
+        for title, label in (
+            (
+                "Rows whose source the shipped fit never saw (shipped parameters and intervals)",
+                None,
+            ),
+            ("… the same rows by source document", source_label),
+            ("… by interconnect as the model read it", lambda c: c["link"].name),
+        ):
+            if label is None:
+                lines += _table(title, unseen, shipped, intervals)
+            else:
+                lines += _table(title, unseen, shipped, intervals, label)
     for title, (predictions, intervals) in (
         ("Leave one source document out (refit on this file's other sources)", loso),
         ("Leave one GPU generation out (refit on this file's other generations)", hardware),
