@@ -866,6 +866,15 @@ def test_out_of_sample_figures_and_coverage_recomputed(shared_cases):
             assert sum(e for e, _ in pairs) < sum(n for _, n in pairs), family
         # the 80% intervals, built without the left-out rows, within 10 points of 80%
         assert 70 <= f["coverage"] <= 90
+    # each source's own rows, left out, covered at a spread the summary states
+    per_source: dict = {}
+    for c in fitting.fittable(shared_cases):
+        low, high = by_source["intervals"][id(c)]
+        inside = low - 1e-9 <= c["published_efficiency"] <= high + 1e-9
+        per_source.setdefault(c["source"], []).append(inside)
+    shares = sorted(100 * sum(v) / len(v) for v in per_source.values())
+    assert len(shares) == 14 and shares[0] < 80 < shares[-1]
+    assert f"left out: {shares[0]:.0f}% to {shares[-1]:.0f}% over 14 sources" in loso_part
     # the interval quantiles shipped are those of these out-of-sample errors, pooled
     shipped = fitting.residual_quantiles(
         shared_cases, by_source["predictions"], by_generation["predictions"]
@@ -910,6 +919,31 @@ def test_intervals_pool_both_ways_of_leaving_out():
     assert fitting.interval(1.0, quantiles, "pytorch / ddp")[1] == 1.02
     # BUSI's rows (JAX, XLA combining) are in no published group: all rows' quantiles
     assert SHIPPED.interval("jax / xla")[2] == "all"
+
+
+def test_interval_quantiles_weigh_each_source_once(monkeypatch):
+    # Source A: 18 rows predicted exactly (error 0), source B: one row 10 points optimistic,
+    # each row predicted twice (a source left out, a generation left out). By rows, B's two
+    # errors are 2 of 38 and the 90th percentile is 0; each source counting once, A's 36
+    # errors weigh 1/18 each and B's two 1 each, so half the weight sits at +0.1: sorted, B's
+    # errors stand at (weight before them) / (total less the last's) = 2/3 and 3/3, and
+    # q90 = 0.1, q10 = 0.
+    def rows(source, n, predicted):
+        case = {"reason": "", "published_efficiency": 0.9, "family": "pytorch"}
+        out = [{**case, "scheme": presets.SCHEMES["ddp"], "source": source} for _ in range(n)]
+        return out, {id(c): {"efficiency": predicted} for c in out}
+
+    a, a_pred = rows("A/README.md", 18, 0.9)
+    b, b_pred = rows("B/README.md", 1, 1.0)
+    predictions = a_pred | b_pred
+    quantiles = fitting.residual_quantiles(a + b, predictions, predictions)
+    assert quantiles[0] == ("all", (0.0, 0.1, 38))
+    assert fitting.weighted_quantile([0.0] * 36 + [0.1] * 2, [1 / 18] * 36 + [1, 1], 0.5) == 0
+    monkeypatch.setattr(fitting, "SOURCE_WEIGHTED_INTERVALS", False)
+    assert fitting.residual_quantiles(a + b, predictions, predictions)[0] == (
+        "all",
+        (0.0, 0.0, 38),
+    )
 
 
 def test_no_prediction_above_linear(shared_cases):

@@ -13,7 +13,8 @@ by layer against the backward pass (ResNet-18's documented layer shapes; MobileN
 gradients ready evenly). Input is not a limit: bcjax keeps BUSI on the device. The host
 term is the fitted contention for data that never touches the host's CPU, reduced precision.
 Intervals: the 10th-90th percentile of the model's out-of-sample errors on the published
-rows, leaving sources and GPU generations out (``fitted.json``; all rows', as no published
+rows, leaving sources and GPU generations out, each source document's errors counting once
+(``fitted.json``; all rows', as no published
 row is JAX with XLA's combining, the group a BUSI row is in), applied to the step's
 efficiency: a consumer box over PCIe is a machine the published rows do not hold.
 """

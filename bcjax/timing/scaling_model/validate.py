@@ -161,6 +161,28 @@ def _table(title, cases, predictions, intervals, label=group_label) -> list[str]
     return lines + [""]
 
 
+def _coverage_by_source(cases, intervals) -> list[str]:
+    """One line: the coverage of each source document's own rows, left out, as a spread. The
+    intervals aim at 80% of a new source's rows on average; residuals correlate within a
+    source, so one source can land far from it either way."""
+    by_source = defaultdict(list)
+    for c in fitting.fittable(cases):
+        if id(c) in intervals:
+            low, high = intervals[id(c)]
+            by_source[source_label(c)].append(
+                low - 1e-9 <= c["published_efficiency"] <= high + 1e-9
+            )
+    if len(by_source) < 2:
+        return []
+    shares = sorted(100 * sum(v) / len(v) for v in by_source.values())
+    return [
+        f"Coverage of each source document's own rows, left out: {shares[0]:.0f}% to "
+        f"{shares[-1]:.0f}% over {len(shares)} sources (mean {sum(shares) / len(shares):.0f}%; "
+        "a single new source can land anywhere in such a spread).",
+        "",
+    ]
+
+
 def _figures(cases, predictions, intervals) -> dict:
     rows = [c for c in fitting.fittable(cases) if id(c) in predictions]
     errors = [abs(predictions[id(c)]["efficiency"] - c["published_efficiency"]) for c in rows]
@@ -249,6 +271,8 @@ def summary_markdown(records, cases, params: ModelParams, source: str, loso, har
         ("Leave one GPU generation out (refit on this file's other generations)", hardware),
     ):
         lines += _table(title, cases, predictions, intervals)
+        if predictions is loso[0]:
+            lines += _coverage_by_source(cases, intervals)
     shipped_all = {id(c): predict_case(c, params) for c in cases if not c["reason"]}
     shipped_intervals = {
         i: (r["interval_low"], r["interval_high"]) for r in predicted for i in [id(r["_case"])]
