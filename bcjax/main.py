@@ -62,6 +62,12 @@ def main(argv):
             _train(config, _WORKDIR.value)
     except run_lock.RunLockError as e:
         sys.exit(f"error: {e}")
+    # The process ends next: the interpreter's last full garbage collection would scan every
+    # live object (jax, flax, the run's programs), 0.1-0.15 s on a CPU quickstart
+    # (BUILD_NOTES, #23 session 11); frozen objects are skipped. Nothing is kept or lost.
+    import gc
+
+    gc.freeze()
 
 
 def _start(config) -> None:

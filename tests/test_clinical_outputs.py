@@ -239,3 +239,54 @@ def test_aggregate_folds_means_the_folds():
     table = clinical_outputs.format_folds(out)
     assert "| fold 0 | fold 2 | fold 3 | mean |" in table
     assert "Fold ensemble on test" in table
+
+
+def test_gradcam_compiled_ahead_from_shapes_leaves_the_report_nothing_to_trace(
+    data, model_and_variables, monkeypatch
+):
+    # What a run does while it trains (bcjax.train.loop): the report's Grad-CAM program
+    # lowered from shapes alone and compiled on another thread. The report's own calls (the
+    # maps, the probes' forward) then trace nothing: the executable is JAX's cached one.
+    import threading
+
+    from bcjax.step import gradcam
+
+    examples, images, labels = data
+    model, variables = model_and_variables
+    traced_on = []
+    real = gradcam._logits_and_features
+
+    def counted(*args):
+        traced_on.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(gradcam, "_logits_and_features", counted)
+    gradcam.explain_jit.clear_cache()  # whatever earlier tests compiled
+    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), variables)
+    ahead = threading.Thread(
+        target=lambda: clinical_outputs.gradcam_lowered(model, shapes, images.shape, 8).compile(),
+        name="ahead",
+    )
+    ahead.start()
+    ahead.join()
+    assert traced_on == ["ahead"]
+    sections = clinical_outputs.clinical_sections(
+        model=model,
+        variables=variables,
+        test_examples=examples,
+        test_images=images,
+        val_probs=random_probs(len(labels), 10),
+        val_labels=labels,
+        test_probs=random_probs(len(labels), 11),
+        test_labels=labels,
+        class_names=NAMES,
+        positive_class="malignant",
+        batch_size=8,
+        resamples=200,
+    )
+    assert sections["grounding"] is not None and sections["probes"] is not None
+    assert traced_on == ["ahead"]  # 12 images: a batch of 8 and a padded one, one program
+    # Another batch size is another program: the check above can fail.
+    host = jax.device_get(variables)
+    gradcam.explain_in_batches(model, host, images[:4], batch_size=4, upsample=False)
+    assert traced_on == ["ahead", threading.current_thread().name]

@@ -419,6 +419,16 @@ def _read_options(num_threads, prefetch):
     return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
 
+def train_batch_spec(data: ArraySet, batch_size: int, with_images: bool = True) -> dict:
+    """{key: (shape, dtype)} of a train batch of `batch_size` rows, as `train_iterator`'s
+    elements have them (its `_Gather`), known before any batch is read: a run lowers its
+    train step from these shapes while it sets up (bcjax.train.run_setup)."""
+    spec = {"label": ((batch_size,), data.labels.dtype), "index": ((batch_size,), np.int32)}
+    if with_images:
+        spec["image"] = ((batch_size, *data.images.shape[1:]), data.images.dtype)
+    return spec
+
+
 def train_iterator(
     data: ArraySet,
     global_batch_size: int,

@@ -51,6 +51,15 @@ def load_masks(examples: Sequence[Example], image_size: int) -> np.ndarray:
     return masks
 
 
+def gradcam_lowered(model, variables, test_images_shape, batch_size: int = 32):
+    """The Grad-CAM program `clinical_sections` runs over test images of this shape, lowered
+    from shapes alone (gradcam.lower_in_batches): a run compiles it while it trains, and the
+    report then finds it compiled."""
+    return gradcam.lower_in_batches(
+        model, variables, test_images_shape, batch_size=batch_size, upsample=False
+    )
+
+
 def clinical_sections(
     *,
     model,

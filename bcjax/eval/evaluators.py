@@ -39,6 +39,7 @@ class Scorer:
     """The eval step over every example of a part exactly once (padding masked out).
 
     steps: bcjax.parallel.strategies.Steps (its eval_step and shard_batch).
+    global_batch_size: the eval step's global batch (bcjax.train.loop.eval_batch_size).
     class_names: what the labels index; positive_class: the one a 2-class report
     calls positive (None: the last). eval_step: steps.eval_step compiled ahead
     (the loop compiles it in its compile phase); None: steps.eval_step, compiled
@@ -57,11 +58,19 @@ class Scorer:
             len(self.class_names), list(self.class_names), positive_class=self.positive_class
         )
         eval_step = self.eval_step or self.steps.eval_step
+        # One batch ahead: the next batch is on its way to the devices before this one's
+        # outputs are read (a read waits for its batch), so the devices never wait for the
+        # host's batching and accumulating. The accumulation order is the batches' order.
+        ahead = None
         for batch in pipeline.eval_batches(
             data, self.global_batch_size, jax.process_index(), jax.process_count()
         ):
             out = eval_step(state, self.steps.shard_batch(batch))
-            accumulator.update(out["logits"], out["label"], out["valid"], loss=out["loss"])
+            if ahead is not None:
+                accumulator.update(ahead["logits"], ahead["label"], ahead["valid"], ahead["loss"])
+            ahead = out
+        if ahead is not None:
+            accumulator.update(ahead["logits"], ahead["label"], ahead["valid"], ahead["loss"])
         if not with_arrays:
             return accumulator.compute()
         arrays = accumulator.arrays()

@@ -37,6 +37,7 @@ __all__ = [
     "explain_jit",
     "grad_cam",
     "in_batches",
+    "lower_in_batches",
     "normalise_maps",
 ]
 
@@ -135,6 +136,24 @@ def in_batches(fn: Callable, model, variables, batch_size: int, *arrays: np.ndar
         out = fn(model, variables, *chunk)
         outputs.append(jax.tree.map(lambda o, k=stop - start: np.asarray(o)[:k], out))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def lower_in_batches(model, variables, images_shape, *, batch_size: int = 32, upsample=True):
+    """``explain_jit`` lowered for the chunks ``explain_in_batches(model, variables, images,
+    batch_size=batch_size, upsample=upsample)`` runs, from shapes alone: ``variables`` may be
+    arrays or ``jax.ShapeDtypeStruct``s, ``images_shape`` is [N, S, S, 3] (uint8 images).
+
+    The same jitted function and argument types as that call: compiling the result (on
+    another thread, say) leaves the executable in JAX's caches, and the call then neither
+    traces nor compiles."""
+    size = min(batch_size, images_shape[0])
+    return explain_jit.lower(
+        model,
+        jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), variables),
+        jax.ShapeDtypeStruct((size, *images_shape[1:]), np.uint8),
+        jax.ShapeDtypeStruct((size,), np.int32),
+        upsample=upsample,
+    )
 
 
 def explain_in_batches(

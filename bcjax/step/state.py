@@ -100,8 +100,29 @@ def create_train_state(
     plain ``TrainState`` otherwise; a ``LossScale`` (e.g. another initial
     scale) forces a ``ScaledTrainState``; None never scales.
     """
+    init = train_state_init(model, tx, image_size, mesh, channels=channels, loss_scale=loss_scale)
+    return init(init_key(rng))
+
+
+def init_key(rng: jax.Array | int) -> jax.Array:
+    """The key `create_train_state` initialises from: an int seed becomes an rbg key."""
     if isinstance(rng, (int, np.integer)):
-        rng = jax.random.key(int(rng), impl="rbg")
+        return jax.random.key(int(rng), impl="rbg")
+    return rng
+
+
+def train_state_init(
+    model,
+    tx: optax.GradientTransformation,
+    image_size: int,
+    mesh: Mesh,
+    *,
+    channels: int = 3,
+    loss_scale: LossScale | str | None = AUTO,
+) -> Callable[[jax.Array], TrainState]:
+    """The jitted ``init(key) -> TrainState`` of ``create_train_state`` (same arguments):
+    ``jax.eval_shape(init, key)`` gives the state's shapes before it exists, and the call
+    after that reuses its trace."""
     if isinstance(loss_scale, str):
         if loss_scale != AUTO:
             raise ValueError(f"loss_scale must be 'auto', a LossScale or None; got {loss_scale!r}.")
@@ -124,4 +145,4 @@ def create_train_state(
             return TrainState(**fields)
         return ScaledTrainState(**fields, loss_scale=loss_scale)
 
-    return jax.jit(init, out_shardings=replicated(mesh))(rng)
+    return jax.jit(init, out_shardings=replicated(mesh))

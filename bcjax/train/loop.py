@@ -19,7 +19,10 @@ The whole run holds its workdir's lock (bcjax.train.run_lock, process 0), whoeve
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -93,8 +96,27 @@ def train_and_evaluate(config, workdir, *, on_epoch_end: OnEpochEnd | None = Non
     (bcjax.train.run_lock; `WorkdirLockedError` names the live run that has it).
     bcjax.main took it already, before its imports; a notebook's call takes it here.
     """
-    with run_lock.hold_on_process_0([workdir], reenter=True):
+    with run_lock.hold_on_process_0([workdir], reenter=True), _long_lived_frozen():
         return _train_and_evaluate(config, workdir, on_epoch_end)
+
+
+@contextlib.contextmanager
+def _long_lived_frozen():
+    """Python's full garbage collections skip the objects that live as long as the run.
+
+    The block starts with gc.freeze() (what the process imported and holds), and `train`
+    freezes again once compiled (the model, the traced and compiled programs, JAX's caches):
+    a full collection then scans only what is newer. Scanning everything was ≈ 0.5 s of a
+    warm quickstart on CPU-dev (9 full collections of 14-150 ms, each longer as the heap grew;
+    ≈ 0.2 s with the freezes: BUILD_NOTES, #23 session 11). gc.unfreeze() when the run ends
+    puts them back, so what became garbage meanwhile is collected then (Python has one
+    frozen generation: objects a caller froze before the run are unfrozen with them).
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _train_and_evaluate(config, workdir, on_epoch_end: OnEpochEnd | None) -> dict:
@@ -157,28 +179,38 @@ def re_evaluate(ctx: RunContext, state, progress: Progress) -> dict:
 
 def train(ctx: RunContext, state, progress: Progress, on_epoch_end: OnEpochEnd | None = None):
     """Compiles the train step, then trains from the resumed step to the last or an early
-    stop; returns `Trained`. `progress` is updated in place (and checkpointed with the state)."""
+    stop; returns `Trained`. `progress` is updated in place (and checkpointed with the state).
+    Once compiled, it freezes the heap (gc.freeze; `train_and_evaluate` unfreezes it)."""
     run, chrono = ctx.specs.run, ctx.chrono
     rng = jax.random.key(run.seed)
     with chrono.phase("data"):
         to_device = _batch_to_device(ctx)
     # Apart from the steps, so that no step time includes the compile; the eval step
-    # compiles here too, not inside the first validation's time. One after the other: on
-    # 2 cores, compiling them side by side (on a thread) made the phase longer, not shorter
-    # (XLA:CPU's compiler already uses every core; BUILD_NOTES, #23 fixed costs).
+    # compiles here too, not inside the first validation's time. A fresh CPU run's train
+    # step has been compiling since set-up (beside the state's initialisation and, here, the
+    # eval step's compile; BUILD_NOTES, #23 session 11): the phase waits for it.
     with (
         chrono.phase("compile"),
         console_lib.announced("compiling the train and eval steps", enabled=ctx.is_main),
     ):
         host_batch = next(ctx.train_iter)
         first_batch = to_device(host_batch)
-        train_step = chrono.compile("train_step", ctx.steps.train_step, state, first_batch, rng)
+        # The eval step first: a train step that set-up started compiling (run_setup.py's
+        # `compiles_train_step_ahead`) may still be compiling on its thread meanwhile.
         eval_batch = _eval_batch_to_compile_for(ctx)
         eval_step = (
             None
             if eval_batch is None
             else chrono.compile("eval_step", ctx.steps.eval_step, state, eval_batch)
         )
+        if ctx.train_step_ahead is not None:
+            train_step, times = ctx.train_step_ahead.result()
+            chrono.compile_s["train_step"] = {**times, "beside": "setup"}
+        else:
+            train_step = chrono.compile("train_step", ctx.steps.train_step, state, first_batch, rng)
+    # What the run made so far (the model, the traced and compiled programs, their caches)
+    # lives as long as the run: out of the collector's way too (see _long_lived_frozen).
+    gc.freeze()
     console = console_lib.Console(
         first_step=ctx.first_step,
         total_steps=ctx.total_steps,
@@ -193,7 +225,7 @@ def train(ctx: RunContext, state, progress: Progress, on_epoch_end: OnEpochEnd |
     save_s: list[float] = []  # what each asynchronous save blocked the loop for
     console.start()
     epoch_start = time.perf_counter()
-    with chrono.phase("train"):
+    with chrono.phase("train"), _end_of_run_prepared_meanwhile(ctx, state):
         batches = _device_batches(first_batch, ctx, to_device)
         for step, batch in zip(range(ctx.first_step + 1, ctx.total_steps + 1), batches):
             state, step_metrics = train_step(state, batch, rng)
@@ -240,6 +272,72 @@ def train(ctx: RunContext, state, progress: Progress, on_epoch_end: OnEpochEnd |
     )
 
 
+@contextlib.contextmanager
+def _end_of_run_prepared_meanwhile(ctx: RunContext, state):
+    """What the end of the run needs and training does not, made while the block (the train
+    loop) runs: a thread imports the clinical report's modules (matplotlib with them) and
+    compiles its Grad-CAM program from shapes (traced and lowered; then read from the
+    compile cache, or compiled), so that the report finds both ready.
+
+    The thread runs no device computation, only Python and XLA's compiler, mostly on the
+    core the step leaves idle (the host thread waits for the step). It is joined when the
+    block ends, before anything uses its work and before timing.json and results.json are
+    written; its error is raised there (an error of the block itself comes first).
+    timing.json: compile["gradcam"] ("beside": "train": its time overlapped the train phase
+    and is in no phase), "end_of_run_ahead_s" (the thread's imports and total, the join's
+    wait, which the train phase holds). CPU runs of one process with a clinical report only
+    (`prepares_end_of_run`); elsewhere the block runs alone, as before.
+    """
+    if not prepares_end_of_run(ctx):
+        yield
+        return
+    model = report_model(ctx)
+    variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state.variables)
+    test_shape = ctx.data.test.images.shape
+    batch_size = ctx.specs.run.global_batch_size
+    with_gradcam = any(example.mask_paths for example in ctx.data.test_examples)
+
+    def prepare() -> dict:
+        t0 = time.perf_counter()
+        from bcjax.eval import clinical_outputs, plots  # noqa: F401  (the report's modules)
+
+        done = {"imports": time.perf_counter() - t0}
+        if with_gradcam:  # the report runs Grad-CAM only where lesion masks are
+            t1 = time.perf_counter()
+            lowered = clinical_outputs.gradcam_lowered(model, variables, test_shape, batch_size)
+            lower_s = time.perf_counter() - t1
+            _, times = chrono_lib.timed_compile_lowered(lowered)  # kept in JAX's caches
+            done["gradcam"] = {"lower_s": lower_s, **times, "beside": "train"}
+        done["thread"] = time.perf_counter() - t0
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bcjax-end-of-run") as pool:
+        prepared = pool.submit(prepare)
+        try:
+            yield
+        except BaseException:
+            concurrent.futures.wait([prepared])  # the block's error is the one raised
+            raise
+        t0 = time.perf_counter()
+        done = prepared.result()  # its error, if any, is raised here
+        wait_s = time.perf_counter() - t0
+    if "gradcam" in done:
+        ctx.chrono.compile_s["gradcam"] = done.pop("gradcam")
+    ctx.chrono.record("end_of_run_ahead_s", {**done, "wait": wait_s})
+
+
+def prepares_end_of_run(ctx: RunContext) -> bool:
+    """Whether training prepares the end of the run beside its steps (see
+    `_end_of_run_prepared_meanwhile`): CPU runs of one process whose clinical report has test
+    images. Accelerators and runs of several processes prepare nothing ahead."""
+    return (
+        ctx.specs.run.clinical_report
+        and len(ctx.data.test) > 0
+        and ctx.mesh.devices.flat[0].platform == "cpu"
+        and jax.process_count() == 1
+    )
+
+
 def finish_checkpoint_writes(ctx: RunContext, save_s=()) -> None:
     """Waits for the asynchronous checkpoint writes (before any output that says the run is
     done); timing.json's "checkpoint_s": what each save blocked the loop for, and this wait."""
@@ -254,11 +352,30 @@ def scorer(ctx: RunContext, eval_step=None) -> evaluators.Scorer:
     """The eval step over a part; eval_step: its compiled executable (None: compiled on use)."""
     return evaluators.Scorer(
         ctx.steps,
-        ctx.specs.run.global_batch_size,
+        eval_batch_size(ctx),
         tuple(ctx.data.class_names),
         positive_class=ctx.data.positive_class,
         eval_step=eval_step,
     )
+
+
+def eval_batch_size(ctx: RunContext) -> int:
+    """The eval step's global batch (validation, test, the clinical probes).
+
+    On a CPU: the validation part (else the test part) in the fewest batches of at most the
+    global batch size, made as equal as the mesh allows, so that the last one is not mostly
+    padding (a padded row costs what an image costs): 78 images at batch 32 go as 3 x 26, not
+    3 x 32. Eval mode scores each example alone (BatchNorm's running statistics), so the
+    batch changes at most float rounding (with jax 0.10.2 the quickstart's logits are
+    bit-identical at batch 16 to 96). Elsewhere: the global batch size, as before.
+    """
+    batch = ctx.specs.run.global_batch_size
+    n = len(ctx.data.val) or len(ctx.data.test)
+    if n == 0 or ctx.mesh.devices.flat[0].platform != "cpu":
+        return batch
+    per_batch = -(-n // -(-n // batch))  # ceil(n / ceil(n / batch))
+    devices = ctx.mesh.devices.size
+    return min(batch, -(-per_batch // devices) * devices)
 
 
 def _eval_batch_to_compile_for(ctx: RunContext):
@@ -267,7 +384,7 @@ def _eval_batch_to_compile_for(ctx: RunContext):
     for part in (ctx.data.val, ctx.data.test):
         if len(part):
             batches = pipeline.eval_batches(
-                part, ctx.specs.run.global_batch_size, jax.process_index(), jax.process_count()
+                part, eval_batch_size(ctx), jax.process_index(), jax.process_count()
             )
             return ctx.steps.shard_batch(next(iter(batches)))
     return None
@@ -431,8 +548,7 @@ def evaluate_best(ctx: RunContext, state, *, eval_step=None, final_state: bool =
 def clinical_report_of(ctx: RunContext, score, predictions: dict) -> evaluators.ClinicalReport:
     return evaluators.ClinicalReport(
         score=score,
-        # The trained network in float32: the report's gradients and probes need no bf16.
-        model=ctx.model.clone(dtype=jnp.float32),
+        model=report_model(ctx),
         test=ctx.data.test,
         test_examples=ctx.data.test_examples,  # as read at set-up: no second read of the source
         predictions=predictions,
@@ -440,6 +556,11 @@ def clinical_report_of(ctx: RunContext, score, predictions: dict) -> evaluators.
         seed=ctx.specs.run.seed,
         batch_size=ctx.specs.run.global_batch_size,
     )
+
+
+def report_model(ctx: RunContext):
+    """The trained network in float32: the report's gradients and probes need no bf16."""
+    return ctx.model.clone(dtype=jnp.float32)
 
 
 def breakdown_of(ctx: RunContext, trained: Trained) -> evaluators.Breakdown:

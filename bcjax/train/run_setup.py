@@ -10,6 +10,7 @@ keeps beside the arrays. The step count lives in one place, the train state's
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -19,6 +20,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bcjax import specs
 from bcjax.data import datasets, pipeline
@@ -154,6 +157,9 @@ class RunContext:
     ckpt: checkpoint.CheckpointManager
     writer: MetricWriter
     is_main: bool  # process 0: the one that writes files
+    # (executable, compile times) of the train step, compiled while set-up went on, or None
+    # (`compiles_train_step_ahead`): a Future the loop's compile phase waits for.
+    train_step_ahead: concurrent.futures.Future | None = None
 
     @property
     def total_steps(self) -> int:
@@ -207,74 +213,137 @@ def set_up(config, workdir, chrono: chrono_lib.Chrono):
         class_weights=run_specs.optimizer.class_weights or None,
     )
     steps = build_steps(max_traces=1)  # a second trace would be a silent recompile: fail instead
-    state = state_lib.create_train_state(model, tx, run.seed, run_specs.data.image_size, mesh)
+    init = state_lib.train_state_init(model, tx, run_specs.data.image_size, mesh)
+    key = state_lib.init_key(run.seed)
     images_on_device = input_on_device(run_specs.data.input_on_device, data.train.images)
-    chrono.record("input_on_device", images_on_device)
-    train_iter = pipeline.train_iterator(
-        data.train,
-        run.global_batch_size,
-        run.seed,
-        jax.process_index(),
-        jax.process_count(),
-        balanced=run_specs.data.balanced_sampling,
-        with_images=not images_on_device,
-    )
-    ckpt = checkpoint.CheckpointManager(
-        workdir / "checkpoints",
-        keep_latest=run.keep_latest,
-        keep_best=run.keep_best,
-        best_metric=run.best_metric,
-        metadata=checkpoint.run_metadata(run_specs, class_names=data.class_names),
-    )  # refuses another run's workdir
-    if is_main:
-        manifest_lib.save_manifest(data.manifest, workdir / "manifest.json")
-    state, progress = _resume_or_start(run_specs, ckpt, state, train_iter, num_classes)
-    first_step = int(state.step)
-    if first_step:
-        log.info(
-            "Resumed from %s at step %d (epoch %d).",
-            ckpt.directory,
-            first_step,
-            first_step // steps_per_epoch,
+    train_step_ahead = None
+    if compiles_train_step_ahead(steps, resuming):
+        train_step_ahead = _compile_train_step_ahead(
+            steps, jax.eval_shape(init, key), data.train, run.global_batch_size
         )
-    # From step S on, what earlier processes logged is dropped (all of it on a
-    # fresh start, S = 0): this run logs those epochs again.
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=first_step)
-    log.info(
-        "%s on %d %s device(s), strategy %s, global batch %d (%d per device), "
-        "%d steps per epoch; training images %s.",
-        model_spec.name,
-        mesh.devices.size,
-        jax.devices()[0].platform,
-        run.strategy,
-        run.global_batch_size,
-        run.global_batch_size // mesh.devices.size,
-        steps_per_epoch,
-        f"kept on the devices ({data.train.images.nbytes / 2**20:.0f} MiB each)"
-        if images_on_device
-        else "sent from the host every step",
-    )
-    context = RunContext(
-        specs=run_specs,
-        workdir=workdir,
-        chrono=chrono,
-        data=data,
-        mesh=mesh,
-        model=model,
-        build_steps=build_steps,
-        steps=steps,
-        first_step=first_step,
-        steps_per_epoch=steps_per_epoch,
-        # Jitted: the epoch's logged rate is then one compiled program, not a dozen op-by-op
-        # compiles on a run with a cold cache (0.3-0.7 s measured, CPU-dev).
-        schedule=jax.jit(schedule),
-        images_on_device=images_on_device,
-        train_iter=train_iter,
-        ckpt=ckpt,
-        writer=writer,
-        is_main=is_main,
-    )
+    try:
+        state = init(key)
+        chrono.record("input_on_device", images_on_device)
+        train_iter = pipeline.train_iterator(
+            data.train,
+            run.global_batch_size,
+            run.seed,
+            jax.process_index(),
+            jax.process_count(),
+            balanced=run_specs.data.balanced_sampling,
+            with_images=not images_on_device,
+        )
+        ckpt = checkpoint.CheckpointManager(
+            workdir / "checkpoints",
+            keep_latest=run.keep_latest,
+            keep_best=run.keep_best,
+            best_metric=run.best_metric,
+            metadata=checkpoint.run_metadata(run_specs, class_names=data.class_names),
+        )  # refuses another run's workdir
+        if is_main:
+            manifest_lib.save_manifest(data.manifest, workdir / "manifest.json")
+        state, progress = _resume_or_start(run_specs, ckpt, state, train_iter, num_classes)
+        first_step = int(state.step)
+        if first_step:
+            log.info(
+                "Resumed from %s at step %d (epoch %d).",
+                ckpt.directory,
+                first_step,
+                first_step // steps_per_epoch,
+            )
+        # From step S on, what earlier processes logged is dropped (all of it on a
+        # fresh start, S = 0): this run logs those epochs again.
+        writer = MetricWriter(workdir, enabled=is_main, resume_step=first_step)
+        log.info(
+            "%s on %d %s device(s), strategy %s, global batch %d (%d per device), "
+            "%d steps per epoch; training images %s.",
+            model_spec.name,
+            mesh.devices.size,
+            jax.devices()[0].platform,
+            run.strategy,
+            run.global_batch_size,
+            run.global_batch_size // mesh.devices.size,
+            steps_per_epoch,
+            f"kept on the devices ({data.train.images.nbytes / 2**20:.0f} MiB each)"
+            if images_on_device
+            else "sent from the host every step",
+        )
+        context = RunContext(
+            specs=run_specs,
+            workdir=workdir,
+            chrono=chrono,
+            data=data,
+            mesh=mesh,
+            model=model,
+            build_steps=build_steps,
+            steps=steps,
+            first_step=first_step,
+            steps_per_epoch=steps_per_epoch,
+            # Jitted: the epoch's logged rate is then one compiled program, not a dozen op-by-op
+            # compiles on a run with a cold cache (0.3-0.7 s measured, CPU-dev).
+            schedule=jax.jit(schedule),
+            images_on_device=images_on_device,
+            train_iter=train_iter,
+            ckpt=ckpt,
+            writer=writer,
+            is_main=is_main,
+            train_step_ahead=train_step_ahead,
+        )
+    except BaseException:  # the thread's work is not wanted: it is let finish, not left running
+        if train_step_ahead is not None:
+            concurrent.futures.wait([train_step_ahead])
+        raise
     return context, steps.place_state(state), progress
+
+
+def compiles_train_step_ahead(steps: strategies.Steps, resuming: bool) -> bool:
+    """Whether set-up compiles the train step on a thread from the state's and the batch's
+    shapes while it initialises the state (and the rest of set-up) on its own thread: CPU
+    runs of one process that start afresh, with global arrays ("shard_map", "jit").
+    Initialising and compiling then share the cores (XLA:CPU's compiler keeps ≈ 1.4-1.7 of
+    2 busy, tracing 1). Elsewhere the loop compiles it in its compile phase, as before."""
+    return (
+        not resuming
+        and steps.strategy in ("shard_map", "jit")
+        and steps.mesh.devices.flat[0].platform == "cpu"
+        and jax.process_count() == 1
+    )
+
+
+def _compile_train_step_ahead(
+    steps: strategies.Steps, state_shapes, train: pipeline.ArraySet, batch_size: int
+) -> concurrent.futures.Future:
+    """Starts the train step's lowering and compile from shapes on a thread; its Future
+    gives (executable, {"lower_s", "compile_s", "persistent_cache"}). The shapes and
+    shardings are those the loop's first call has (a mismatch fails at that call, it
+    does not compile again): the replicated state, this batch sharded over "data", the
+    run's key."""
+    replicated = NamedSharding(steps.mesh, P())
+    data_sharding = NamedSharding(steps.mesh, P(mesh_lib.DATA_AXIS))
+    state = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=replicated, weak_type=s.weak_type
+        ),
+        state_shapes,
+    )
+    # With the images kept on the devices the loop gathers them there: the same batch.
+    spec = pipeline.train_batch_spec(train, batch_size, with_images=True)
+    batch = {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding)
+        for key, (shape, dtype) in spec.items()
+    }
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+
+    def compile_train_step():
+        lowered, lower_s = chrono_lib.timed_lower(steps.train_step, state, batch, rng)
+        compiled, times = chrono_lib.timed_compile_lowered(lowered)
+        return compiled, {"lower_s": lower_s, **times}
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bcjax-train-step")
+    try:
+        return pool.submit(compile_train_step)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with its one task
 
 
 def _resume_or_start(run_specs: specs.Specs, ckpt, state, train_iter, num_classes: int):
