@@ -513,3 +513,41 @@ def test_batched_grad_cam_equals_one_batch_and_feeds_the_plots(tmp_path):
     for path in written.values():
         with Image.open(path) as png:
             assert png.format == "PNG" and png.size[0] >= 400
+
+
+def test_figure_titles_sit_where_automatic_placement_puts_them(tmp_path, monkeypatch):
+    # The figures give their titles' height (y=1.0), which spares matplotlib's search of
+    # each axes' decorations; no axes has any above it, so the pixels are those of the
+    # automatic placement.
+    from matplotlib.axes import Axes
+
+    rng = np.random.default_rng(21)
+    n = 9
+    labels = np.arange(n) % 3
+    probs, _ = simulated_predictions(rng, (3, 3, 3))
+    images = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    masks = np.zeros((n, 64, 64), bool)
+    masks[:, 10:30, 20:50] = True
+    maps = rng.random((n, 4, 4)).astype(np.float32)
+    report = clinical.clinical_report(
+        *simulated_predictions(rng, (10, 20, 15)), probs, labels, NAMES, resamples=100
+    )
+    report["grounding"] = clinical.grounding_report(
+        maps, masks, labels, probs.argmax(axis=1), NAMES, resamples=100
+    )
+    given = plots.write_clinical_plots(
+        report, tmp_path / "given", images=images, masks=masks, cams=maps
+    )
+    real_set_title = Axes.set_title
+
+    def automatic(self, label, *args, y=None, **kwargs):
+        return real_set_title(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_title", automatic)
+    placed = plots.write_clinical_plots(
+        report, tmp_path / "auto", images=images, masks=masks, cams=maps
+    )
+    assert set(given) == set(placed) == {"reliability", "roc", "pr", "least_grounded"}
+    for name in given:
+        with Image.open(given[name]) as a, Image.open(placed[name]) as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
