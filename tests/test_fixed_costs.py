@@ -287,14 +287,17 @@ def test_checkpoint_writes_finish_before_results_json(tiny_busi, tmp_path, monke
     # The checkpoint phase split into the saves' blocking part and the final wait.
     assert len(timing["checkpoint_s"]["save_calls"]) == 2
     assert timing["checkpoint_s"]["final_wait"] >= 0
-    # Both steps compiled in the compile phase, each timed apart; Grad-CAM beside training.
+    # Both steps compiled and timed apart (a fresh CPU run: the train step beside set-up).
     assert {"train_step", "eval_step"} <= set(timing["compile"])
     assert timing["compile"]["eval_step"]["compile_s"] > 0
-    assert timing["compile"]["gradcam"]["beside"] == "train"
     assert timing["compile"]["train_step"]["beside"] == "setup"
-    assert timing["compile"]["gradcam"]["lower_s"] >= 0.5  # the slow lowering above
+    # Grad-CAM's compile beside training: in the thread's record, not among the steps'.
+    assert set(timing["compile"]) == {"train_step", "eval_step"}
     ahead = timing["end_of_run_ahead_s"]
-    assert ahead["thread"] >= ahead["imports"] and ahead["wait"] >= 0
+    assert ahead["gradcam"]["lower_s"] >= 0.5  # the slow lowering above
+    assert ahead["gradcam"]["compile_s"] > 0
+    assert ahead["thread"] >= ahead["imports"] + ahead["gradcam"]["lower_s"]
+    assert ahead["wait"] >= 0
 
 
 def test_end_of_run_preparation_errors_are_raised_and_no_results_written(
